@@ -1,0 +1,152 @@
+"""The env-stepping actor body: one :class:`~actors.rollout.Rollout` plus weights and accounting.
+
+Made remote by the driver side with ``ray.remote(EnvWorker)``; usable in-process for tests.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import ray
+
+from actors.rollout import Rollout
+
+log = logging.getLogger("ray_collectors.worker")
+
+
+def make_env_fn(create_env_fn, create_env_kwargs: dict | None):
+    """A zero-argument factory from a gymnasium id or a callable."""
+    kwargs = dict(create_env_kwargs or {})
+    if isinstance(create_env_fn, str):
+        env_id = create_env_fn
+
+        def make():
+            import gymnasium
+
+            return gymnasium.make(env_id, **kwargs)
+
+        return make
+    return lambda: create_env_fn(**kwargs)
+
+
+class EnvWorker:
+    """Steps ``num_envs`` envs with a copy of the policy; see ``collect``.
+
+    ``config`` keys: ``create_env_fn``, ``create_env_kwargs``, ``num_envs``, ``policy``,
+    ``policy_kind``, ``spec``, ``steps``, ``seed``, ``worker_index``, ``num_workers``,
+    ``max_frames_per_traj``, plus optional fault-handling keys read by :class:`Rollout`.
+    """
+
+    def __init__(self, config: dict, *, worker_index: int | None = None, id_counter: int = 0,
+                 restarts: int = 0, weights=None, policy_version: int = 0):
+        self.worker_index = config["worker_index"] if worker_index is None else worker_index
+        self.restarts = restarts
+        self.batches = 0
+        self._collecting = None
+        self.frames = 0
+        self.episodes = 0
+        if config["policy_kind"] != "random":
+            import torch
+
+            torch.set_num_threads(1)  # tiny per-step batches: threads cost more than they give
+        os.environ["RAY_COLLECTORS_WORKER_ID"] = str(self.worker_index)
+        os.environ["RAY_COLLECTORS_WORKER_RESTARTS"] = str(restarts)
+        num_envs = config["num_envs"]
+        factory = config["create_env_fn"]
+        if config.get("create_env_fns"):
+            factory = config["create_env_fns"][self.worker_index]
+        env_fn = make_env_fn(factory, config.get("create_env_kwargs"))
+        self.rollout = Rollout(
+            [env_fn] * num_envs, config["policy"], config["policy_kind"], config["spec"],
+            config["steps"], seed=config.get("seed"),
+            slot_offset=self.worker_index * num_envs, id_stride=config.get("num_workers", 1),
+            id_offset=self.worker_index, id_counter=id_counter,
+            max_frames_per_traj=config.get("max_frames_per_traj"),
+            check_finite=config.get("check_finite", False),
+            on_env_error=config.get("on_env_error", "restart"),
+            max_env_restarts=config.get("max_restarts", 3),
+            restart_window_s=config.get("restart_window_s", 60.0),
+            restart_backoff_s=config.get("restart_backoff_s", 0.0),
+        )
+        if weights is not None:
+            self.set_weights(weights, policy_version)
+
+    def ready(self) -> dict:
+        ctx = ray.get_runtime_context() if ray.is_initialized() else None
+        return {"pid": os.getpid(), "node_id": ctx.get_node_id() if ctx else None}
+
+    def collect(self, random_actions: bool = False) -> tuple[dict, dict]:
+        """Collect one batch; returns ``(arrays, meta)``. ``arrays`` are reused next call."""
+        t0 = time.perf_counter()
+        self.rollout.stop_requested = False
+        self._collecting = self.batches + 1
+        self.rollout.episode_returns = []
+        self.rollout.env_errors = []
+        batch = self.rollout.collect(random_actions)
+        self._collecting = None
+        frames = self.rollout.num_envs * self.rollout.last_valid_steps
+        self.batches += 1
+        self.frames += frames
+        self.episodes += len(self.rollout.episode_returns)
+        for err in self.rollout.env_errors:
+            log.error("worker %s env %s (seed %s) failed in %s; rebuilt:\n%s", self.worker_index,
+                      err["env"], err["seed"], err["phase"], err["traceback"])
+        meta = {
+            "worker": self.worker_index,
+            "frames": frames,
+            "batch_index": self.batches,
+            "episode_returns": list(self.rollout.episode_returns),
+            "env_errors": [dict(e, traceback=e["traceback"][-2000:]) for e in self.rollout.env_errors],
+            "id_counter": self.rollout.id_counter,
+            "policy_version": self.rollout.policy_version,
+            "env_time": self.rollout.last_env_time,
+            "collect_time": time.perf_counter() - t0,
+            "restarts": self.restarts,
+        }
+        return batch, meta
+
+    @ray.method(concurrency_group="control")
+    def preempt(self) -> bool:
+        """Cut the batch being collected short (called from another thread); no-op if idle."""
+        if self._collecting is not None:
+            self.rollout.stop_requested = True
+            return True
+        return False
+
+    def collect_ref(self, random_actions: bool = False) -> tuple[list, dict]:
+        """Collect and put the batch in Ray's object store; returns ``([ref], meta)``."""
+        batch, meta = self.collect(random_actions)
+        return [ray.put(batch)], meta
+
+    def set_weights(self, weights, version: int) -> int:
+        if isinstance(weights, list):  # a wrapped ObjectRef, resolved here and only here
+            weights = ray.get(weights[0])
+        self.rollout.runner.load_weights(weights)
+        self.rollout.policy_version = int(version)
+        return int(version)
+
+    def set_seed(self, seed: int | None) -> None:
+        self.rollout.set_seed(seed)
+
+    def reset(self) -> None:
+        self.rollout.reset()
+
+    def state_dict(self) -> dict:
+        r = self.rollout
+        out = {"id_counter": r.id_counter, "policy_version": r.policy_version,
+               "frames": self.frames, "batches": self.batches, "seed": r.seed}
+        if hasattr(r.runner.policy, "state_dict"):
+            out["policy_state_dict"] = {k: v.detach().clone() for k, v in
+                                        r.runner.policy.state_dict().items()}
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        r = self.rollout
+        r.id_counter = max(r.id_counter, int(state.get("id_counter", 0)))
+        r.policy_version = int(state.get("policy_version", r.policy_version))
+        if "policy_state_dict" in state:
+            r.runner.load_weights(state["policy_state_dict"])
+
+    def close(self) -> None:
+        self.rollout.close()

@@ -1,0 +1,111 @@
+"""Run a user policy on a batch of observations held as numpy arrays.
+
+Three kinds: ``"random"`` (uniform from the action space), ``"module"`` (an ``nn.Module``
+mapping the observation tensor to the action) and ``"td"`` (a TensorDictModule or any callable
+TensorDict -> TensorDict). Each step the policy runs once on all envs of a worker.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+ACTION_KEY = "action"
+
+
+class PolicyOutputError(ValueError):
+    """The policy produced an output that does not fit the action space or its own spec."""
+
+
+def policy_kind(policy) -> str:
+    if policy is None:
+        return "random"
+    import torch
+
+    try:
+        from tensordict.nn import TensorDictModuleBase
+    except ImportError:  # pragma: no cover - tensordict is a dependency
+        TensorDictModuleBase = ()
+    if isinstance(policy, TensorDictModuleBase):
+        return "td"
+    if isinstance(policy, torch.nn.Module):
+        return "module"
+    if callable(policy):
+        return "td"
+    raise TypeError(
+        f"policy must be None, a torch.nn.Module, a TensorDictModule or a callable "
+        f"TensorDict -> TensorDict; got {type(policy).__name__}."
+    )
+
+
+class PolicyRunner:
+    """Calls the policy on ``{key: array[num_envs, ...]}`` and returns ``{key: ndarray}``."""
+
+    def __init__(self, policy, kind: str, obs_keys: tuple[str, ...], num_envs: int):
+        self.policy = policy
+        self.kind = kind
+        self.obs_keys = obs_keys
+        self.num_envs = num_envs
+        self._torch = None
+        self._td_cls = None
+        if kind != "random":
+            import torch
+
+            self._torch = torch
+        if kind == "td":
+            from tensordict import TensorDict
+
+            self._td_cls = TensorDict
+
+    def __call__(self, obs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        torch = self._torch
+        if self.kind == "module":
+            out = self.policy(torch.from_numpy(obs[self.obs_keys[0]]))
+            if not isinstance(out, torch.Tensor):
+                raise PolicyOutputError(
+                    f"an nn.Module policy must return the action tensor; got {type(out).__name__}. "
+                    "Return a tensor, or wrap the module in a tensordict.nn.TensorDictModule."
+                )
+            return {ACTION_KEY: out.numpy()}
+        td = self._td_cls(
+            {k: torch.from_numpy(v) for k, v in obs.items()}, batch_size=[self.num_envs]
+        )
+        out = self.policy(td)
+        if out is None:
+            out = td
+        result = {}
+        for key, value in out.items(include_nested=True, leaves_only=True):
+            if key in self.obs_keys or not isinstance(value, torch.Tensor):
+                continue
+            name = key if isinstance(key, str) else key[-1] if len(key) == 1 else key
+            if isinstance(name, str) and name.startswith("_"):
+                continue
+            result[name] = value.detach().numpy()
+        if ACTION_KEY not in result:
+            raise PolicyOutputError(
+                f"the policy's output TensorDict has no {ACTION_KEY!r} entry (keys: "
+                f"{sorted(map(str, result))}). Write the action to the key {ACTION_KEY!r}."
+            )
+        return result
+
+    def load_weights(self, state_dict) -> None:
+        if self.kind == "random":
+            return
+        if not hasattr(self.policy, "load_state_dict"):
+            raise TypeError(
+                f"policy {type(self.policy).__name__} has no load_state_dict(); weights can only "
+                "be updated for torch.nn.Module policies."
+            )
+        self.policy.load_state_dict(state_dict)
+
+
+def check_outputs(out: dict[str, np.ndarray], spec: dict, num_envs: int) -> None:
+    """Raise :class:`PolicyOutputError` when ``out`` does not match ``spec`` (``{key: (shape, dtype)}``)."""
+    for key, (shape, dtype) in spec.items():
+        if key not in out:
+            raise PolicyOutputError(f"policy output is missing key {key!r}; got {sorted(map(str, out))}.")
+        value = out[key]
+        want = (num_envs, *shape)
+        if tuple(value.shape) != want or value.dtype.name != dtype:
+            raise PolicyOutputError(
+                f"policy output {key!r}: expected shape {want} and dtype {dtype}, got shape "
+                f"{tuple(value.shape)} and dtype {value.dtype.name}."
+            )

@@ -1,0 +1,86 @@
+"""Turn worker arrays into TorchRL-layout TensorDicts, once per batch."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from tensordict import TensorDict
+
+
+def _nest(flat: dict[object, torch.Tensor]) -> dict:
+    out: dict = {}
+    for key, value in flat.items():
+        if isinstance(key, tuple):
+            node = out
+            for part in key[:-1]:
+                node = node.setdefault(part, {})
+            node[key[-1]] = value
+        else:
+            out[key] = value
+    return out
+
+
+def assemble(parts: list[dict], worker_ids: list[int] | None, layout: str) -> TensorDict:
+    """Build one batch from per-worker arrays shaped ``[num_envs, T, ...]``.
+
+    ``layout``: ``"single"`` (one worker: ``[T]`` or ``[E, T]``), ``"stack"`` (``[W, T]`` or
+    ``[W, E, T]``) or ``"cat"`` (workers concatenated along time). ``worker_ids`` adds
+    ``("collector", "worker_id")``.
+    """
+    num_envs, steps = next(iter(parts[0].values())).shape[:2]
+    keys = list(parts[0])
+    flat = {}
+    for key in keys:
+        if layout == "single":
+            arr = np.array(parts[0][key])  # copy out of the read-only object-store buffer
+        elif layout == "stack":
+            arr = np.stack([p[key] for p in parts])
+        else:
+            arr = np.concatenate([p[key] for p in parts], axis=1)
+        flat[key] = torch.from_numpy(arr)
+    if worker_ids is not None:
+        ids = torch.tensor(worker_ids, dtype=torch.int64)
+        shape = flat[("collector", "traj_ids")].shape
+        if layout == "stack":
+            w = ids.view(-1, *([1] * (len(shape) - 1))).expand(shape)
+        else:
+            w = ids.repeat_interleave(steps).view(1, -1).expand(shape)
+        flat[("collector", "worker_id")] = w.contiguous()
+    batch_shape = flat[("collector", "traj_ids")].shape
+    if num_envs == 1:  # one env per worker: no env dimension, as TorchRL
+        axis = 1 if layout == "stack" else 0
+        flat = {k: v.squeeze(axis) for k, v in flat.items()}
+        batch_shape = flat[("collector", "traj_ids")].shape
+    names = [None] * (len(batch_shape) - 1) + ["time"]
+    return TensorDict(_nest(flat), batch_size=batch_shape, names=names)
+
+
+def split_trajectories(batch: TensorDict) -> TensorDict:
+    """``[n_traj, max_len]``, zero-padded, with ``("collector", "mask")``; rows by traj id."""
+    flat = batch.reshape(-1)
+    ids = flat.get(("collector", "traj_ids"))
+    keep = ids >= 0
+    if not bool(keep.all()):
+        flat, ids = flat[keep], ids[keep]
+    uniq, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)
+    order = torch.sort(inverse, stable=True).indices
+    starts = torch.cumsum(counts, 0) - counts
+    row = inverse[order]
+    pos = torch.arange(order.numel()) - starts[row]
+    n, max_len = uniq.numel(), int(counts.max()) if counts.numel() else 0
+    out = flat[:1].expand(n * max_len).clone() if n else flat[:0]
+    out.apply_(lambda t: t.zero_())
+    flat_index = row * max_len + pos
+    out[flat_index] = flat[order]
+    out = out.reshape(n, max_len)
+    mask = torch.zeros(n * max_len, dtype=torch.bool)
+    mask[flat_index] = True
+    out.set(("collector", "mask"), mask.view(n, max_len))
+    out.names = [None, "time"]
+    return out
+
+
+def mark_truncated(batch: TensorDict) -> None:
+    """TorchRL's ``set_truncated``: the last step of each row ends (truncated, done)."""
+    for key in ("truncated", "done"):
+        flag = batch.get(("next", key))
+        flag[..., -1, :] = True

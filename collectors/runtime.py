@@ -1,0 +1,43 @@
+"""Starting or reusing Ray."""
+from __future__ import annotations
+
+import ray
+
+
+def ensure_ray(address: str | None = None, num_cpus: float | None = None,
+               runtime_env: dict | None = None, dashboard_port: int | None = None) -> bool:
+    """Connect to Ray, starting a local instance (dashboard on 127.0.0.1) if none runs.
+
+    Returns ``True`` when this call started Ray. An existing session is reused and never shut
+    down by the collectors.
+    """
+    if ray.is_initialized():
+        return False
+    kwargs = {"include_dashboard": True, "log_to_driver": True}
+    if address in (None, "", "local"):
+        kwargs["dashboard_host"] = "127.0.0.1"
+        if num_cpus is not None:
+            kwargs["num_cpus"] = num_cpus
+        if dashboard_port is not None:
+            kwargs["dashboard_port"] = dashboard_port
+        address = None
+    else:
+        kwargs.pop("include_dashboard")
+    if runtime_env:
+        kwargs["runtime_env"] = runtime_env
+    ray.init(address=address, **kwargs)
+    return True
+
+
+def dashboard_url() -> str | None:
+    """The dashboard's address of the connected Ray, ``http://host:port``, or ``None``."""
+    try:
+        ctx = ray.get_runtime_context()
+        url = getattr(ctx, "dashboard_url", None)
+        if not url:
+            url = ray._private.worker.global_worker.node.address_info.get("webui_url")
+    except Exception:  # noqa: BLE001 - best effort for a printed hint
+        return None
+    if not url:
+        return None
+    return url if url.startswith("http") else f"http://{url}"

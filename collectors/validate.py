@@ -1,0 +1,140 @@
+"""Everything checked before any actor starts: env, spaces, policy outputs, options."""
+from __future__ import annotations
+
+import math
+
+import gymnasium
+import numpy as np
+
+from actors.env_worker import make_env_fn
+from actors.policy import ACTION_KEY, PolicyOutputError, PolicyRunner, policy_kind
+from actors.spaces import leaf_spec, observation_spec
+from collectors.errors import EnvCreationError
+
+# TorchRL collector options that we know of but do not implement.
+UNSUPPORTED = (
+    "policy_factory", "exploration_type", "return_same_td", "interruptor", "use_buffers",
+    "extend_buffer", "local_init_rb", "trust_policy", "compile_policy", "cudagraph_policy",
+    "no_cuda_sync", "weight_updater", "weight_sync_schemes", "trajs_per_batch",
+    "reset_when_done", "track_policy_version", "worker_idx", "num_threads",
+    "num_sub_threads", "mp_start_method", "env_device", "policy_device", "storing_device",
+    "device",
+)
+
+
+def reject_unsupported(kwargs: dict, cls_name: str) -> None:
+    """``NotImplementedError`` for TorchRL options we lack, ``TypeError`` for unknown ones."""
+    for key, value in kwargs.items():
+        if key in UNSUPPORTED:
+            if key.endswith("device") and value in (None, "cpu"):
+                continue
+            if key == "reset_when_done" and value is True:
+                continue
+            if key == "exploration_type":
+                continue  # the policy decides how it explores; accepted for compatibility
+            raise NotImplementedError(
+                f"{cls_name} does not support TorchRL's option {key}={value!r}. Remove it; "
+                "see the README for the options we implement."
+            )
+        raise TypeError(f"{cls_name}() got an unexpected keyword argument {key!r}.")
+
+
+def positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer; got {value!r}.")
+    return int(value)
+
+
+def check_total_frames(total_frames) -> int:
+    if isinstance(total_frames, float) and math.isinf(total_frames):
+        return -1
+    if isinstance(total_frames, bool) or not isinstance(total_frames, (int, np.integer)):
+        raise ValueError(f"total_frames must be an int (-1 for endless); got {total_frames!r}.")
+    if total_frames == 0 or total_frames < -1:
+        raise ValueError(f"total_frames must be positive or -1 (endless); got {total_frames}.")
+    return int(total_frames)
+
+
+def make_probe_env(create_env_fn, create_env_kwargs):
+    """Build one env in this process to read its spaces; named errors on failure."""
+    if isinstance(create_env_fn, str):
+        if create_env_fn not in gymnasium.registry:
+            close = gymnasium.envs.registration.find_highest_version(None, create_env_fn.split("-v")[0])
+            hint = f" Did you mean '{create_env_fn.split('-v')[0]}-v{close}'?" if close is not None else ""
+            raise EnvCreationError(
+                f"unknown gymnasium env id {create_env_fn!r}: it is not in gymnasium.registry."
+                f"{hint} Register it, import the package that registers it, or pass a callable."
+            )
+    elif not callable(create_env_fn):
+        raise TypeError(
+            f"create_env_fn must be a gymnasium id (str) or a callable returning a "
+            f"gymnasium.Env; got {type(create_env_fn).__name__}."
+        )
+    try:
+        env = make_env_fn(create_env_fn, create_env_kwargs)()
+    except Exception as exc:
+        raise EnvCreationError(f"creating the env from {create_env_fn!r} raised {exc!r}") from exc
+    if isinstance(env, gymnasium.vector.VectorEnv) or not isinstance(env, gymnasium.Env):
+        raise EnvCreationError(
+            f"create_env_fn must return a single gymnasium.Env; got {type(env).__name__}. "
+            "Use num_envs=N instead of a vector env."
+        )
+    return env
+
+
+def build_spec(create_env_fn, create_env_kwargs, policy, num_envs: int) -> tuple[dict, str]:
+    """The worker storage spec and the policy kind, after running the policy once here."""
+    env = make_probe_env(create_env_fn, create_env_kwargs)
+    try:
+        obs_space, act_space = env.observation_space, env.action_space
+        obs = observation_spec(obs_space)
+        action = leaf_spec(act_space, "action")
+        kind = policy_kind(policy)
+        is_dict = isinstance(obs_space, gymnasium.spaces.Dict)
+        if kind == "module" and is_dict:
+            raise TypeError(
+                "a plain nn.Module policy takes one observation tensor, but the env has a Dict "
+                f"observation space with keys {sorted(obs)}. Wrap it in a "
+                "tensordict.nn.TensorDictModule with in_keys naming those entries."
+            )
+        outputs = {ACTION_KEY: action}
+        if kind != "random":
+            first, _ = env.reset(seed=0)
+            samples = [first, first]
+            batch = {k: np.stack([np.asarray(s[k] if is_dict else s, dtype=obs[k][1]) for s in samples])
+                     for k in obs}
+            import torch
+
+            runner = PolicyRunner(policy, kind, tuple(obs), len(samples))
+            try:
+                with torch.no_grad():
+                    out = runner(batch)
+            except PolicyOutputError:
+                raise
+            except Exception as exc:
+                raise PolicyOutputError(
+                    f"the policy raised on a batch of observations {{key: shape, dtype}} = "
+                    f"{ {k: (v.shape, v.dtype.name) for k, v in batch.items()} }: {exc!r}"
+                ) from exc
+            got = out[ACTION_KEY]
+            want = (len(samples), *action[0])
+            if tuple(got.shape) != want or got.dtype.name != action[1]:
+                hint = ""
+                if isinstance(act_space, gymnasium.spaces.Discrete):
+                    hint = (" Discrete actions are int64 indices: end the policy with an argmax "
+                            "(e.g. collectors.policies.ArgmaxLayer) for logits.")
+                raise PolicyOutputError(
+                    f"policy output 'action' does not fit the action space {act_space}: expected "
+                    f"shape {want[1:]} per env (dtype {action[1]}), got shape "
+                    f"{tuple(got.shape[1:])} (dtype {got.dtype.name}) for a batch of "
+                    f"{len(samples)} envs.{hint}"
+                )
+            for key, value in out.items():
+                if key != ACTION_KEY:
+                    outputs[key] = (tuple(value.shape[1:]), value.dtype.name)
+        return {"obs": obs, "obs_is_dict": is_dict, "outputs": outputs}, kind
+    finally:
+        try:
+            env.close()
+        except Exception:  # noqa: BLE001
+            pass
