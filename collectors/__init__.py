@@ -3,23 +3,47 @@
 >>> from collectors import SyncDataCollector
 >>> for batch in SyncDataCollector("CartPole-v1", frames_per_batch=200, total_frames=1000):
 ...     pass
+
+Names are imported lazily, so that ``collectors.testing`` or ``collectors.policies`` (which env
+actors may unpickle) do not pull in tensordict.
 """
-from collectors.base import DataCollectorBase
-from collectors.config import DeploymentConfig, load_config
-from collectors.errors import CollectorError, ConfigError, EnvCreationError, ReplayBufferUnavailable
-from collectors.multi import MultiaSyncDataCollector, MultiSyncDataCollector
-from collectors.sync import SyncDataCollector
-from actors.policy import PolicyOutputError
+from importlib import import_module
 
+_EXPORTS = {
+    "DataCollectorBase": "collectors.base",
+    "SyncDataCollector": "collectors.sync",
+    "MultiSyncDataCollector": "collectors.multi",
+    "MultiaSyncDataCollector": "collectors.multi",
+    "aSyncDataCollector": "collectors.background",
+    "RayReplayBuffer": "collectors.replay_buffer",
+    "CollectorError": "collectors.errors",
+    "ConfigError": "collectors.errors",
+    "EnvCreationError": "collectors.errors",
+    "ReplayBufferUnavailable": "collectors.errors",
+    "PolicyOutputError": "actors.policy",
+    "DeploymentConfig": "collectors.config",
+    "load_config": "collectors.config",
+}
 # TorchRL's current names.
-BaseCollector = DataCollectorBase
-Collector = SyncDataCollector
-MultiSyncCollector = MultiSyncDataCollector
-MultiAsyncCollector = MultiaSyncDataCollector
+_ALIASES = {
+    "BaseCollector": "DataCollectorBase",
+    "Collector": "SyncDataCollector",
+    "MultiSyncCollector": "MultiSyncDataCollector",
+    "MultiAsyncCollector": "MultiaSyncDataCollector",
+    "AsyncCollector": "aSyncDataCollector",
+}
 
-__all__ = [
-    "DataCollectorBase", "SyncDataCollector", "MultiSyncDataCollector", "MultiaSyncDataCollector",
-    "BaseCollector", "Collector", "MultiSyncCollector", "MultiAsyncCollector",
-    "CollectorError", "ConfigError", "EnvCreationError", "ReplayBufferUnavailable",
-    "PolicyOutputError", "DeploymentConfig", "load_config",
-]
+__all__ = sorted([*_EXPORTS, *_ALIASES])
+
+
+def __getattr__(name: str):
+    target = _ALIASES.get(name, name)
+    if target in _EXPORTS:
+        value = getattr(import_module(_EXPORTS[target]), target)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'collectors' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

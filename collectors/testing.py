@@ -1,0 +1,145 @@
+"""A fault-injection kit for testing pipelines built on the collectors.
+
+- :class:`CountingEnv`: observation = step index within the episode, fixed episode length,
+  so frame counts, episode boundaries and trajectory ids can be checked exactly.
+- :class:`FaultyEnv`: wraps an env and raises, crashes the worker process, hangs, or emits bad
+  data on a schedule, for chosen workers only.
+- :func:`kill_worker`: kill one env worker of a running collector, as a crash would.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+_FAULT_COUNTS: dict = {}
+
+
+class CountingEnv(gym.Env):
+    """Observation ``[t]`` (float32), reward 1, episode ends at ``t == episode_length``.
+
+    ``truncate=True`` ends it as truncated instead of terminated. ``obs_dict=True`` returns a
+    Dict observation ``{"count": [t], "double": [2t]}``.
+    """
+
+    metadata: dict = {"render_modes": []}
+
+    def __init__(self, episode_length: int = 5, truncate: bool = False, obs_dict: bool = False):
+        self.episode_length = episode_length
+        self.truncate = truncate
+        self.obs_dict = obs_dict
+        box = spaces.Box(0, np.inf, (1,), np.float32)
+        self.observation_space = spaces.Dict({"count": box, "double": box}) if obs_dict else box
+        self.action_space = spaces.Discrete(2)
+        self.t = 0
+
+    def _obs(self):
+        obs = np.array([self.t], np.float32)
+        return {"count": obs, "double": 2 * obs} if self.obs_dict else obs
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return self._obs(), {}
+
+    def step(self, action):
+        self.t += 1
+        end = self.t >= self.episode_length
+        return self._obs(), 1.0, end and not self.truncate, end and self.truncate, {}
+
+
+def worker_id() -> int | None:
+    """The index of the env worker this code runs in (``None`` outside a worker)."""
+    value = os.environ.get("RAY_COLLECTORS_WORKER_ID")
+    return None if value is None else int(value)
+
+
+def worker_restarts() -> int:
+    return int(os.environ.get("RAY_COLLECTORS_WORKER_RESTARTS", "0"))
+
+
+class FaultyEnv(gym.Wrapper):
+    """Injects one fault ``mode`` at step ``at_step`` of each env, ``times`` times per process.
+
+    Modes: ``raise_step``, ``raise_reset``, ``raise_init``, ``exit`` (``os._exit(1)`` in step),
+    ``hang_step``, ``hang_init``, ``nan`` (NaN observation), ``bad_shape`` (wrong observation
+    shape). Only workers in ``worker_ids`` (all when ``None``) are affected; process-level faults
+    (``exit``, ``hang_*``, ``raise_init``) fire only in a worker's first ``times`` incarnations.
+    """
+
+    MODES = ("raise_step", "raise_reset", "raise_init", "exit", "hang_step", "hang_init", "nan",
+             "bad_shape")
+
+    def __init__(self, env, mode: str, worker_ids=None, at_step: int = 5, times: float = 1):
+        if mode not in self.MODES:
+            raise ValueError(f"mode must be one of {self.MODES}; got {mode!r}.")
+        super().__init__(env)
+        self.mode = mode
+        self.at_step = at_step
+        self.times = times
+        wid = worker_id()
+        self.active = worker_ids is None or (wid is not None and wid in worker_ids)
+        self.steps = 0
+        if self.active and mode in ("raise_init", "hang_init") and worker_restarts() < times:
+            if mode == "hang_init":
+                time.sleep(10_000)
+            raise RuntimeError(f"injected fault: env creation fails in worker {wid}")
+
+    def _fire(self) -> bool:
+        if not self.active or self.steps != self.at_step:
+            return False
+        key = (self.mode, os.getpid())
+        if self.mode in ("exit", "hang_step"):
+            return worker_restarts() < self.times
+        if _FAULT_COUNTS.get(key, 0) >= self.times:
+            return False
+        _FAULT_COUNTS[key] = _FAULT_COUNTS.get(key, 0) + 1
+        return True
+
+    def reset(self, **kwargs):
+        if self.mode == "raise_reset" and self.active and self.steps >= self.at_step and self._fire_reset():
+            raise RuntimeError(f"injected fault: reset raises in worker {worker_id()}")
+        return self.env.reset(**kwargs)
+
+    def _fire_reset(self) -> bool:
+        key = ("raise_reset", os.getpid())
+        if _FAULT_COUNTS.get(key, 0) >= self.times:
+            return False
+        _FAULT_COUNTS[key] = _FAULT_COUNTS.get(key, 0) + 1
+        return True
+
+    def step(self, action):
+        self.steps += 1
+        if self.mode != "raise_reset" and self._fire():
+            if self.mode == "raise_step":
+                raise RuntimeError(f"injected fault: step raises in worker {worker_id()}")
+            if self.mode == "exit":
+                os._exit(1)
+            if self.mode == "hang_step":
+                time.sleep(10_000)
+            obs, r, term, trunc, info = self.env.step(action)
+            if self.mode == "nan":
+                return np.full_like(obs, np.nan), r, term, trunc, info
+            if self.mode == "bad_shape":
+                return np.zeros(np.asarray(obs).size + 1, np.float32), r, term, trunc, info
+        return self.env.step(action)
+
+
+def counting_env(episode_length: int = 5, **kwargs) -> CountingEnv:
+    return CountingEnv(episode_length, **kwargs)
+
+
+def faulty_counting_env(mode: str, worker_ids=None, at_step: int = 5, times: float = 1,
+                        episode_length: int = 1000) -> FaultyEnv:
+    """A module-level factory (picklable) for a :class:`FaultyEnv` around a counting env."""
+    return FaultyEnv(CountingEnv(episode_length), mode, worker_ids, at_step, times)
+
+
+def kill_worker(collector, index: int) -> None:
+    """Kill env worker ``index`` of ``collector`` like a crash; the collector replaces it."""
+    import ray
+
+    ray.get(collector._driver.kill_worker.remote(index))
