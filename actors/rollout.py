@@ -96,14 +96,15 @@ class Rollout:
         self.envs = [None] * self.num_envs
         self.runner = PolicyRunner(policy, policy_kind, self.obs_keys, self.num_envs)
         # per-env state carried across batches
-        self._obs = {k: np.zeros((self.num_envs, *s), d) for k, (s, d) in spec["obs"].items()}
-        self._traj = np.zeros(self.num_envs, np.int64)
-        self._step_count = np.zeros(self.num_envs, np.int64)
-        self._returns = np.zeros(self.num_envs, np.float64)
+        self._obs = {k: [np.zeros(s, d)] * self.num_envs for k, (s, d) in spec["obs"].items()}
+        self._traj = [0] * self.num_envs
+        self._step_count = [0] * self.num_envs
+        self._returns = [0.0] * self.num_envs
         self._needs_reset = [True] * self.num_envs
         self._next_seed = [_derive_seed(seed, slot_offset + i, 0) for i in range(self.num_envs)]
         self.buffers = self._allocate(self.steps)
         self.episode_returns: list[float] = []
+        self.last_env_time = 0.0
         for i in range(self.num_envs):
             self._make_env(i)
 
@@ -191,51 +192,61 @@ class Rollout:
 
     # -- the loop ------------------------------------------------------------------------
     def collect(self, random_actions: bool = False) -> dict:
-        """Fill the buffers with ``steps`` steps of every env and return them (not copied)."""
-        buf, envs, n = self.buffers, self.envs, self.num_envs
-        obs_keys, is_dict = self.obs_keys, self.obs_is_dict
-        cur_obs, traj, step_count, returns = self._obs, self._traj, self._step_count, self._returns
+        """Step every env ``steps`` times and return the filled buffers (reused next call).
+
+        The hot loop only appends references to Python lists; arrays are written once per
+        batch. ``("next", obs)`` equals the following frame's observation except at episode
+        ends (and the last step), whose real final observations are kept aside.
+        """
+        envs, n, steps = self.envs, self.num_envs, self.steps
+        keys, is_dict, key0 = self.obs_keys, self.obs_is_dict, self.obs_keys[0]
+        cur, traj, step_count, returns = self._obs, self._traj, self._step_count, self._returns
         out_keys = tuple(self.spec["outputs"])
-        reward, n_term = buf[(NEXT, "reward")], buf[(NEXT, "terminated")]
-        n_trunc, n_done = buf[(NEXT, "truncated")], buf[(NEXT, "done")]
-        traj_buf = buf[(COLLECTOR, "traj_ids")]
-        next_obs = {k: buf[(NEXT, k)] for k in obs_keys}
         max_steps = self.max_frames_per_traj or 0
-        buf[(COLLECTOR, "policy_version")][:] = self.policy_version
         random_actions = random_actions or self.runner.kind == "random"
-        if random_actions:
-            for key in out_keys:
-                buf[key][:] = 0
-        grad_ctx = _no_grad(self.runner)
+        runner = self.runner
+        dtypes = {k: np.dtype(d) for k, (_, d) in self.spec["obs"].items()}
+        act_shape, act_dtype = self.spec["outputs"][ACTION_KEY]
+        int_action = act_shape == () and np.dtype(act_dtype).kind == "i"
         for i in range(n):
             if self._needs_reset[i]:
                 self._safe_reset(i)
+        obs_steps = {k: [] for k in keys}  # per step: (E, ...) copies given to the policy
+        out_steps = {k: [] for k in out_keys}
+        finals = []  # (t, i, final observation) at episode ends
+        rewards, terms, truncs, trajs, counts = [], [], [], [], []
+        valid = steps
         t_env = 0.0
-        valid = self.steps
-        with grad_ctx:
-            for t in range(self.steps):
+        with _no_grad(runner):
+            for t in range(steps):
                 if self.stop_requested:
                     valid = t
                     break
-                for k in obs_keys:
-                    buf[k][:, t] = cur_obs[k]
-                traj_buf[:, t] = traj
+                if n == 1:  # a copy with a batch dim of 1, cheaper than np.stack
+                    obs_t = {k: np.array(cur[k][0], dtypes[k])[None] for k in keys}
+                else:
+                    obs_t = {k: np.stack(cur[k]).astype(dtypes[k], copy=False) for k in keys}
+                for k in keys:
+                    obs_steps[k].append(obs_t[k])
+                trajs.extend(traj)
                 if max_steps:
-                    buf["step_count"][:, t, 0] = step_count
+                    counts.extend(step_count)
                 if random_actions:
                     action = np.stack([np.asarray(env.action_space.sample()) for env in envs])
-                    buf[ACTION_KEY][:, t] = action
+                    out_steps[ACTION_KEY].append(action)
                 else:
                     try:
-                        out = self.runner(cur_obs)
+                        out = runner(obs_t)
                     except Exception as exc:  # noqa: BLE001
                         raise PolicyError(
                             "the policy raised inside the env worker:\n"
                             + "".join(traceback.format_exception(exc))
                         ) from exc
                     for key in out_keys:
-                        buf[key][:, t] = out[key]
+                        out_steps[key].append(out[key])
                     action = out[ACTION_KEY]
+                if int_action:  # Python ints: gymnasium's Discrete checks them fastest
+                    action = action.tolist()
                 t0 = time.perf_counter()
                 for i in range(n):
                     try:
@@ -243,39 +254,68 @@ class Rollout:
                     except Exception as exc:  # noqa: BLE001
                         # cut the episode: a truncated frame ending where the env last was
                         self._env_failed(i, EnvStepError(i, self._seed_of(i), "step", exc))
-                        o = {k: cur_obs[k][i] for k in obs_keys} if is_dict else cur_obs[obs_keys[0]][i]
+                        o = {k: cur[k][i] for k in keys} if is_dict else cur[key0][i]
                         r, term, trunc = 0.0, False, True
                     step_count[i] += 1
                     returns[i] += r
                     if max_steps and step_count[i] >= max_steps and not term:
                         trunc = True
-                    if is_dict:
-                        for k in obs_keys:
-                            next_obs[k][i, t] = o[k]
-                    else:
-                        next_obs[obs_keys[0]][i, t] = o
-                    reward[i, t, 0] = r
-                    n_term[i, t, 0] = term
-                    n_trunc[i, t, 0] = trunc
+                    rewards.append(r)
+                    terms.append(term)
+                    truncs.append(trunc)
                     if term or trunc:
-                        n_done[i, t, 0] = True
+                        finals.append((t, i, {k: np.array(o[k]) for k in keys} if is_dict
+                                       else {key0: np.array(o)}))
                         self.episode_returns.append(float(returns[i]))
                         self._safe_reset(i)
+                    elif is_dict:
+                        for k in keys:
+                            cur[k][i] = o[k]
                     else:
-                        n_done[i, t, 0] = False
-                        for k in obs_keys:
-                            cur_obs[k][i] = next_obs[k][i, t]
+                        cur[key0][i] = o
                 t_env += time.perf_counter() - t0
-        if max_steps:
-            buf[(NEXT, "step_count")][..., 0] = buf["step_count"][..., 0] + 1
-        if valid < self.steps:  # preempted: blank the rest, traj id -1 marks unfilled frames
-            for value in buf.values():
-                value[:, valid:] = 0
-            traj_buf[:, valid:] = -1
         self.last_valid_steps = valid
+        self.last_env_time = t_env
+        return self._write(valid, obs_steps, out_steps, finals, rewards, terms, truncs, trajs,
+                           counts, random_actions)
+
+    def _write(self, valid, obs_steps, out_steps, finals, rewards, terms, truncs, trajs, counts,
+               random_actions) -> dict:
+        """Copy one batch of per-step lists into the preallocated ``[E, T, ...]`` buffers."""
+        buf, n, v = self.buffers, self.num_envs, valid
+        if v:
+            for k in self.obs_keys:
+                obs, nxt = buf[k], buf[(NEXT, k)]
+                obs[:, :v] = np.stack(obs_steps[k], axis=1)
+                nxt[:, : v - 1] = obs[:, 1:v]
+                nxt[:, v - 1] = np.stack(self._obs[k])  # next obs of the last step (non-ended envs)
+            for t, i, final in finals:
+                for k, value in final.items():
+                    buf[(NEXT, k)][i, t] = value
+            for key in self.spec["outputs"]:
+                if out_steps[key]:
+                    buf[key][:, :v] = np.stack(out_steps[key], axis=1)
+                elif random_actions:
+                    buf[key][:, :v] = 0  # policy outputs are zero-filled for random steps
+            shape = (v, n)
+            term = np.array(terms, bool).reshape(shape).T
+            trunc = np.array(truncs, bool).reshape(shape).T
+            buf[(NEXT, "reward")][:, :v, 0] = np.array(rewards, np.float32).reshape(shape).T
+            buf[(NEXT, "terminated")][:, :v, 0] = term
+            buf[(NEXT, "truncated")][:, :v, 0] = trunc
+            buf[(NEXT, "done")][:, :v, 0] = term | trunc
+            buf[(COLLECTOR, "traj_ids")][:, :v] = np.array(trajs, np.int64).reshape(shape).T
+            buf[(COLLECTOR, "policy_version")][:, :v] = self.policy_version
+            if self.max_frames_per_traj:
+                sc = np.array(counts, np.int64).reshape(shape).T
+                buf["step_count"][:, :v, 0] = sc
+                buf[(NEXT, "step_count")][:, :v, 0] = sc + 1
+        if v < self.steps:  # preempted: blank the rest, traj id -1 marks unfilled frames
+            for value in buf.values():
+                value[:, v:] = 0
+            buf[(COLLECTOR, "traj_ids")][:, v:] = -1
         if self.check_finite:
             _check_finite(buf)
-        self.last_env_time = t_env
         return buf
 
     def _env_failed(self, i: int, err: EnvStepError) -> None:

@@ -143,3 +143,22 @@ def kill_worker(collector, index: int) -> None:
     import ray
 
     ray.get(collector._driver.kill_worker.remote(index))
+
+
+class BusyEnv(gym.Wrapper):
+    """Adds ``busy_ms`` of CPU work to every step: a stand-in for a real simulator."""
+
+    def __init__(self, env, busy_ms: float = 1.0):
+        super().__init__(env)
+        self.busy_s = busy_ms / 1000.0
+
+    def step(self, action):
+        end = time.perf_counter() + self.busy_s
+        while time.perf_counter() < end:
+            pass
+        return self.env.step(action)
+
+
+def heavy_cartpole(busy_ms: float = 1.0) -> BusyEnv:
+    """CartPole-v1 plus ``busy_ms`` of CPU work per step (the benchmark's "heavy" env)."""
+    return BusyEnv(gym.make("CartPole-v1"), busy_ms)

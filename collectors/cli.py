@@ -1,0 +1,136 @@
+"""Command line: ``python -m collectors run CONFIG`` and ``python -m collectors bench``."""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+
+from collectors.errors import CollectorError, ConfigError, EnvCreationError
+
+KINDS = {
+    "sync": "SyncDataCollector",
+    "multisync": "MultiSyncDataCollector",
+    "multiasync": "MultiaSyncDataCollector",
+    "async": "aSyncDataCollector",
+}
+
+
+def _policy(name: str, env_id, hidden: int = 64):
+    """``random`` or ``mlp`` (a fixed random MLP, for throughput runs)."""
+    if name in (None, "random"):
+        return None
+    if name != "mlp":
+        raise ConfigError(f"job.policy must be 'random' or 'mlp'; got {name!r}.")
+    import gymnasium as gym
+    import torch
+    from torch import nn
+
+    from collectors.policies import ArgmaxLayer, mlp
+
+    env = gym.make(env_id) if isinstance(env_id, str) else env_id()
+    obs_dim = int(gym.spaces.flatdim(env.observation_space))
+    space = env.action_space
+    env.close()
+    torch.manual_seed(0)
+    if isinstance(space, gym.spaces.Discrete):
+        return nn.Sequential(mlp(obs_dim, int(space.n), hidden), ArgmaxLayer())
+    act_dim = int(gym.spaces.flatdim(space))
+    high = float(abs(space.high).max())
+    return nn.Sequential(mlp(obs_dim, act_dim, hidden), nn.Tanh(), _Scale(high))
+
+
+class _Scale:
+    def __new__(cls, factor):
+        import torch
+
+        class Scale(torch.nn.Module):
+            def forward(self, x):
+                return x * factor
+
+        return Scale()
+
+
+def build_collector(config, total_frames: int | None = None):
+    """The collector that a job config describes."""
+    import collectors
+
+    job = dict(config.job or {})
+    if "env" not in job:
+        raise ConfigError("the config has no job.env: name a gymnasium id, e.g. job: {env: CartPole-v1}.")
+    kind = job.get("collector", "sync")
+    if kind not in KINDS:
+        raise ConfigError(f"job.collector must be one of {sorted(KINDS)}; got {kind!r}.")
+    cls = getattr(collectors, KINDS[kind])
+    kwargs = dict(frames_per_batch=job.get("frames_per_batch", 1000),
+                  total_frames=total_frames or job.get("total_frames", 10_000),
+                  num_envs=job.get("num_envs", 1), seed=job.get("seed"), config=config,
+                  create_env_kwargs=job.get("env_kwargs"), name=job.get("name"))
+    if kind in ("multisync", "multiasync"):
+        kwargs["num_workers"] = job.get("num_workers", 2)
+    return cls(job["env"], _policy(job.get("policy", "random"), job["env"], job.get("hidden", 64)), **kwargs)
+
+
+def cmd_run(args) -> int:
+    from tqdm import tqdm
+
+    from collectors.config import load_config
+    from collectors.runtime import dashboard_url
+
+    config = load_config(args.config)
+    if args.deploy:
+        deploy = load_config(args.deploy)
+        config = deploy.model_copy(update={"job": config.job})
+    if args.address:
+        config.ray.address = args.address
+    collector = build_collector(config, args.total_frames)
+    print(f"Ray dashboard: {dashboard_url() or 'not available'}", flush=True)
+    total = collector.total_frames
+    t0 = time.perf_counter()
+    try:
+        with tqdm(total=total, unit="frames", unit_scale=True, disable=args.quiet) as bar:
+            for batch in collector:
+                n = collector._frames - bar.n
+                bar.update(n)
+                bar.set_postfix(fps=f"{collector._frames / (time.perf_counter() - t0):,.0f}")
+        stats = collector.stats()
+    finally:
+        collector.shutdown()
+    elapsed = time.perf_counter() - t0
+    rows = [("frames", f"{stats['frames']:,}"), ("seconds", f"{elapsed:.2f}"),
+            ("frames/s", f"{stats['frames'] / elapsed:,.0f}"), ("episodes", f"{stats['episodes']:,}"),
+            ("mean return", "n/a" if math.isnan(stats["mean_return"]) else f"{stats['mean_return']:.2f}"),
+            ("restarts", str(stats["restarts"])), ("lost frames", str(stats["lost_frames"]))]
+    width = max(len(k) for k, _ in rows)
+    print("\n" + "\n".join(f"{k:<{width}}  {v:>12}" for k, v in rows))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+    import bench
+
+    bench.main(args.rest)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m collectors",
+                                     description="ray-collectors: run a collection job or the benchmark.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a collection job from a config")
+    run.add_argument("config", help="job config (YAML), e.g. configs/cartpole.yaml")
+    run.add_argument("--total-frames", type=int, default=None)
+    run.add_argument("--address", default=None, help="Ray address (overrides the config)")
+    run.add_argument("--deploy", default=None, help="deployment config to use (e.g. configs/cluster.yaml)")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    bench = sub.add_parser("bench", help="run the benchmark (scripts/bench.py)")
+    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    try:
+        return cmd_run(args) if args.command == "run" else cmd_bench(args)
+    except (ConfigError, EnvCreationError, ValueError, TypeError, CollectorError,
+            NotImplementedError, TimeoutError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,208 @@
+"""Benchmark: our collectors next to TorchRL's and the raw gymnasium loop, in one process run.
+
+    python scripts/bench.py [--part sync|multi|all] [--frames N] [--quick]
+
+Prints frames/s per row and the ratios the issues set as targets. TorchRL is only needed here
+(``pip install -e .[bench]``); rows whose TorchRL import fails are skipped with a note.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import gymnasium as gym  # noqa: E402
+import ray  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+
+class Argmax(nn.Module):
+    def forward(self, x):
+        return x.argmax(-1)
+
+
+def mlp_policy(seed: int = 0) -> nn.Module:
+    """obs(4) -> 64 -> 64 -> 2 logits -> argmax: the policy every row uses."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(),
+                         nn.Linear(64, 2), Argmax())
+
+
+def make_env(heavy: bool):
+    from collectors.testing import heavy_cartpole
+
+    return heavy_cartpole(1.0) if heavy else gym.make("CartPole-v1")
+
+
+def raw_loop(frames: int, heavy: bool = False) -> float:
+    env, policy = make_env(heavy), mlp_policy()
+    obs, _ = env.reset(seed=0)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for _ in range(frames):
+            action = policy(torch.as_tensor(obs)).item()
+            obs, _, term, trunc, _ = env.step(action)
+            if term or trunc:
+                obs, _ = env.reset()
+    return frames / (time.perf_counter() - t0)
+
+
+def timed(collector, frames_per_batch: int, warmup: int = 1) -> float:
+    it = iter(collector)
+    for _ in range(warmup):
+        next(it)
+    n, t0 = 0, time.perf_counter()
+    for batch in it:
+        n += batch.numel()
+    return n / (time.perf_counter() - t0)
+
+
+# -- TorchRL ---------------------------------------------------------------------------------
+def torchrl_env(heavy: bool):
+    from torchrl.envs import GymWrapper
+
+    return GymWrapper(make_env(heavy), categorical_action_encoding=True)
+
+
+def torchrl_policy():
+    from tensordict.nn import TensorDictModule
+
+    return TensorDictModule(mlp_policy(), in_keys=["observation"], out_keys=["action"])
+
+
+def torchrl_sync(frames: int, fpb: int, heavy: bool = False) -> float:
+    from torchrl.collectors import Collector
+
+    c = Collector(lambda: torchrl_env(heavy), torchrl_policy(), frames_per_batch=fpb,
+                  total_frames=frames + fpb)
+    try:
+        return timed(c, fpb)
+    finally:
+        c.shutdown()
+
+
+def _heavy_factory():
+    return torchrl_env(True)
+
+
+def _light_factory():
+    return torchrl_env(False)
+
+
+def torchrl_multi(kind: str, workers: int, frames: int, fpb: int, heavy: bool) -> float:
+    from torchrl.collectors import MultiAsyncCollector, MultiSyncCollector
+
+    cls = MultiSyncCollector if kind == "sync" else MultiAsyncCollector
+    factory = _heavy_factory if heavy else _light_factory
+    c = cls([factory] * workers, torchrl_policy(), frames_per_batch=fpb, total_frames=frames + fpb)
+    try:
+        return timed(c, fpb)
+    finally:
+        c.shutdown()
+
+
+# -- ours ------------------------------------------------------------------------------------
+def ours_sync(frames: int, fpb: int, num_envs: int = 1) -> float:
+    from collectors import SyncDataCollector
+
+    with SyncDataCollector("CartPole-v1", mlp_policy(), frames_per_batch=fpb,
+                           total_frames=frames + fpb, num_envs=num_envs) as c:
+        return timed(c, fpb)
+
+
+def ours_multi(kind: str, workers: int, frames: int, fpb: int, heavy: bool) -> float:
+    from collectors import MultiaSyncDataCollector, MultiSyncDataCollector
+    from collectors.testing import heavy_cartpole
+
+    cls = MultiSyncDataCollector if kind == "sync" else MultiaSyncDataCollector
+    env = heavy_cartpole if heavy else "CartPole-v1"
+    with cls(env, mlp_policy(), num_workers=workers, frames_per_batch=fpb,
+             total_frames=frames + fpb, num_cpus=1.0 / workers) as c:
+        return timed(c, fpb)
+
+
+def first_batch_latency() -> float:
+    from collectors import SyncDataCollector
+
+    t0 = time.perf_counter()
+    c = SyncDataCollector("CartPole-v1", mlp_policy(), frames_per_batch=100)
+    c.next()
+    latency = time.perf_counter() - t0
+    c.shutdown()
+    return latency
+
+
+def row(name: str, fps: float | None, note: str = "") -> None:
+    value = "skipped" if fps is None else f"{fps:10,.0f}"
+    print(f"| {name:<46} | {value:>10} | {note} |", flush=True)
+
+
+def guarded(fn, *args):
+    try:
+        return fn(*args)
+    except ImportError as exc:
+        print(f"  (skipped: {exc})")
+        return None
+
+
+def run_sync(frames: int) -> None:
+    print("\n## SyncDataCollector, CartPole-v1, MLP 4-64-64-2\n")
+    print("| row | frames/s | ratio |\n|---|---:|---|")
+    raw = raw_loop(frames)
+    row("raw gymnasium loop + per-step MLP", raw)
+    trl = guarded(torchrl_sync, frames, 1000)
+    row("TorchRL Collector (fpb 1000)", trl)
+    ours1 = ours_sync(frames, 1000, 1)
+    ratio = f"{ours1 / raw:.2f}x raw" + (f", {ours1 / trl:.1f}x TorchRL" if trl else "")
+    row("ours SyncDataCollector, num_envs=1 (fpb 1000)", ours1, ratio)
+    ours8 = ours_sync(frames * 4, 4000, 8)
+    row("ours SyncDataCollector, num_envs=8 (fpb 4000)", ours8,
+        f"{ours8 / trl:.1f}x TorchRL" if trl else "")
+    lat = first_batch_latency()
+    print(f"\nfirst batch from a running Ray (nn.Module policy): {lat:.2f} s")
+
+
+def run_multi(frames: int) -> None:
+    for heavy in (False, True):
+        env = "heavy (CartPole + 1 ms CPU/step)" if heavy else "CartPole-v1"
+        n = frames // 5 if heavy else frames
+        print(f"\n## Multi collectors, {env}, MLP\n")
+        print("| row | frames/s | ratio |\n|---|---:|---|")
+        base = {}
+        for kind in ("sync", "async"):
+            trl2 = guarded(torchrl_multi, kind, 2, n, 1000 if not heavy else 200, heavy)
+            row(f"TorchRL Multi{'Sync' if kind == 'sync' else 'Async'}Collector, 2 workers", trl2)
+            for w in (1, 2, 4):
+                fpb = (1000 if not heavy else 200) * (w if kind == "sync" else 1)
+                fps = ours_multi(kind, w, n, fpb, heavy)
+                base.setdefault((kind, 1), fps)
+                note = f"{fps / base[(kind, 1)]:.2f}x 1 worker"
+                if w == 2 and trl2:
+                    note += f", {fps / trl2:.2f}x TorchRL"
+                row(f"ours Multi{'Sync' if kind == 'sync' else 'a Sync'}DataCollector, {w} workers".replace("a Sync", "aSync"), fps, note)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=["sync", "multi", "all"], default="all")
+    parser.add_argument("--frames", type=int, default=30_000)
+    parser.add_argument("--quick", action="store_true", help="few frames: a smoke run")
+    args = parser.parse_args(argv)
+    frames = 3_000 if args.quick else args.frames
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"python {platform.python_version()}, torch {torch.__version__}, ray {ray.__version__}")
+    if not ray.is_initialized():
+        ray.init(num_cpus=max(4, os.cpu_count() or 1), dashboard_host="127.0.0.1", log_to_driver=False)
+    if args.part in ("sync", "all"):
+        run_sync(frames)
+    if args.part in ("multi", "all"):
+        run_multi(frames)
+
+
+if __name__ == "__main__":
+    main()
