@@ -162,3 +162,19 @@ class BusyEnv(gym.Wrapper):
 def heavy_cartpole(busy_ms: float = 1.0) -> BusyEnv:
     """CartPole-v1 plus ``busy_ms`` of CPU work per step (the benchmark's "heavy" env)."""
     return BusyEnv(gym.make("CartPole-v1"), busy_ms)
+
+
+class SlowEnv(gym.Wrapper):
+    """Sleeps ``delay_s`` in every step (a slow worker, without using CPU)."""
+
+    def __init__(self, env, delay_s: float):
+        super().__init__(env)
+        self.delay_s = delay_s
+
+    def step(self, action):
+        time.sleep(self.delay_s)
+        return self.env.step(action)
+
+
+def slow_counting_env(delay_s: float = 0.01, episode_length: int = 5) -> SlowEnv:
+    return SlowEnv(CountingEnv(episode_length), delay_s)
