@@ -42,7 +42,8 @@ class Driver:
                  steps_per_worker: int, envs_per_worker: int, sample_timeout_s: float | None = None,
                  startup_timeout_s: float = 60.0, max_restarts: int = 3,
                  restart_window_s: float = 60.0, restart_backoff_s: float = 0.0,
-                 on_worker_error: str = "restart", prefetch: int = 1, placement: dict | None = None):
+                 on_worker_error: str = "restart", prefetch: int = 1, placement: dict | None = None,
+                 write_timeout_s: float = 30.0):
         self.name = name
         self.config_ref = config_ref
         self.num_workers = num_workers
@@ -78,6 +79,9 @@ class Driver:
         self.bg_total = -1
         self.bg_paused = threading.Event()
         self.bg_written = []  # batch ids acknowledged by the buffer
+        self.write_lock = threading.Lock()
+        self.write_timeout_s = write_timeout_s
+        self.buffer_resends = 0
         self.closed = False
         self.pg = None
         self.placement = placement or {}
@@ -242,7 +246,8 @@ class Driver:
         The buffer actor fetches the batches from the object store itself; returns the metas.
         """
         results = [self.next_ready(random_actions)] if one else self.collect_sync(random_actions)
-        ray.get([buffer.extend_ref.remote(refs, self._batch_id(meta)) for refs, meta in results])
+        for refs, meta in results:
+            self.write(buffer, refs, meta)
         return [meta for _, meta in results]
 
     @staticmethod
@@ -312,23 +317,45 @@ class Driver:
             while not self.bg_stop.is_set():
                 if self.bg_total > 0 and self.bg_frames >= self.bg_total:
                     break
-                if self.bg_paused.is_set():
-                    time.sleep(0.01)
-                    continue
                 refs, meta = self.next_ready()
-                if self.bg_stop.is_set():
+                while not self.bg_stop.is_set():
+                    with self.write_lock:
+                        if not self.bg_paused.is_set():
+                            self.write(buffer, refs, meta)
+                            self.bg_frames += meta["frames"]
+                            break
+                    time.sleep(0.005)
+                else:
                     self._drop(meta["worker"], "stopped", meta["frames"])
                     self.per_worker[meta["worker"]]["delivered"] -= meta["frames"]
-                    break
-                batch_id = self._batch_id(meta)
-                ray.get(buffer.extend_ref.remote(refs, batch_id))
-                self.bg_frames += meta["frames"]
-                self.bg_written.append(batch_id)
         except BaseException as exc:  # noqa: BLE001 - reported through is_running()/stats()
             self.bg_error = exc
             log.exception("background collection of %s stopped", self.name)
         finally:
             self.cancel_inflight()
+
+    def write(self, buffer, refs: list, meta: dict) -> int:
+        """Write one batch into the buffer actor, resending until acknowledged.
+
+        The buffer ignores a batch id it already holds, so a resend after its restart stores
+        the batch once. Raises ``WorkerFailure`` (kind ``buffer``) after ``write_timeout_s``.
+        """
+        batch_id = self._batch_id(meta)
+        deadline = time.monotonic() + self.write_timeout_s
+        while True:
+            try:
+                n = ray.get(buffer.extend_ref.remote(refs, batch_id),
+                            timeout=max(0.1, deadline - time.monotonic()))
+                self.bg_written.append(batch_id)
+                return n
+            except (RayActorError, GetTimeoutError) as exc:
+                if time.monotonic() >= deadline:
+                    raise WorkerFailure(
+                        meta["worker"], f"replay buffer unavailable: no acknowledgement of batch "
+                        f"{batch_id} within write_timeout_s={self.write_timeout_s:g} ({exc!r}).",
+                        "buffer") from None
+                self.buffer_resends += 1
+                time.sleep(0.2)
 
     def stop(self, timeout: float = 10.0) -> bool:
         self.bg_stop.set()
@@ -338,7 +365,13 @@ class Driver:
         return True
 
     def pause(self, paused: bool) -> None:
-        (self.bg_paused.set if paused else self.bg_paused.clear)()
+        """Stop (or resume) writes; returns once no write is in progress."""
+        if paused:
+            self.bg_paused.set()
+            with self.write_lock:
+                pass
+        else:
+            self.bg_paused.clear()
 
     def is_running(self) -> bool:
         return self.bg_thread is not None and self.bg_thread.is_alive()
@@ -374,6 +407,9 @@ class Driver:
             "env_error_log": list(self.env_error_log[-50:]),
             "background_frames": self.bg_frames,
             "written_batches": len(self.bg_written),
+            "written_batch_ids": list(self.bg_written),
+            "buffer_resends": self.buffer_resends,
+            "running": self.is_running(),
             "policy_version": self.version,
             "worker_info": self.info,
         }

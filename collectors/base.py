@@ -1,6 +1,7 @@
 """``DataCollectorBase``: what every collector shares (driver actor, iteration, weights, stats)."""
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import uuid
@@ -50,7 +51,7 @@ class DataCollectorBase:
                  restart_window_s: float = 60.0, restart_backoff_s: float = 0.0,
                  on_worker_error: str = "restart", check_finite: bool = False,
                  prefetch: int = 1, num_cpus: float | None = None, num_gpus: float | None = None,
-                 resources: dict | None = None, **kwargs):
+                 resources: dict | None = None, write_timeout_s: float = 30.0, **kwargs):
         cls_name = type(self).__name__
         validate.reject_unsupported(kwargs, cls_name)
         # -- validate everything before building anything --------------------------------
@@ -69,6 +70,9 @@ class DataCollectorBase:
                 raise ValueError(f"preemptive_threshold is only for MultiSyncDataCollector; {cls_name} got it.")
             if not 0.0 < preemptive_threshold <= 1.0:
                 raise ValueError(f"preemptive_threshold must be in (0, 1]; got {preemptive_threshold!r}.")
+        if replay_buffer is not None and not hasattr(replay_buffer, "extend"):
+            raise TypeError(f"replay_buffer must be a collectors.RayReplayBuffer (or have extend()); "
+                            f"got {type(replay_buffer).__name__}.")
         if postproc is not None and not callable(postproc):
             raise TypeError(f"postproc must be callable; got {type(postproc).__name__}.")
         env_fns = create_env_fn if isinstance(create_env_fn, (list, tuple)) else None
@@ -141,7 +145,8 @@ class DataCollectorBase:
             startup_timeout_s=startup_timeout_s, max_restarts=max_restarts,
             restart_window_s=restart_window_s, restart_backoff_s=restart_backoff_s,
             on_worker_error=on_worker_error, prefetch=prefetch,
-            placement=self.config.placement_options(num_workers, options))
+            placement=self.config.placement_options(num_workers, options),
+            write_timeout_s=write_timeout_s)
         self._finalizer = weakref.finalize(self, _kill_quietly, self._driver)
         try:
             self.worker_info = _ray_get(self._driver.ready.remote())
@@ -188,7 +193,7 @@ class DataCollectorBase:
         if self.reset_at_each_iter:
             _ray_get(self._driver.broadcast.remote("reset"))
         random_actions = self._random_now()
-        if self.replay_buffer is not None:
+        if self.replay_buffer is not None and hasattr(self.replay_buffer, "actor"):
             metas = _ray_get(self._driver.collect_into.remote(
                 self.replay_buffer.actor, random_actions, self._async))
             self._frames += sum(m["frames"] for m in metas)
@@ -215,6 +220,9 @@ class DataCollectorBase:
             batch = split_trajectories(batch)
         if self.postproc is not None:
             batch = self.postproc(batch)
+        if self.replay_buffer is not None:  # a local buffer (e.g. TorchRL's): extend it here
+            self.replay_buffer.extend(batch.reshape(-1))
+            return None
         return batch
 
     # -- control -----------------------------------------------------------------------------
@@ -298,6 +306,53 @@ class DataCollectorBase:
             ray.get([h.load_state_dict.remote(s) for h, s in zip(
                 ray.get(self._driver.worker_handles.remote()), workers)])
 
+    # -- background collection ---------------------------------------------------------------
+    def start(self) -> None:
+        """Collect in the background, inside the driver actor, into the replay buffer.
+
+        Runs until ``total_frames`` or :meth:`async_shutdown`; the trainer only samples.
+        """
+        self._check_open()
+        if self.replay_buffer is None or not hasattr(self.replay_buffer, "actor"):
+            raise RuntimeError("start() streams into a replay buffer: pass replay_buffer="
+                               "collectors.RayReplayBuffer(...) when building the collector.")
+        if self._t_start is None:
+            self._t_start = time.perf_counter()
+        remaining = -1 if self.total_frames < 0 else max(0, self.total_frames - self._frames)
+        _ray_get(self._driver.start.remote(self.replay_buffer.actor, remaining))
+
+    def is_running(self) -> bool:
+        """Whether background collection is going on."""
+        if self._closed:
+            return False
+        return bool(ray.get(self._driver.is_running.remote(), timeout=10))
+
+    @contextlib.contextmanager
+    def pause(self):
+        """Stop background writes inside the block (e.g. to checkpoint the buffer)."""
+        self._check_open()
+        ray.get(self._driver.pause.remote(True))
+        try:
+            yield self
+        finally:
+            if not self._closed:
+                ray.get(self._driver.pause.remote(False))
+
+    def async_shutdown(self, timeout: float = 10.0) -> None:
+        """Stop background collection (no write reaches the buffer once this returns), then
+        shut everything down. ``stats()`` still answers."""
+        if self._closed:
+            return
+        try:
+            ray.get(self._driver.stop.remote(timeout), timeout=timeout + 5)
+        except Exception:  # noqa: BLE001 - forced by shutdown() below
+            pass
+        self.shutdown(timeout)
+
+    def background_error(self) -> str | None:
+        """The error that stopped background collection, if any."""
+        return None if self._closed else ray.get(self._driver.background_error.remote(), timeout=10)
+
     # -- figures -----------------------------------------------------------------------------
     def stats(self) -> dict:
         """Plain-dict figures; still answers after ``shutdown()``."""
@@ -313,11 +368,16 @@ class DataCollectorBase:
         elapsed = time.perf_counter() - self._t_start if self._t_start else 0.0
         per = driver.get("per_worker", [])
         returns = driver.get("episode_returns", [])
+        frames = self._frames + driver.get("background_frames", 0)
         out = {
-            "frames": self._frames, "batches": self._iter, "total_frames": self.total_frames,
-            "completed": self.total_frames > 0 and self._frames >= self.total_frames,
+            "frames": frames, "batches": self._iter + driver.get("written_batches", 0)
+            if driver.get("background_frames") else self._iter, "total_frames": self.total_frames,
+            "completed": self.total_frames > 0 and frames >= self.total_frames,
             "requested_frames_per_batch": self.requested_frames_per_batch,
-            "frames_per_s": self._frames / elapsed if elapsed > 0 else 0.0,
+            "frames_per_s": frames / elapsed if elapsed > 0 else 0.0,
+            "running": driver.get("running", False),
+            "written_batch_ids": driver.get("written_batch_ids", []),
+            "buffer_resends": driver.get("buffer_resends", 0),
             "policy_version": self.policy_version,
             "workers": driver.get("workers", self.num_workers),
             "workers_alive": driver.get("workers_alive", 0),

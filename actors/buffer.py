@@ -1,0 +1,300 @@
+"""The replay-buffer actor body: a ring of preallocated tensors, samplers, a rate limiter,
+atomic checkpoints, and idempotent writes (every batch carries an id)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+import uuid
+import warnings
+
+import numpy as np
+import torch
+from tensordict import TensorDict
+
+from actors.samplers import make_sampler
+
+MARKER = "COMPLETE"
+
+
+class RateLimiter:
+    """Reverb's sample-to-insert ratio: ``inserts * spi - samples`` stays inside a band."""
+
+    def __init__(self, min_size: int, samples_per_insert: float | None, error_buffer: float | None):
+        self.min_size = int(min_size)
+        self.spi = samples_per_insert
+        self.inserts = 0
+        self.samples = 0
+        if self.spi is not None:
+            if self.spi <= 0:
+                raise ValueError(f"samples_per_insert must be positive; got {self.spi}.")
+            need = 2 * max(1.0, self.spi)
+            if error_buffer is None:
+                error_buffer = need
+            if 2 * error_buffer < need:
+                raise ValueError(
+                    f"error_buffer={error_buffer} with samples_per_insert={self.spi} makes a band "
+                    f"of {2 * error_buffer}, narrower than {need}: inserts and samples could block "
+                    f"each other forever. Use error_buffer >= {need / 2}.")
+            offset = self.spi * max(1, self.min_size)
+            self.min_diff, self.max_diff = offset - error_buffer, offset + error_buffer
+
+    def can_sample(self, size: int, n: int) -> bool:
+        if size < max(1, self.min_size):
+            return False
+        return self.spi is None or self.inserts * self.spi - (self.samples + n) >= self.min_diff
+
+    def can_insert(self, n: int) -> bool:
+        return self.spi is None or self.inserts < self.min_size or \
+            (self.inserts + n) * self.spi - self.samples <= self.max_diff + self.spi * n
+
+    def state(self) -> dict:
+        return {"inserts": self.inserts, "samples": self.samples}
+
+
+def arrays_to_frames(arrays: dict) -> TensorDict:
+    """Worker arrays ``{key: [E, T, ...]}`` -> a flat TensorDict of valid frames, env-major."""
+    flat = {}
+    with warnings.catch_warnings():  # read-only object-store views: only read, then copied
+        warnings.simplefilter("ignore", UserWarning)
+        for key, value in arrays.items():
+            t = torch.as_tensor(np.ascontiguousarray(value))
+            flat[key] = t.reshape(-1, *t.shape[2:])
+    n = flat[("collector", "traj_ids")].shape[0]
+    td = TensorDict(batch_size=[n])
+    for key, value in flat.items():
+        td.set(key, value)
+    keep = td.get(("collector", "traj_ids")) >= 0
+    return td if bool(keep.all()) else td[keep]
+
+
+class ReplayBufferActor:
+    """Frames are stored flat: any batch dims of a written TensorDict become frames."""
+
+    def __init__(self, capacity: int, *, sampler: str = "random", batch_size: int | None = None,
+                 sampler_kwargs: dict | None = None, min_size: int = 0,
+                 samples_per_insert: float | None = None, error_buffer: float | None = None,
+                 checkpoint_dir: str | None = None, checkpoint_every: int = 0,
+                 seed: int | None = None, default_timeout_s: float = 30.0):
+        self.capacity = int(capacity)
+        self.batch_size = batch_size
+        self.sampler_name = sampler
+        self.sampler = make_sampler(sampler, self.capacity, seed=seed, **(sampler_kwargs or {}))
+        self.limiter = RateLimiter(min_size, samples_per_insert, error_buffer)
+        self.storage: TensorDict | None = None
+        self.cursor = 0
+        self.size = 0
+        self.write_count = 0
+        self.seen: set = set()
+        self.cond = threading.Condition()
+        self.checkpoint_dir = checkpoint_dir
+        self.checkpoint_every = int(checkpoint_every)
+        self.default_timeout_s = default_timeout_s
+        self.insert_time = 0.0
+        self.sample_time = 0.0
+        self.sampled_frames = 0
+        self.restored_from = None
+        if checkpoint_dir and os.path.exists(os.path.join(checkpoint_dir, MARKER)):
+            self.load_checkpoint(checkpoint_dir)
+            self.restored_from = checkpoint_dir
+
+    # -- writes ------------------------------------------------------------------------------
+    def _check(self, td: TensorDict) -> None:
+        if td.shape[0] > self.capacity:
+            raise ValueError(
+                f"extend of {td.shape[0]} frames is larger than the capacity {self.capacity}; "
+                "write smaller batches or raise capacity.")
+        if self.storage is None:
+            return
+        want = {k: (tuple(v.shape[1:]), v.dtype) for k, v in
+                self.storage.items(include_nested=True, leaves_only=True)}
+        got = {k: (tuple(v.shape[1:]), v.dtype) for k, v in td.items(include_nested=True, leaves_only=True)}
+        if set(want) != set(got):
+            raise ValueError(
+                f"keys do not match the storage: missing {sorted(map(str, set(want) - set(got)))}, "
+                f"unexpected {sorted(map(str, set(got) - set(want)))}.")
+        for key, (shape, dtype) in want.items():
+            if got[key] != (shape, dtype):
+                raise ValueError(
+                    f"entry {key!r}: storage holds per-frame shape {shape} and dtype {dtype}, got "
+                    f"shape {got[key][0]} and dtype {got[key][1]}.")
+
+    def extend(self, td: TensorDict, batch_id=None, timeout: float | None = None) -> int:
+        """Write frames (all batch dims flattened); returns how many were written (0 if a dup)."""
+        if not isinstance(td, TensorDict) and hasattr(td, "to_tensordict"):
+            td = td.to_tensordict()
+        if td.batch_dims == 0:
+            td = td.unsqueeze(0)
+        td = td.reshape(-1)
+        for key in [k for k in td.keys(include_nested=True, leaves_only=True)
+                    if (k if isinstance(k, str) else k[-1]) in ("index", "_weight")]:
+            td = td.exclude(key)
+        self._check(td)
+        t0 = time.perf_counter()
+        n = td.shape[0]
+        with self.cond:
+            if batch_id is not None:
+                batch_id = tuple(batch_id) if isinstance(batch_id, list) else batch_id
+                if batch_id in self.seen:
+                    return 0
+            self._wait(lambda: self.limiter.can_insert(n), timeout,
+                       f"room to insert {n} frames under samples_per_insert={self.limiter.spi}")
+            if self.storage is None:
+                self.storage = td[:1].expand(self.capacity).clone().zero_()
+            idx = (torch.arange(n) + self.cursor) % self.capacity
+            self.storage[idx] = td
+            self.cursor = (self.cursor + n) % self.capacity
+            self.size = min(self.capacity, self.size + n)
+            self.write_count += n
+            self.limiter.inserts += n
+            self.sampler.on_write(idx, self.storage, self.size)
+            if batch_id is not None:
+                self.seen.add(batch_id)
+            self.insert_time += time.perf_counter() - t0
+            self.cond.notify_all()
+            if self.checkpoint_every and self.checkpoint_dir and \
+                    len(self.seen) % self.checkpoint_every == 0:
+                self.checkpoint(self.checkpoint_dir)
+        return n
+
+    def extend_ref(self, refs: list, batch_id=None, timeout: float | None = None) -> int:
+        """Fetch worker arrays from the object store (``[ref]``) and write their valid frames."""
+        import ray
+
+        if batch_id is not None and tuple(batch_id) in self.seen:
+            return 0
+        return self.extend(arrays_to_frames(ray.get(refs[0])), batch_id, timeout)
+
+    # -- reads -------------------------------------------------------------------------------
+    def _wait(self, ready, timeout, what: str) -> None:
+        timeout = self.default_timeout_s if timeout is None else timeout
+        if not self.cond.wait_for(ready, timeout=timeout):
+            raise TimeoutError(
+                f"replay buffer waited {timeout:g}s for {what} (size {self.size}, inserts "
+                f"{self.limiter.inserts}, samples {self.limiter.samples}); nothing arrived.")
+
+    def sample(self, batch_size: int | None = None, timeout: float | None = None) -> TensorDict:
+        n = batch_size or self.batch_size
+        if not n:
+            raise ValueError("sample() needs a batch_size (here or at construction).")
+        t0 = time.perf_counter()
+        with self.cond:
+            self._wait(lambda: self.limiter.can_sample(self.size, n), timeout,
+                       f"{n} samples (min_size={self.limiter.min_size})")
+            index, weight = self.sampler.sample(n, self.storage, self.size)
+            out = self.storage[index].clone()
+            self.limiter.samples += n
+            self.cond.notify_all()
+        out.set("index", index)
+        if weight is not None:
+            out.set("_weight", weight)
+        self.sampled_frames += n
+        self.sample_time += time.perf_counter() - t0
+        return out
+
+    def update_priority(self, index, priority) -> None:
+        with self.cond:
+            self.sampler.update_priority(torch.as_tensor(index), torch.as_tensor(priority, dtype=torch.float64))
+
+    def __len__(self) -> int:
+        return self.size
+
+    def length(self) -> int:
+        return self.size
+
+    def info(self) -> dict:
+        return {"size": self.size, "capacity": self.capacity, "write_count": self.write_count,
+                "batches": len(self.seen), "inserts": self.limiter.inserts,
+                "samples": self.limiter.samples, "insert_time": self.insert_time,
+                "sample_time": self.sample_time, "restored_from": self.restored_from,
+                "pid": os.getpid()}
+
+    def batch_ids(self) -> list:
+        return sorted(self.seen)
+
+    def empty(self) -> None:
+        with self.cond:
+            self.cursor = self.size = 0
+            self.sampler.reset()
+            self.seen.clear()
+
+    # -- state and checkpoints ---------------------------------------------------------------
+    def _meta(self) -> dict:
+        return {"capacity": self.capacity, "cursor": self.cursor, "size": self.size,
+                "write_count": self.write_count, "limiter": self.limiter.state(),
+                "sampler": self.sampler_name, "sampler_state": self.sampler.state(),
+                "seen": [list(b) if isinstance(b, tuple) else b for b in sorted(self.seen, key=str)]}
+
+    def state_dict(self) -> dict:
+        with self.cond:
+            return {"storage": None if self.storage is None else self.storage.clone(),
+                    "meta": json.loads(json.dumps(self._meta())),
+                    "priorities": self.sampler.tensors()}
+
+    def load_state_dict(self, state: dict) -> None:
+        with self.cond:
+            self._restore(state["meta"], state["storage"], state.get("priorities") or {})
+
+    def _restore(self, meta: dict, storage, tensors: dict) -> None:
+        if meta["capacity"] != self.capacity:
+            raise ValueError(f"state has capacity {meta['capacity']}, this buffer {self.capacity}.")
+        self.storage = storage
+        self.cursor, self.size, self.write_count = meta["cursor"], meta["size"], meta["write_count"]
+        self.limiter.inserts = meta["limiter"]["inserts"]
+        self.limiter.samples = meta["limiter"]["samples"]
+        self.seen = {tuple(b) if isinstance(b, list) else b for b in meta["seen"]}
+        self.sampler.load(meta["sampler_state"], tensors, self.storage, self.size)
+
+    def checkpoint(self, path: str) -> str:
+        """Write storage, sampler state and counters to ``path`` atomically.
+
+        Everything goes to a fresh sibling folder, a marker file is written last, and only then
+        does it replace ``path``; a write that fails half-way leaves the old checkpoint as it was.
+        """
+        path = os.path.abspath(path)
+        parent = os.path.dirname(path)
+        os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+        with self.cond:
+            try:
+                os.makedirs(tmp)
+                if self.storage is not None:
+                    self.storage.memmap(os.path.join(tmp, "storage"))
+                tensors = self.sampler.tensors()
+                if tensors:
+                    TensorDict(tensors, batch_size=[]).memmap(os.path.join(tmp, "sampler"))
+                with open(os.path.join(tmp, "meta.json"), "w") as fh:
+                    json.dump(self._meta(), fh)
+                with open(os.path.join(tmp, MARKER), "w") as fh:
+                    fh.write("ok\n")
+                old = None
+                if os.path.exists(path):
+                    old = f"{tmp}.old"
+                    os.rename(path, old)
+                os.rename(tmp, path)
+                if old:
+                    shutil.rmtree(old, ignore_errors=True)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        return path
+
+    def load_checkpoint(self, path: str) -> None:
+        """Restore from a complete checkpoint (JSON and memory-mapped tensors; no pickle)."""
+        if not os.path.exists(os.path.join(path, MARKER)):
+            raise FileNotFoundError(f"{path!r} holds no complete checkpoint (no {MARKER} marker).")
+        with open(os.path.join(path, "meta.json")) as fh:
+            meta = json.load(fh)
+        storage = None
+        if os.path.exists(os.path.join(path, "storage")):
+            storage = TensorDict.load_memmap(os.path.join(path, "storage")).clone()
+        tensors = {}
+        if os.path.exists(os.path.join(path, "sampler")):
+            tensors = TensorDict.load_memmap(os.path.join(path, "sampler")).clone().to_dict()
+        with self.cond:
+            self._restore(meta, storage, tensors)
+
+    def ready(self) -> dict:
+        return self.info()

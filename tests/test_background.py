@@ -1,0 +1,112 @@
+"""Collectors with a replay-buffer actor; background collection with start()."""
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from collectors import (AsyncCollector, MultiaSyncDataCollector, MultiSyncDataCollector,
+                        RayReplayBuffer, SyncDataCollector, aSyncDataCollector)
+from collectors.policies import ArgmaxLayer
+from collectors.testing import counting_env
+from conftest import alive_actor_names
+
+
+@pytest.fixture
+def rb():
+    buffer = RayReplayBuffer(100_000, batch_size=64)
+    yield buffer
+    buffer.shutdown()
+
+
+@pytest.mark.parametrize("cls,kwargs", [
+    (SyncDataCollector, {}), (MultiSyncDataCollector, {"num_workers": 2}),
+    (MultiaSyncDataCollector, {"num_workers": 2}), (aSyncDataCollector, {})])
+def test_iteration_with_buffer_yields_none_and_counts_exactly(rb, cls, kwargs):
+    with cls(counting_env, frames_per_batch=20, total_frames=100, replay_buffer=rb, **kwargs) as c:
+        out = list(c)
+        stats = c.stats()
+    assert out == [None] * 5
+    assert stats["frames"] == 100
+    assert rb.write_count == 100 and len(rb) == 100
+    assert len(rb.batch_ids()) == len(set(rb.batch_ids()))
+
+
+def test_async_collector_alias_and_batches():
+    assert AsyncCollector is aSyncDataCollector
+    with aSyncDataCollector(counting_env, frames_per_batch=10, total_frames=30) as c:
+        batches = list(c)
+    assert [b.batch_size for b in batches] == [torch.Size([10])] * 3
+    ids = torch.cat([b["collector", "traj_ids"] for b in batches])
+    assert torch.all(ids[1:] >= ids[:-1])
+
+
+def test_start_runs_to_total_frames(rb):
+    c = MultiaSyncDataCollector(counting_env, num_workers=2, frames_per_batch=50,
+                                total_frames=1000, replay_buffer=rb)
+    c.start()
+    deadline = time.time() + 60
+    while c.is_running() and time.time() < deadline:
+        time.sleep(0.05)
+    assert not c.is_running()
+    assert c.stats()["frames"] == 1000
+    assert rb.write_count == 1000
+    c.shutdown()
+
+
+def test_start_sample_async_shutdown_exact_counts(rb):
+    c = MultiaSyncDataCollector(counting_env, num_workers=2, frames_per_batch=50,
+                                total_frames=-1, replay_buffer=rb, name="bg-run")
+    c.start()
+    assert c.is_running()
+    time.sleep(1.0)
+    sampled = rb.sample(256, timeout=10)
+    assert sampled.batch_size == torch.Size([256])
+    c.async_shutdown()
+    stats = c.stats()
+    written = rb.write_count
+    time.sleep(0.5)
+    assert rb.write_count == written  # nothing reaches the buffer after async_shutdown()
+    assert stats["frames"] == written > 0
+    assert stats["running"] is False or not c.is_running()
+    assert alive_actor_names("bg-run/") == []
+    # every written batch is in the buffer exactly once
+    assert sorted(map(tuple, stats["written_batch_ids"])) == sorted(map(tuple, rb.batch_ids()))
+
+
+def test_pause_stops_writes(rb):
+    c = aSyncDataCollector(counting_env, frames_per_batch=20, replay_buffer=rb)
+    c.start()
+    time.sleep(0.5)
+    with c.pause():
+        before = rb.write_count
+        time.sleep(0.5)
+        assert rb.write_count == before
+    time.sleep(0.5)
+    assert rb.write_count > before
+    c.async_shutdown()
+
+
+def test_weight_updates_while_running(rb):
+    policy = nn.Sequential(nn.Linear(1, 2), ArgmaxLayer())
+    c = MultiaSyncDataCollector(counting_env, policy, num_workers=2, frames_per_batch=20,
+                                replay_buffer=rb)
+    c.start()
+    time.sleep(0.5)
+    with torch.no_grad():
+        policy[0].weight.zero_()
+        policy[0].bias.copy_(torch.tensor([0.0, 9.0]))
+    c.update_policy_weights_()
+    time.sleep(1.0)
+    c.async_shutdown()
+    state = rb.state_dict()
+    n = len(rb)
+    storage = state["storage"][:n]
+    newest = storage[storage["collector", "policy_version"] == 1]
+    assert newest.numel() > 0 and (newest["action"] == 1).all()
+
+
+def test_start_needs_a_buffer():
+    with SyncDataCollector(counting_env, frames_per_batch=10) as c:
+        with pytest.raises(RuntimeError, match="replay_buffer"):
+            c.start()

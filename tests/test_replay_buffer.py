@@ -1,0 +1,180 @@
+"""RayReplayBuffer: storage ring, samplers, rate limiter, checkpoints, errors."""
+import os
+
+import pytest
+import torch
+from tensordict import TensorDict
+
+from actors.buffer import ReplayBufferActor
+from collectors import RayReplayBuffer, ReplayBufferUnavailable
+
+
+def frames(start, n, traj=None):
+    x = torch.arange(start, start + n)
+    td = TensorDict({"x": x.float().unsqueeze(-1), "collector": {
+        "traj_ids": x // 10 if traj is None else traj}}, batch_size=[n])
+    return td
+
+
+def test_ring_wraps_and_counts():
+    rb = ReplayBufferActor(10, batch_size=4)
+    rb.extend(frames(0, 6))
+    rb.extend(frames(6, 6))
+    assert len(rb) == 10 and rb.write_count == 12
+    stored = set(rb.storage["x"].squeeze(-1).long().tolist())
+    assert stored == set(range(2, 12))
+    # batch dims are flattened into frames
+    rb.extend(frames(100, 4).reshape(2, 2))
+    assert rb.write_count == 16
+
+
+def test_extend_errors_change_nothing():
+    rb = ReplayBufferActor(10)
+    rb.extend(frames(0, 3))
+    with pytest.raises(ValueError, match="capacity"):
+        rb.extend(frames(0, 11))
+    bad = frames(0, 2)
+    bad["x"] = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="shape"):
+        rb.extend(bad)
+    with pytest.raises(ValueError, match="missing"):
+        rb.extend(frames(0, 2).exclude("x"))
+    assert len(rb) == 3 and rb.write_count == 3
+
+
+def test_uniform_sampler_covers_storage():
+    rb = ReplayBufferActor(100, seed=0)
+    rb.extend(frames(0, 100))
+    seen = torch.cat([rb.sample(256)["index"] for _ in range(20)])
+    counts = torch.bincount(seen, minlength=100).float()
+    assert counts.min() > 0 and counts.std() / counts.mean() < 0.3
+
+
+def test_without_replacement_epochs():
+    rb = ReplayBufferActor(20, sampler="without_replacement", seed=0)
+    rb.extend(frames(0, 20))
+    first = torch.cat([rb.sample(5)["x"] for _ in range(4)]).squeeze(-1).sort().values
+    assert first.tolist() == list(range(20))
+
+
+def test_prioritized_tracks_priorities_and_weights():
+    rb = ReplayBufferActor(10, sampler="prioritized", sampler_kwargs={"alpha": 1.0, "beta": 1.0}, seed=0)
+    rb.extend(frames(0, 10))
+    rb.update_priority(torch.arange(10), torch.tensor([1.0] * 9 + [91.0]))
+    s = rb.sample(2000)
+    share = (s["index"] == 9).float().mean().item()
+    assert 0.85 < share < 0.95  # 91 / 100
+    w = s["_weight"]
+    assert w.max() <= 1.0 + 1e-6
+    assert w[s["index"] == 9].max() < w[s["index"] != 9].min()
+
+
+def test_slice_sampler_stays_inside_trajectories():
+    rb = ReplayBufferActor(200, sampler="slice", sampler_kwargs={"slice_len": 4}, seed=0)
+    # two workers interleaved: ids never shared; trajectories of different lengths
+    rb.extend(frames(0, 30, traj=torch.tensor([0] * 7 + [2] * 3 + [4] * 20)))
+    rb.extend(frames(30, 30, traj=torch.tensor([1] * 12 + [3] * 2 + [5] * 16)))
+    rb.extend(frames(60, 10, traj=torch.tensor([4] * 10)))  # traj 4 again, not adjacent
+    s = rb.sample(400).reshape(100, 4)
+    ids = s["collector", "traj_ids"]
+    assert (ids == ids[:, :1]).all()
+    x = s["x"].squeeze(-1)
+    assert ((x[:, 1:] - x[:, :-1]) == 1).all()  # contiguous in time
+    assert not (ids == 2).any() and not (ids == 3).any()  # shorter than a slice
+    with pytest.raises(ValueError, match="multiple"):
+        rb.sample(6)
+
+
+def test_rate_limiter_blocks_and_times_out():
+    rb = ReplayBufferActor(100, min_size=10, default_timeout_s=0.3)
+    rb.extend(frames(0, 5))
+    with pytest.raises(TimeoutError, match="min_size=10"):
+        rb.sample(2)
+    rb.extend(frames(5, 5))
+    assert rb.sample(2).shape == (2,)
+    spi = ReplayBufferActor(100, min_size=1, samples_per_insert=1.0, error_buffer=5,
+                            default_timeout_s=0.3)
+    spi.extend(frames(0, 4))
+    spi.sample(4)
+    spi.sample(4)  # inside the band: 4 inserts * 1.0 - 8 samples >= 1 * 1 - 5
+    with pytest.raises(TimeoutError, match="samples"):
+        spi.sample(4)
+    with pytest.raises(ValueError, match="block each other"):
+        ReplayBufferActor(100, samples_per_insert=4.0, error_buffer=1)
+
+
+def test_checkpoint_round_trip_and_interrupted_write(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt")
+    rb = ReplayBufferActor(50, sampler="prioritized", seed=1)
+    rb.extend(frames(0, 30), batch_id=(0, 0, 1))
+    rb.update_priority(torch.tensor([3]), torch.tensor([7.0]))
+    rb.checkpoint(path)
+    assert os.path.exists(os.path.join(path, "COMPLETE"))
+    restored = ReplayBufferActor(50, sampler="prioritized", checkpoint_dir=path)
+    assert len(restored) == 30 and restored.write_count == 30
+    assert restored.sampler.priority[3] == 7.0
+    assert torch.equal(restored.storage["x"][:30], rb.storage["x"][:30])
+    assert restored.extend(frames(0, 30), batch_id=(0, 0, 1)) == 0  # a duplicate is ignored
+    # a checkpoint that fails half-way leaves the previous one loadable
+    rb.extend(frames(30, 10))
+
+    def broken(self, prefix, *a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(TensorDict, "memmap", broken)
+    with pytest.raises(OSError):
+        rb.checkpoint(path)
+    monkeypatch.undo()
+    again = ReplayBufferActor(50, sampler="prioritized", checkpoint_dir=path)
+    assert len(again) == 30
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".ckpt.tmp")]
+
+
+def test_handle_round_trip_and_picklable(tmp_path):
+    import ray
+
+    rb = RayReplayBuffer(1000, batch_size=8, name="rb-handle")
+    rb.extend(frames(0, 100))
+    assert len(rb) == 100 and rb.write_count == 100
+    assert rb.sample().batch_size == torch.Size([8])
+
+    @ray.remote
+    def use(handle, td):
+        handle.extend(td)
+        return len(handle)
+
+    assert ray.get(use.remote(rb, frames(100, 10))) == 110
+    rb.checkpoint(str(tmp_path / "c"))
+    other = RayReplayBuffer.from_checkpoint(str(tmp_path / "c"))
+    assert len(other) == 110
+    with pytest.raises(TimeoutError):
+        RayReplayBuffer(10, min_size=5, timeout_s=0.5).sample(1)
+    with pytest.raises(ValueError, match="capacity"):
+        rb.extend(frames(0, 1001))
+    state = rb.state_dict()
+    rb.empty()
+    assert len(rb) == 0
+    rb.load_state_dict(state)
+    assert len(rb) == 110
+    rb.shutdown()
+    rb.shutdown()
+    with pytest.raises(ReplayBufferUnavailable):
+        len(rb)
+    other.shutdown()
+
+
+def test_prefetching_sample():
+    rb = RayReplayBuffer(1000, batch_size=16, prefetch=True)
+    rb.extend(frames(0, 100))
+    for _ in range(3):
+        assert rb.sample().batch_size == torch.Size([16])
+    rb.shutdown()
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="sampler"):
+        RayReplayBuffer(10, sampler="nope")
+    with pytest.raises(ValueError, match="slice_len"):
+        RayReplayBuffer(10, sampler="slice")
+    with pytest.raises(ValueError, match="capacity"):
+        RayReplayBuffer(0)
