@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from tensordict import TensorDict
 
+from actors.metrics import Metrics
 from actors.samplers import make_sampler
 
 MARKER = "COMPLETE"
@@ -77,7 +78,7 @@ class ReplayBufferActor:
                  sampler_kwargs: dict | None = None, min_size: int = 0,
                  samples_per_insert: float | None = None, error_buffer: float | None = None,
                  checkpoint_dir: str | None = None, checkpoint_every: int = 0,
-                 seed: int | None = None, default_timeout_s: float = 30.0):
+                 seed: int | None = None, default_timeout_s: float = 30.0, name: str = "buffer"):
         self.capacity = int(capacity)
         self.batch_size = batch_size
         self.sampler_name = sampler
@@ -96,6 +97,7 @@ class ReplayBufferActor:
         self.sample_time = 0.0
         self.sampled_frames = 0
         self.restored_from = None
+        self.metrics = Metrics(name, "replay-buffer")
         if checkpoint_dir and os.path.exists(os.path.join(checkpoint_dir, MARKER)):
             self.load_checkpoint(checkpoint_dir)
             self.restored_from = checkpoint_dir
@@ -153,6 +155,7 @@ class ReplayBufferActor:
             if batch_id is not None:
                 self.seen.add(batch_id)
             self.insert_time += time.perf_counter() - t0
+            self.metrics.buffer(self.size, inserted=n)
             self.cond.notify_all()
             if self.checkpoint_every and self.checkpoint_dir and \
                     len(self.seen) % self.checkpoint_every == 0:
@@ -191,8 +194,14 @@ class ReplayBufferActor:
         if weight is not None:
             out.set("_weight", weight)
         self.sampled_frames += n
+        self.metrics.buffer(self.size, sampled=n)
         self.sample_time += time.perf_counter() - t0
         return out
+
+    def sample_arrays(self, batch_size: int | None = None, timeout: float | None = None) -> dict:
+        """``sample()`` as ``{key: ndarray}``: Ray ships numpy arrays without pickling them."""
+        out = self.sample(batch_size, timeout)
+        return {k: v.numpy() for k, v in out.items(include_nested=True, leaves_only=True)}
 
     def update_priority(self, index, priority) -> None:
         with self.cond:

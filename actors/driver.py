@@ -13,6 +13,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from actors.env_worker import EnvWorker
+from actors.metrics import Metrics
 
 log = logging.getLogger("ray_collectors.driver")
 
@@ -83,6 +84,7 @@ class Driver:
         self.write_timeout_s = write_timeout_s
         self.buffer_resends = 0
         self.closed = False
+        self.metrics = Metrics(name, "driver")
         self.pg = None
         self.placement = placement or {}
         if self.placement.get("strategy"):
@@ -159,6 +161,7 @@ class Driver:
         self.restart_times[i] = times
         stats = self.per_worker[i]
         stats["restarts"] += 1
+        self.metrics.restart(i)
         log.warning("replacing worker %d of %s (%s)", i, self.name, reason)
         try:
             ray.kill(self.workers[i], no_restart=True)
@@ -183,6 +186,7 @@ class Driver:
         self.env_error_log.extend(dict(e, worker=meta["worker"]) for e in meta["env_errors"])
         self.episode_returns.extend(meta["episode_returns"])
         del self.episode_returns[:-1000]
+        self.metrics.batch(meta, self.version)
 
     def _resolve(self, ref, i: int):
         """``ray.get`` one collect result; ``None`` after replacing a dead worker."""

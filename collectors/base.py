@@ -9,13 +9,13 @@ import weakref
 
 import ray
 import torch
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import RayTaskError
 
 from actors.driver import Driver, WorkerFailure
 from collectors import validate
 from collectors.batch import assemble, mark_truncated, split_trajectories
 from collectors.errors import CollectorError
-from collectors.runtime import ensure_ray
+from collectors.runtime import ensure_ray, kill_quietly as _kill_quietly, wait_dead as _wait_dead
 
 
 def _ray_get(ref, timeout=None):
@@ -434,24 +434,3 @@ class DataCollectorBase:
         return (f"{type(self).__name__}(name={self.name!r}, frames_per_batch="
                 f"{self.frames_per_batch}, total_frames={self.total_frames}, "
                 f"num_workers={self.num_workers}, num_envs={self.num_envs})")
-
-
-def _kill_quietly(handle) -> None:
-    try:
-        if ray.is_initialized():
-            ray.kill(handle, no_restart=True)
-    except Exception:  # noqa: BLE001
-        pass
-
-
-def _wait_dead(handles, deadline: float) -> None:
-    """Block until each actor answers as dead (``ray.kill`` is asynchronous), or the deadline."""
-    for h in handles:
-        while time.monotonic() < deadline:
-            try:
-                ray.get(h.__ray_ready__.remote(), timeout=max(0.05, deadline - time.monotonic()))
-            except (RayActorError, GetTimeoutError):
-                break
-            except Exception:  # noqa: BLE001
-                break
-            time.sleep(0.05)

@@ -2,6 +2,7 @@
 share it."""
 from __future__ import annotations
 
+import time
 import uuid
 
 import ray
@@ -10,7 +11,7 @@ from ray.exceptions import RayActorError
 from actors.buffer import ReplayBufferActor, RateLimiter
 from actors.samplers import SAMPLERS
 from collectors.errors import ReplayBufferUnavailable
-from collectors.runtime import ensure_ray
+from collectors.runtime import ensure_ray, kill_quietly, wait_dead
 
 
 class RayReplayBuffer:
@@ -80,7 +81,7 @@ class RayReplayBuffer:
             capacity, sampler=sampler, batch_size=batch_size, sampler_kwargs=kwargs,
             min_size=min_size, samples_per_insert=samples_per_insert, error_buffer=error_buffer,
             checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, seed=seed,
-            default_timeout_s=timeout_s)
+            default_timeout_s=timeout_s, name=self.name)
         self._call("ready")
 
     @classmethod
@@ -125,14 +126,15 @@ class RayReplayBuffer:
         timeout = self.timeout_s if timeout is None else timeout
         if self.prefetch:
             if self._pending is None or self._pending_n != n:
-                self._pending = self.actor.sample.remote(n, timeout)
+                self._pending = self.actor.sample_arrays.remote(n, timeout)
             ref = self._pending
-            self._pending = self.actor.sample.remote(n, timeout)
+            self._pending = self.actor.sample_arrays.remote(n, timeout)
             self._pending_n = n
         else:
-            ref = self.actor.sample.remote(n, timeout)
+            ref = self.actor.sample_arrays.remote(n, timeout)
         try:
-            return ray.get(ref, timeout=timeout + 5)
+            arrays = ray.get(ref, timeout=timeout + 5)
+            return _to_tensordict(arrays, n)
         except ray.exceptions.RayTaskError as exc:
             self._pending = None
             if isinstance(exc.cause, (TimeoutError, ValueError)):
@@ -170,14 +172,23 @@ class RayReplayBuffer:
         return self._call("checkpoint", path, timeout=600)
 
     def shutdown(self) -> None:
-        """Stop the actor (idempotent)."""
-        try:
-            ray.kill(self.actor, no_restart=True)
-        except Exception:  # noqa: BLE001
-            pass
+        """Stop the actor and wait until it is gone (idempotent)."""
+        kill_quietly(self.actor)
+        wait_dead([self.actor], time.monotonic() + 10)
 
     def __repr__(self) -> str:
         return f"RayReplayBuffer(name={self.name!r})"
+
+
+def _to_tensordict(arrays: dict, n: int):
+    import numpy as np
+    import torch
+    from tensordict import TensorDict
+
+    from collectors.batch import _nest
+
+    return TensorDict(_nest({k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}),
+                      batch_size=[n])
 
 
 def _rebuild(actor, name, batch_size, timeout_s):

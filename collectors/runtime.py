@@ -1,7 +1,10 @@
 """Starting or reusing Ray."""
 from __future__ import annotations
 
+import time
+
 import ray
+from ray.exceptions import GetTimeoutError, RayActorError
 
 
 def ensure_ray(address: str | None = None, num_cpus: float | None = None,
@@ -41,3 +44,24 @@ def dashboard_url() -> str | None:
     if not url:
         return None
     return url if url.startswith("http") else f"http://{url}"
+
+
+def kill_quietly(handle) -> None:
+    try:
+        if ray.is_initialized():
+            ray.kill(handle, no_restart=True)
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def wait_dead(handles, deadline: float) -> None:
+    """Block until each actor answers as dead (``ray.kill`` is asynchronous), or the deadline."""
+    for h in handles:
+        while time.monotonic() < deadline:
+            try:
+                ray.get(h.__ray_ready__.remote(), timeout=max(0.05, deadline - time.monotonic()))
+            except (RayActorError, GetTimeoutError):
+                break
+            except Exception:  # noqa: BLE001
+                break
+            time.sleep(0.05)

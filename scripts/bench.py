@@ -187,9 +187,131 @@ def run_multi(frames: int) -> None:
                 row(f"ours Multi{'Sync' if kind == 'sync' else 'a Sync'}DataCollector, {w} workers".replace("a Sync", "aSync"), fps, note)
 
 
+# -- replay buffers -----------------------------------------------------------------------------
+def cartpole_batch(n: int = 1000):
+    from collectors import SyncDataCollector
+
+    with SyncDataCollector("CartPole-v1", frames_per_batch=n, seed=0) as c:
+        return c.next()
+
+
+def rb_throughput(rb, batch, seconds: float = 3.0) -> tuple[float, float]:
+    """(extend frames/s, sample-256 samples/s) of a buffer with ``extend`` and ``sample``."""
+    for _ in range(3):
+        rb.extend(batch)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        rb.extend(batch)
+        n += batch.numel()
+    ext = n / (time.perf_counter() - t0)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        rb.sample(256)
+        n += 256
+    return ext, n / (time.perf_counter() - t0)
+
+
+def ours_start_rate(seconds: float, workers: int = 2) -> float:
+    from collectors import MultiaSyncDataCollector, RayReplayBuffer
+
+    rb = RayReplayBuffer(1_000_000, batch_size=256)
+    c = MultiaSyncDataCollector("CartPole-v1", mlp_policy(), num_workers=workers,
+                                frames_per_batch=1000, replay_buffer=rb)
+    c.start()
+    time.sleep(1.0)
+    w0, t0 = rb.write_count, time.perf_counter()
+    time.sleep(seconds)
+    rate = (rb.write_count - w0) / (time.perf_counter() - t0)
+    c.async_shutdown()
+    rb.shutdown()
+    return rate
+
+
+def torchrl_start_rate(seconds: float, workers: int = 2) -> float:
+    from torchrl.collectors import MultiAsyncCollector
+    from torchrl.data import LazyTensorStorage, ReplayBuffer
+
+    rb = ReplayBuffer(storage=LazyTensorStorage(1_000_000), batch_size=256)
+    c = MultiAsyncCollector([_light_factory] * workers, torchrl_policy(), frames_per_batch=1000,
+                            total_frames=-1, replay_buffer=rb)
+    c.start()
+    time.sleep(1.0)
+    w0, t0 = rb.write_count, time.perf_counter()
+    time.sleep(seconds)
+    rate = (rb.write_count - w0) / (time.perf_counter() - t0)
+    c.async_shutdown()
+    return rate
+
+
+def trainer_slowdown(seconds: float = 3.0) -> tuple[float, float]:
+    """Training steps/s (sample 256 + one SGD step of a 4-64-64-2 MLP) without and with
+    background collection (2 workers) into the same buffer."""
+    from collectors import MultiaSyncDataCollector, RayReplayBuffer
+
+    rb = RayReplayBuffer(200_000, batch_size=256, prefetch=True)
+    rb.extend(cartpole_batch(5000))
+    net = nn.Sequential(nn.Linear(4, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 2))
+    opt = torch.optim.Adam(net.parameters(), 1e-3)
+
+    def steps() -> float:
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            td = rb.sample()
+            loss = net(td["observation"]).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            n += 1
+        return n / (time.perf_counter() - t0)
+
+    alone = steps()
+    c = MultiaSyncDataCollector("CartPole-v1", mlp_policy(), num_workers=2,
+                                frames_per_batch=1000, replay_buffer=rb)
+    c.start()
+    time.sleep(0.5)
+    during = steps()
+    c.async_shutdown()
+    rb.shutdown()
+    return alone, during
+
+
+def run_buffer(seconds: float) -> None:
+    from collectors import RayReplayBuffer
+
+    print("\n## Replay buffers, CartPole batches of 1000 frames\n")
+    print("| buffer | extend frames/s | sample(256) samples/s |\n|---|---:|---:|")
+    batch = cartpole_batch()
+    ours = RayReplayBuffer(1_000_000)
+    e, smp = rb_throughput(ours, batch, seconds)
+    ours.shutdown()
+    print(f"| ours RayReplayBuffer (actor) | {e:,.0f} | {smp:,.0f} |", flush=True)
+    try:
+        from torchrl.data import LazyTensorStorage, ReplayBuffer
+        from torchrl.data import RayReplayBuffer as TorchRLRayReplayBuffer
+
+        local = ReplayBuffer(storage=LazyTensorStorage(1_000_000))
+        e, smp = rb_throughput(local, batch.reshape(-1), seconds)
+        print(f"| TorchRL ReplayBuffer(LazyTensorStorage), in process | {e:,.0f} | {smp:,.0f} |", flush=True)
+        remote = TorchRLRayReplayBuffer(storage=LazyTensorStorage(1_000_000))
+        e, smp = rb_throughput(remote, batch.reshape(-1), seconds)
+        print(f"| TorchRL RayReplayBuffer | {e:,.0f} | {smp:,.0f} |", flush=True)
+    except ImportError as exc:
+        print(f"  (TorchRL rows skipped: {exc})")
+    print("\n| end to end, 2 workers, MLP, fpb 1000 | frames/s into the buffer |\n|---|---:|")
+    ours_rate = ours_start_rate(seconds * 2)
+    print(f"| ours MultiaSyncDataCollector.start() -> RayReplayBuffer | {ours_rate:,.0f} |", flush=True)
+    trl = guarded(torchrl_start_rate, seconds * 2)
+    if trl:
+        print(f"| TorchRL MultiAsyncCollector.start() -> ReplayBuffer | {trl:,.0f} |")
+        print(f"\nratio: {ours_rate / trl:.2f}x TorchRL")
+    alone, during = trainer_slowdown(seconds)
+    print(f"\ntrainer (sample 256 + SGD step): {alone:,.0f} steps/s alone, {during:,.0f} steps/s "
+          f"while 2 workers collect into the buffer ({(1 - during / alone) * 100:.0f}% slower)")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["sync", "multi", "all"], default="all")
+    parser.add_argument("--part", choices=["sync", "multi", "buffer", "all"], default="all")
     parser.add_argument("--frames", type=int, default=30_000)
     parser.add_argument("--quick", action="store_true", help="few frames: a smoke run")
     args = parser.parse_args(argv)
@@ -202,6 +324,12 @@ def main(argv=None) -> None:
         run_sync(frames)
     if args.part in ("multi", "all"):
         run_multi(frames)
+    if args.part in ("buffer", "all"):
+        run_buffer(1.0 if args.quick else 3.0)
+    sys.stdout.flush()
+    # TorchRL's RayReplayBuffer and multiprocess collectors can leave non-daemon threads that
+    # keep the interpreter from exiting; everything of ours is shut down at this point.
+    os._exit(0)
 
 
 if __name__ == "__main__":
