@@ -170,6 +170,8 @@ class Driver:
         self._spawn(i, id_counter=stats["id_counter"] + self.margin, restarts=stats["restarts"])
 
     def _drop(self, i: int, reason: str, frames: int) -> None:
+        """Count frames produced (or in flight) but never delivered."""
+        self.per_worker[i]["frames"] += frames
         d = self.per_worker[i]["dropped"]
         d[reason] = d.get(reason, 0) + frames
 
@@ -200,7 +202,8 @@ class Driver:
             cause = type(exc.cause).__name__ if exc.cause is not None else ""
             if cause in FATAL_ERRORS or self.on_worker_error == "raise":
                 self.alive[i] = False
-                raise WorkerFailure(i, f"worker {i} of {self.name!r}: {exc}", cause) from None
+                raise WorkerFailure(i, f"worker {i} of {self.name!r} failed with {cause or 'an error'} "
+                                   f"(not retried):\n{exc}", cause) from None
             self._drop(i, "error", self.frames_per_worker_batch)
             self._replace(i, "error", str(exc))
             return None
@@ -330,8 +333,10 @@ class Driver:
                             break
                     time.sleep(0.005)
                 else:
+                    s = self.per_worker[meta["worker"]]
+                    s["delivered"] -= meta["frames"]
+                    s["frames"] -= meta["frames"]
                     self._drop(meta["worker"], "stopped", meta["frames"])
-                    self.per_worker[meta["worker"]]["delivered"] -= meta["frames"]
         except BaseException as exc:  # noqa: BLE001 - reported through is_running()/stats()
             self.bg_error = exc
             log.exception("background collection of %s stopped", self.name)

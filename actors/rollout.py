@@ -41,6 +41,10 @@ def _rebuild_env_error(message, env_index, seed, phase, tb):
     return err
 
 
+class EnvSpecError(ValueError):
+    """The env returned data that does not match its declared spaces (or is not finite)."""
+
+
 class EnvRestartsExhausted(RuntimeError):
     """An env kept failing: more restarts than allowed within the window."""
 
@@ -206,6 +210,8 @@ class Rollout:
         random_actions = random_actions or self.runner.kind == "random"
         runner = self.runner
         dtypes = {k: np.dtype(d) for k, (_, d) in self.spec["obs"].items()}
+        shapes = {k: tuple(s) for k, (s, _) in self.spec["obs"].items()}
+        shape0 = shapes[key0]
         act_shape, act_dtype = self.spec["outputs"][ACTION_KEY]
         int_action = act_shape == () and np.dtype(act_dtype).kind == "i"
         for i in range(n):
@@ -256,6 +262,12 @@ class Rollout:
                         self._env_failed(i, EnvStepError(i, self._seed_of(i), "step", exc))
                         o = {k: cur[k][i] for k in keys} if is_dict else cur[key0][i]
                         r, term, trunc = 0.0, False, True
+                    if is_dict:
+                        for k in keys:
+                            if getattr(o[k], "shape", ()) != shapes[k]:
+                                self._bad_obs(i, k, o[k])
+                    elif getattr(o, "shape", ()) != shape0:
+                        self._bad_obs(i, key0, o)
                     step_count[i] += 1
                     returns[i] += r
                     if max_steps and step_count[i] >= max_steps and not term:
@@ -318,6 +330,14 @@ class Rollout:
             _check_finite(buf)
         return buf
 
+    def _bad_obs(self, i: int, key: str, value) -> None:
+        shape, dtype = self.spec["obs"][key]
+        got = np.asarray(value)
+        raise EnvSpecError(
+            f"env {i} (worker slot {self.slot_offset + i}) returned observation {key!r} with "
+            f"shape {got.shape} and dtype {got.dtype}; its observation space says shape "
+            f"{tuple(shape)} and dtype {dtype}. Fix the env or its observation_space.")
+
     def _env_failed(self, i: int, err: EnvStepError) -> None:
         """Record a failed env, enforce the restart budget, and rebuild it (with backoff)."""
         if self.on_env_error == "raise":
@@ -373,4 +393,7 @@ class _no_grad:
 def _check_finite(buf: dict) -> None:
     for key, value in buf.items():
         if value.dtype.kind == "f" and not np.isfinite(value).all():
-            raise ValueError(f"non-finite values (NaN or inf) in {key!r}")
+            where = np.argwhere(~np.isfinite(value))[0].tolist()
+            raise EnvSpecError(
+                f"non-finite value (NaN or inf) in {key!r} at [env, step, ...] = {where}: "
+                f"expected finite numbers, got {value[tuple(where)]!r}.")

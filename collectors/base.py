@@ -14,7 +14,7 @@ from ray.exceptions import RayTaskError
 from actors.driver import Driver, WorkerFailure
 from collectors import validate
 from collectors.batch import assemble, mark_truncated, split_trajectories
-from collectors.errors import CollectorError
+from collectors.errors import CollectorError, ReplayBufferUnavailable
 from collectors.runtime import ensure_ray, kill_quietly as _kill_quietly, wait_dead as _wait_dead
 
 
@@ -25,6 +25,8 @@ def _ray_get(ref, timeout=None):
     except RayTaskError as exc:
         cause = exc.cause
         if isinstance(cause, WorkerFailure):
+            if cause.kind == "buffer":
+                raise ReplayBufferUnavailable(str(cause)) from None
             raise CollectorError(str(cause), worker=cause.worker) from None
         raise
 

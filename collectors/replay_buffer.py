@@ -6,7 +6,7 @@ import time
 import uuid
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import ActorUnavailableError, RayActorError
 
 from actors.buffer import ReplayBufferActor, RateLimiter
 from actors.samplers import SAMPLERS
@@ -101,17 +101,26 @@ class RayReplayBuffer:
         return (_rebuild, (self.actor, self.name, self.batch_size, self.timeout_s))
 
     def _call(self, method: str, *args, timeout: float | None = None, **kwargs):
-        try:
-            return ray.get(getattr(self.actor, method).remote(*args, **kwargs),
-                           timeout=timeout or self.timeout_s + 5)
-        except RayActorError as exc:
-            raise ReplayBufferUnavailable(
-                f"replay buffer {self.name!r} is gone ({exc.__class__.__name__}); configure "
-                "checkpoint_dir for restarts.") from None
-        except ray.exceptions.RayTaskError as exc:
-            if isinstance(exc.cause, (TimeoutError, ValueError, TypeError, FileNotFoundError)):
-                raise exc.cause from None
-            raise
+        """Call the actor; while it restarts (from its checkpoint), retry until the timeout."""
+        deadline = time.monotonic() + (timeout or self.timeout_s + 5)
+        while True:
+            try:
+                return ray.get(getattr(self.actor, method).remote(*args, **kwargs),
+                               timeout=max(0.1, deadline - time.monotonic()))
+            except ActorUnavailableError:
+                if time.monotonic() >= deadline:
+                    raise ReplayBufferUnavailable(
+                        f"replay buffer {self.name!r} did not come back within the timeout.") from None
+                time.sleep(0.2)
+                continue
+            except RayActorError as exc:
+                raise ReplayBufferUnavailable(
+                    f"replay buffer {self.name!r} is gone ({exc.__class__.__name__}); configure "
+                    "checkpoint_dir for restarts.") from None
+            except ray.exceptions.RayTaskError as exc:
+                if isinstance(exc.cause, (TimeoutError, ValueError, TypeError, FileNotFoundError)):
+                    raise exc.cause from None
+                raise
 
     # -- data --------------------------------------------------------------------------------
     def extend(self, td, batch_id=None) -> int:

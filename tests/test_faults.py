@@ -1,0 +1,259 @@
+"""Fault injection: env errors, crashed and hung workers, persistent failures, bad output,
+policy bugs, a dying replay buffer, a dying trainer, bounded shutdown, exact accounting."""
+import functools
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import ray
+import torch
+from torch import nn
+
+from collectors import (CollectorError, MultiaSyncDataCollector, MultiSyncDataCollector,
+                        RayReplayBuffer, ReplayBufferUnavailable, SyncDataCollector)
+from collectors.policies import ArgmaxLayer
+from collectors.testing import counting_env, faulty_counting_env, kill_worker
+from conftest import alive_actor_names
+
+
+def invariant(stats):
+    for p in stats["per_worker"]:
+        assert p["frames"] == p["delivered"] + sum(p["dropped"].values()), p
+
+
+def test_env_step_raises_env_rebuilt_episode_cut():
+    env = functools.partial(faulty_counting_env, "raise_step", [1], 5, 1)
+    with MultiSyncDataCollector(env, num_workers=2, frames_per_batch=40, total_frames=80) as c:
+        batches = list(c)
+        stats = c.stats()
+    assert [b.numel() for b in batches] == [40, 40]
+    assert stats["env_errors"] == 1 and stats["per_worker"][1]["env_errors"] == 1
+    assert stats["restarts"] == 0
+    w1 = torch.cat([b[1] for b in batches])
+    # the failing step (the 5th) is the truncated end of its episode; a new trajectory follows
+    assert w1["next", "truncated"][4].item() and w1["next", "done"][4].item()
+    assert w1["collector", "traj_ids"][5] > w1["collector", "traj_ids"][4]
+    assert w1["observation"][5].item() == 0.0  # fresh env, fresh episode
+    assert not w1["next", "truncated"][torch.arange(40) != 4].any()
+    invariant(stats)
+
+
+def test_worker_process_dies_is_replaced_with_current_weights():
+    policy = nn.Sequential(nn.Linear(1, 2), ArgmaxLayer())
+    env = functools.partial(faulty_counting_env, "exit", [0], 15, 1)
+    with MultiSyncDataCollector(env, policy, num_workers=2, frames_per_batch=20, total_frames=60,
+                                name="dies") as c:
+        c.update_policy_weights_()  # version 1 before the crash
+        batches = list(c)
+        stats = c.stats()
+        assert sorted(alive_actor_names("dies/")) == ["dies/driver", "dies/env-worker-0-r1",
+                                                      "dies/env-worker-1"]
+    assert len(batches) == 3 and all(b.numel() == 20 for b in batches)
+    assert stats["restarts"] == 1
+    assert stats["per_worker"][0]["dropped"] == {"worker_died": 10}
+    assert all((b["collector", "policy_version"] == 1).all() for b in batches)
+    ids = torch.cat([b["collector", "traj_ids"].flatten() for b in batches])
+    w0 = torch.cat([b["collector", "traj_ids"][0] for b in batches])
+    assert len(set(w0.tolist()) & set(torch.cat([b["collector", "traj_ids"][1] for b in batches]).tolist())) == 0
+    assert ids.numel() == 60
+    invariant(stats)
+
+
+def test_sigkill_of_a_worker_mid_run():
+    with MultiaSyncDataCollector(counting_env, num_workers=2, frames_per_batch=50,
+                                 total_frames=500) as c:
+        it = iter(c)
+        next(it)
+        pid = c.worker_info[1]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        rest = list(it)
+        stats = c.stats()
+    assert sum(b.numel() for b in rest) == 450
+    assert stats["restarts"] == 1
+    invariant(stats)
+
+
+def test_hung_worker_times_out_and_is_replaced():
+    env = functools.partial(faulty_counting_env, "hang_step", [1], 3, 1)
+    t0 = time.time()
+    with MultiSyncDataCollector(env, num_workers=2, frames_per_batch=20, total_frames=40,
+                                sample_timeout_s=2.0) as c:
+        batches = list(c)
+        stats = c.stats()
+    assert len(batches) == 2 and all(b.numel() == 20 for b in batches)
+    assert stats["per_worker"][1]["timeouts"] == 1 and stats["restarts"] == 1
+    assert time.time() - t0 < 30
+    invariant(stats)
+
+
+def test_persistent_env_failure_raises_within_bound():
+    env = functools.partial(faulty_counting_env, "raise_step", [0], 1, float("inf"))
+    c = MultiSyncDataCollector(env, num_workers=2, frames_per_batch=20, max_restarts=2,
+                               restart_backoff_s=0.05, name="persistent")
+    t0 = time.time()
+    with pytest.raises(CollectorError) as info:
+        c.next()
+    assert time.time() - t0 < 30
+    msg = str(info.value)
+    assert "worker 0" in msg and "max_restarts=2" in msg and "injected fault" in msg
+    assert "testing.py" in msg  # the traceback of the last error
+    assert info.value.worker == 0
+    c.shutdown()
+
+
+def test_persistent_crash_raises_collector_error():
+    env = functools.partial(faulty_counting_env, "exit", [1], 2, float("inf"))
+    c = MultiSyncDataCollector(env, num_workers=2, frames_per_batch=20, max_restarts=1)
+    with pytest.raises(CollectorError, match="worker 1"):
+        for _ in range(5):
+            c.next()
+    c.shutdown()
+
+
+def test_fail_fast_mode():
+    env = functools.partial(faulty_counting_env, "raise_step", [0], 2, 1)
+    c = SyncDataCollector(env, frames_per_batch=10, on_worker_error="raise", name="failfast")
+    with pytest.raises(CollectorError, match="injected fault"):
+        list(zip(range(3), c))
+    assert alive_actor_names("failfast/") == []  # iteration that raises shuts down
+
+
+def test_policy_error_fails_fast_with_traceback():
+    calls = {"n": 0}
+
+    class Flaky(nn.Module):
+        def forward(self, x):
+            if x.shape[0] == 1 and x[0, 0] >= 3:
+                raise RuntimeError("policy bug at obs 3")
+            return torch.zeros(x.shape[0], dtype=torch.int64)
+
+    c = SyncDataCollector(counting_env, Flaky(), frames_per_batch=10)
+    t0 = time.time()
+    with pytest.raises(CollectorError, match="policy bug at obs 3") as info:
+        c.next()
+    assert "PolicyError" in str(info.value) and time.time() - t0 < 10
+    assert c.stats()["restarts"] == 0
+    c.shutdown()
+    del calls
+
+
+def test_bad_observation_shape_is_a_clear_error():
+    env = functools.partial(faulty_counting_env, "bad_shape", [0], 3, 1)
+    c = SyncDataCollector(env, frames_per_batch=10)
+    with pytest.raises(CollectorError, match=r"shape \(2,\).*shape \(1,\)"):
+        c.next()
+    c.shutdown()
+
+
+def test_nan_observation_with_check_finite():
+    env = functools.partial(faulty_counting_env, "nan", [0], 3, 1)
+    rb = RayReplayBuffer(1000)
+    c = SyncDataCollector(env, frames_per_batch=10, check_finite=True, replay_buffer=rb)
+    with pytest.raises(CollectorError, match="non-finite"):
+        c.next()
+    assert len(rb) == 0  # malformed data never reaches the buffer
+    c.shutdown()
+    rb.shutdown()
+
+
+def test_bounded_shutdown_with_hung_worker():
+    env = functools.partial(faulty_counting_env, "hang_step", [0], 2, 1)
+    c = MultiaSyncDataCollector(env, num_workers=2, frames_per_batch=10, name="hung-down")
+    c.next()  # worker 1 delivers; worker 0 hangs
+    t0 = time.time()
+    c.shutdown(timeout=3)
+    assert time.time() - t0 < 3 + 3
+    c.shutdown(timeout=3)
+    assert alive_actor_names("hung-down/") == []
+
+
+def test_buffer_restart_from_checkpoint_no_duplicates(tmp_path):
+    rb = RayReplayBuffer(100_000, checkpoint_dir=str(tmp_path / "rb"), checkpoint_every=1,
+                         name="rb-restart")
+    c = MultiaSyncDataCollector(counting_env, num_workers=2, frames_per_batch=100,
+                                replay_buffer=rb)
+    c.start()
+    time.sleep(1.0)
+    pid = rb.info()["pid"]
+    os.kill(pid, signal.SIGKILL)
+    time.sleep(2.0)
+    c.async_shutdown()
+    stats = c.stats()
+    ids = rb.batch_ids()
+    assert len(ids) == len(set(map(tuple, ids)))
+    assert sorted(map(tuple, stats["written_batch_ids"])) == sorted(map(tuple, ids))
+    assert rb.write_count == stats["frames"] == len(ids) * 100
+    assert rb.info()["restored_from"] is not None
+    invariant(stats)
+    rb.shutdown()
+
+
+def test_buffer_gone_for_good_is_a_clear_error():
+    rb = RayReplayBuffer(1000)
+    c = SyncDataCollector(counting_env, frames_per_batch=10, replay_buffer=rb, write_timeout_s=2)
+    c.next()
+    rb.shutdown()
+    t0 = time.time()
+    with pytest.raises(ReplayBufferUnavailable, match="write_timeout_s=2"):
+        c.next()
+    assert time.time() - t0 < 10
+    c.shutdown()
+
+
+def test_trainer_death_takes_every_actor_with_it(tmp_path):
+    address = ray.get_runtime_context().gcs_address
+    script = textwrap.dedent(f"""
+        import sys, time, ray
+        sys.path.insert(0, {os.getcwd()!r})
+        ray.init(address={address!r})
+        from collectors import MultiSyncDataCollector
+        c = MultiSyncDataCollector("CartPole-v1", num_workers=2, frames_per_batch=20, name="orphan-check")
+        c.next()
+        print("READY", flush=True)
+        time.sleep(600)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "READY"
+        assert len(alive_actor_names("orphan-check/")) == 3
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        deadline = time.time() + 60
+        while alive_actor_names("orphan-check/") and time.time() < deadline:
+            time.sleep(0.5)
+        assert alive_actor_names("orphan-check/") == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_chaos_kills_workers_and_buffer(tmp_path):
+    rb = RayReplayBuffer(20_000, checkpoint_dir=str(tmp_path / "chaos"), checkpoint_every=1)
+    c = MultiaSyncDataCollector(counting_env, num_workers=4, frames_per_batch=50, replay_buffer=rb,
+                                max_restarts=10)
+    c.start()
+    for k in (0, 2, 3):
+        time.sleep(0.7)
+        kill_worker(c, k)
+    time.sleep(0.7)
+    os.kill(rb.info()["pid"], signal.SIGKILL)  # restarts from its checkpoint in a few seconds
+    deadline = time.time() + 30
+    while time.time() < deadline and rb.info()["restored_from"] is None:
+        time.sleep(0.5)
+    time.sleep(1.0)
+    assert c.background_error() is None
+    c.async_shutdown()
+    stats = c.stats()
+    ids = [tuple(i) for i in rb.batch_ids()]
+    assert len(ids) == len(set(ids))
+    assert sorted(map(tuple, stats["written_batch_ids"])) == sorted(ids)
+    assert rb.write_count == stats["frames"]
+    assert stats["restarts"] >= 2  # kills that land while a write is being resent count as cancelled
+    assert stats["lost_frames"] >= 100
+    assert rb.info()["restored_from"] is not None
+    invariant(stats)
+    rb.shutdown()
