@@ -130,6 +130,7 @@ class DataCollectorBase:
             "max_restarts": max_restarts, "restart_window_s": restart_window_s,
             "restart_backoff_s": restart_backoff_s,
         }
+        check_feasible(options, num_workers, cls_name)
         try:
             config_ref = ray.put(worker_config)
         except Exception as exc:
@@ -436,3 +437,28 @@ class DataCollectorBase:
         return (f"{type(self).__name__}(name={self.name!r}, frames_per_batch="
                 f"{self.frames_per_batch}, total_frames={self.total_frames}, "
                 f"num_workers={self.num_workers}, num_envs={self.num_envs})")
+
+
+def check_feasible(options: dict, num_workers: int, who: str) -> None:
+    """Reject at once a worker request that no node, or the whole cluster, can hold.
+
+    (A request that fits the totals but cannot be placed still fails, after
+    ``startup_timeout_s`` or the placement timeout, instead of pending forever.)
+    """
+    need = {"CPU": float(options.get("num_cpus", 0) or 0), "GPU": float(options.get("num_gpus", 0) or 0)}
+    need.update({k: float(v) for k, v in (options.get("resources") or {}).items()})
+    need = {k: v for k, v in need.items() if v > 0}
+    if not need:
+        return
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    if not any(all(node.get(k, 0) >= v for k, v in need.items()) for node in nodes):
+        raise ValueError(
+            f"{who}: each env worker asks for {need}, but no node has that much "
+            f"(nodes: {[{k: node.get(k, 0) for k in need} for node in nodes]}). Lower "
+            "num_cpus/num_gpus/resources (or resources.env_worker in the config).")
+    total = {k: sum(node.get(k, 0) for node in nodes) for k in need}
+    short = {k: v * num_workers for k, v in need.items() if v * num_workers > total[k] + 1e-9}
+    if short:
+        raise ValueError(
+            f"{who}: {num_workers} env workers need {short} in all, but the cluster has "
+            f"{ {k: total[k] for k in short} }. Use fewer workers or smaller requests.")

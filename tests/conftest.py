@@ -1,7 +1,17 @@
 import os
+import socket
 
 import pytest
 import ray
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+METRICS_PORT = free_port()
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -10,8 +20,8 @@ def ray_session():
     started = False
     if not ray.is_initialized():
         ray.init(num_cpus=8, include_dashboard=True, dashboard_host="127.0.0.1",
-                 _metrics_export_port=int(os.environ.get("RAY_COLLECTORS_TEST_METRICS_PORT", "0")) or None,
-                 log_to_driver=False)
+                 _metrics_export_port=METRICS_PORT, log_to_driver=False,
+                 _system_config={"metrics_report_interval_ms": 1000})
         started = True
     yield
     if started:
