@@ -1,0 +1,118 @@
+"""Laptop to cluster: a multi-node ray.cluster_utils.Cluster, and a cluster started with
+`ray start`. Each runs in its own process so the test session's Ray is left alone."""
+import os
+import shutil
+import tempfile
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_script(body: str, timeout: float = 240) -> str:
+    script = "import sys\nsys.path.insert(0, %r)\n" % ROOT + textwrap.dedent(body)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=timeout, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout
+
+
+def test_cluster_config_spreads_workers_over_nodes():
+    out = run_script("""
+        import ray, torch
+        from ray.cluster_utils import Cluster
+        from ray.util.state import list_actors
+        from collectors import MultiSyncDataCollector
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0,
+            "dashboard_host": "127.0.0.1", "dashboard_port": DASH_PORT})
+        nodes = [cluster.add_node(num_cpus=1), cluster.add_node(num_cpus=1)]
+        ray.init(address=cluster.address)
+        try:
+            c = MultiSyncDataCollector("CartPole-v1", num_workers=4, frames_per_batch=40,
+                                       config="configs/cluster.yaml", name="spread")
+            b = c.next()
+            assert b.batch_size == torch.Size([4, 10]), b.batch_size
+            actors = [a for a in list_actors(filters=[("state", "=", "ALIVE")])
+                      if a.name and a.name.startswith("spread/env-worker")]
+            node_ids = {a.node_id for a in actors}
+            print("NODES", len(node_ids), len(actors))
+            assert len(node_ids) == 2 and len(actors) == 4
+            c.shutdown(timeout=5)
+            # a node is lost: the same script still runs on what is left
+            cluster.remove_node(nodes[1])
+            c2 = MultiSyncDataCollector("CartPole-v1", num_workers=2, frames_per_batch=20,
+                                        num_cpus=0.25, name="after-loss")
+            print("AFTER", c2.next().numel())
+            c2.shutdown()
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
+    """.replace("DASH_PORT", str(free_port())))
+    assert "NODES 2 4" in out and "AFTER 20" in out
+
+
+def test_cluster_started_with_ray_start():
+    port = free_port()
+    temp_dir = tempfile.mkdtemp(prefix="rc-", dir="/tmp")  # short: Ray's socket paths are limited
+    # token authentication stays on: clients of an existing cluster send the token
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token")
+    head = subprocess.Popen(
+        ["ray", "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
+         "--num-cpus=1", "--include-dashboard=false", f"--temp-dir={temp_dir}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    started = [head]
+    try:
+        address = f"127.0.0.1:{port}"
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            probe = subprocess.run(["ray", "status", f"--address={address}"], capture_output=True, env=env)
+            if probe.returncode == 0:
+                break
+            time.sleep(1)
+        worker = subprocess.Popen(
+            ["ray", "start", "--block", f"--address={address}", "--node-ip-address=127.0.0.1",
+             "--num-cpus=2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        started.append(worker)
+        time.sleep(5)
+        out = subprocess.run(
+            [sys.executable, "-m", "collectors", "run", "configs/cartpole.yaml", "--deploy",
+             "configs/cluster.yaml", "--address", address, "--total-frames", "8000", "--quiet"],
+            capture_output=True, text=True, timeout=240, cwd=ROOT, env=env)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+        assert "8,000" in out.stdout
+    finally:
+        pids = []
+        for proc in started:
+            try:
+                pids += [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
+            except psutil.NoSuchProcess:
+                pass
+            proc.send_signal(signal.SIGTERM)
+        for proc in started:
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        deadline = time.time() + 30
+        while time.time() < deadline and any(psutil.pid_exists(p) and
+                                             psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+                                             for p in pids):
+            time.sleep(0.5)
+        left = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        for p in left:  # only what this test started
+            os.kill(p, signal.SIGKILL)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        assert not left, f"processes left by ray start: {left}"
