@@ -386,6 +386,7 @@ class DataCollectorBase:
             "workers_alive": driver.get("workers_alive", 0),
             "episodes": sum(p.get("episodes", 0) for p in per),
             "mean_return": (sum(returns) / len(returns)) if returns else float("nan"),
+            "recent_returns": list(returns),
             "restarts": sum(p.get("restarts", 0) for p in per),
             "env_errors": sum(p.get("env_errors", 0) for p in per),
             "lost_frames": sum(sum(p.get("dropped", {}).values()) for p in per),

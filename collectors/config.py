@@ -67,7 +67,8 @@ class DeploymentConfig(_Strict):
     ray: RayInit = Field(default_factory=RayInit)
     resources: Resources = Field(default_factory=Resources)
     placement: Placement = Field(default_factory=Placement)
-    job: Optional[dict] = None  # an example job (env, policy, collector, frames); see run_job
+    job: Optional[dict] = None  # an example job (env, policy, collector, frames); see cli
+    train: Optional[dict] = None  # hyperparameters of the training examples in scripts/
 
     @field_validator("job")
     @classmethod
