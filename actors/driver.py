@@ -129,19 +129,23 @@ class Driver:
                     f"placed within {timeout:g}s: no set of nodes has those resources. Lower "
                     "resources.env_worker or num_workers, or add nodes.")
         refs = [w.ready.remote() for w in self.workers]
-        try:
-            infos = ray.get(refs, timeout=self.startup_timeout_s)
-        except GetTimeoutError:
-            pending = [i for i, r in enumerate(refs) if not ray.wait([r], timeout=0)[0]]
-            self.shutdown()
-            raise TimeoutError(
-                f"env workers {pending} of {self.name!r} did not start within "
-                f"{self.startup_timeout_s:g}s; their resource request {self.options} may not fit "
-                "any node (check ray.available_resources()), or env creation hangs."
-            ) from None
-        except RayTaskError as exc:
-            self.shutdown()
-            raise RuntimeError(f"an env worker of {self.name!r} failed to start: {exc}") from None
+        deadline = time.monotonic() + self.startup_timeout_s
+        infos = []
+        for i, ref in enumerate(refs):
+            try:
+                infos.append(ray.get(ref, timeout=max(0.0, deadline - time.monotonic())))
+            except GetTimeoutError:
+                pending = [j for j, r in enumerate(refs[i:], i) if not ray.wait([r], timeout=0)[0]]
+                self.shutdown()
+                raise TimeoutError(
+                    f"env workers {pending} of {self.name!r} did not start within "
+                    f"{self.startup_timeout_s:g}s; their resource request {self.options} may not "
+                    "fit any node (check ray.available_resources()), or env creation hangs."
+                ) from None
+            except (RayTaskError, RayActorError) as exc:
+                self.shutdown()
+                raise WorkerFailure(i, f"env worker {i} of {self.name!r} failed to start (building "
+                                       f"its envs or unpickling the policy):\n{exc}", "init") from None
         self.info = infos
         return infos
 

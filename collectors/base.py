@@ -14,7 +14,7 @@ from ray.exceptions import RayTaskError
 from actors.driver import Driver, WorkerFailure
 from collectors import validate
 from collectors.batch import assemble, mark_truncated, split_trajectories
-from collectors.errors import CollectorError, ReplayBufferUnavailable
+from collectors.errors import CollectorError, EnvCreationError, ReplayBufferUnavailable
 from collectors.runtime import ensure_ray, kill_quietly as _kill_quietly, wait_dead as _wait_dead
 
 
@@ -27,6 +27,8 @@ def _ray_get(ref, timeout=None):
         if isinstance(cause, WorkerFailure):
             if cause.kind == "buffer":
                 raise ReplayBufferUnavailable(str(cause)) from None
+            if cause.kind == "init":
+                raise EnvCreationError(str(cause)) from None
             raise CollectorError(str(cause), worker=cause.worker) from None
         raise
 

@@ -257,3 +257,14 @@ def test_chaos_kills_workers_and_buffer(tmp_path):
     assert rb.info()["restored_from"] is not None
     invariant(stats)
     rb.shutdown()
+
+
+def test_env_factory_failing_in_one_worker_is_an_env_creation_error():
+    from collectors import EnvCreationError
+
+    env = functools.partial(faulty_counting_env, "raise_init", [1], 0, 1)
+    t0 = time.time()
+    with pytest.raises(EnvCreationError, match="env worker 1"):
+        MultiSyncDataCollector(env, num_workers=2, frames_per_batch=10, name="init-fails")
+    assert time.time() - t0 < 30
+    assert alive_actor_names("init-fails/") == []
