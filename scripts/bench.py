@@ -157,9 +157,10 @@ def run_sync(frames: int) -> None:
     row("raw gymnasium loop + per-step MLP", raw)
     trl = guarded(torchrl_sync, frames, 1000)
     row("TorchRL Collector (fpb 1000)", trl)
-    ours1 = ours_sync(frames, 1000, 1)
-    ratio = f"{ours1 / raw:.2f}x raw" + (f", {ours1 / trl:.1f}x TorchRL" if trl else "")
-    row("ours SyncDataCollector, num_envs=1 (fpb 1000)", ours1, ratio)
+    for fpb in (1000, 4000):
+        ours1 = ours_sync(frames, fpb, 1)
+        ratio = f"{ours1 / raw:.2f}x raw" + (f", {ours1 / trl:.1f}x TorchRL" if trl else "")
+        row(f"ours SyncDataCollector, num_envs=1 (fpb {fpb})", ours1, ratio)
     ours8 = ours_sync(frames * 4, 4000, 8)
     row("ours SyncDataCollector, num_envs=8 (fpb 4000)", ours8,
         f"{ours8 / trl:.1f}x TorchRL" if trl else "")
