@@ -212,18 +212,24 @@ def rb_throughput(rb, batch, seconds: float = 3.0) -> tuple[float, float]:
     return ext, n / (time.perf_counter() - t0)
 
 
+def write_rate(collector, rb, seconds: float) -> float:
+    """Frames/s that ``collector.start()`` writes into ``rb`` (after a 1 s warm-up)."""
+    collector.start()
+    time.sleep(1.0)
+    w0, t0 = rb.write_count, time.perf_counter()
+    time.sleep(seconds)
+    rate = (rb.write_count - w0) / (time.perf_counter() - t0)
+    collector.async_shutdown()
+    return rate
+
+
 def ours_start_rate(seconds: float, workers: int = 2) -> float:
     from collectors import MultiaSyncDataCollector, RayReplayBuffer
 
     rb = RayReplayBuffer(1_000_000, batch_size=256)
     c = MultiaSyncDataCollector("CartPole-v1", mlp_policy(), num_workers=workers,
                                 frames_per_batch=1000, replay_buffer=rb)
-    c.start()
-    time.sleep(1.0)
-    w0, t0 = rb.write_count, time.perf_counter()
-    time.sleep(seconds)
-    rate = (rb.write_count - w0) / (time.perf_counter() - t0)
-    c.async_shutdown()
+    rate = write_rate(c, rb, seconds)
     rb.shutdown()
     return rate
 
@@ -235,13 +241,7 @@ def torchrl_start_rate(seconds: float, workers: int = 2) -> float:
     rb = ReplayBuffer(storage=LazyTensorStorage(1_000_000), batch_size=256)
     c = MultiAsyncCollector([_light_factory] * workers, torchrl_policy(), frames_per_batch=1000,
                             total_frames=-1, replay_buffer=rb)
-    c.start()
-    time.sleep(1.0)
-    w0, t0 = rb.write_count, time.perf_counter()
-    time.sleep(seconds)
-    rate = (rb.write_count - w0) / (time.perf_counter() - t0)
-    c.async_shutdown()
-    return rate
+    return write_rate(c, rb, seconds)
 
 
 def trainer_slowdown(seconds: float = 3.0) -> tuple[float, float]:

@@ -24,6 +24,17 @@ from collectors.policies import ArgmaxLayer  # noqa: E402
 from collectors.testing import counting_env  # noqa: E402
 
 
+def batches_per_s(collector, seconds: float) -> float:
+    """Batches per second yielded by ``collector`` over ``seconds`` (after one warm-up batch)."""
+    it = iter(collector)
+    next(it)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        next(it)
+        n += 1
+    return n / (time.perf_counter() - t0)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workers", type=int, default=64)
@@ -42,15 +53,9 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     c = MultiSyncDataCollector(counting_env, policy, **common)
     print(f"start all actors (first collector): {time.perf_counter() - t0:.1f} s")
-    it = iter(c)
-    next(it)
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < args.seconds:
-        next(it)
-        n += 1
-    dt = time.perf_counter() - t0
-    print(f"sync rounds: {n / dt:.1f} rounds/s = {n * w / dt:.0f} worker batches/s "
-          f"({n * w * args.steps / dt:,.0f} frames/s)")
+    rate = batches_per_s(c, args.seconds)
+    print(f"sync rounds: {rate:.1f} rounds/s = {rate * w:.0f} worker batches/s "
+          f"({rate * w * args.steps:,.0f} frames/s)")
     times = []
     for _ in range(5):
         t1 = time.perf_counter()
@@ -69,14 +74,8 @@ def main(argv=None) -> None:
     print(f"weight broadcast of {mb:.1f} MB to {w} actors: {(time.perf_counter() - t1) * 1000:.0f} ms")
     c.shutdown()
     c = MultiaSyncDataCollector(counting_env, policy, **common)
-    it = iter(c)
-    next(it)
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < args.seconds:
-        next(it)
-        n += 1
-    dt = time.perf_counter() - t0
-    print(f"async: {n / dt:.0f} batches/s through the driver ({n * args.steps / dt:,.0f} frames/s)")
+    rate = batches_per_s(c, args.seconds)
+    print(f"async: {rate:.0f} batches/s through the driver ({rate * args.steps:,.0f} frames/s)")
     c.shutdown()
 
 

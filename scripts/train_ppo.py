@@ -7,7 +7,6 @@ Writes OUT/curve.csv (frames,seconds,mean_return) and OUT/curve.png.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -20,8 +19,7 @@ from tensordict.nn import TensorDictModule  # noqa: E402
 from torch import nn  # noqa: E402
 
 from collectors import MultiSyncDataCollector  # noqa: E402
-from collectors.config import load_config  # noqa: E402
-from curves import write_curve  # noqa: E402
+from curves import example_args, write_curve  # noqa: E402
 
 
 class Actor(nn.Module):
@@ -57,15 +55,7 @@ def gae(batch, value_fn, gamma: float, lam: float):
 
 
 def main(argv=None) -> float:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True)
-    p.add_argument("--config", default="configs/ppo_cartpole.yaml")
-    p.add_argument("--deploy", default=None, help="deployment config, e.g. configs/cluster.yaml")
-    p.add_argument("--total-frames", type=int, default=None)
-    args = p.parse_args(argv)
-    cfg = load_config(args.config)
-    if args.deploy:
-        cfg = load_config(args.deploy).model_copy(update={"job": cfg.job, "train": cfg.train})
+    args, cfg = example_args(__doc__, "configs/ppo_cartpole.yaml", argv, total_frames="frames to collect")
     job, hp = cfg.job, cfg.train
     total = args.total_frames or job["total_frames"]
     torch.manual_seed(job.get("seed", 0))

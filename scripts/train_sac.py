@@ -10,7 +10,6 @@ it samples. Writes OUT/curve.csv (frames,seconds,mean_return) and OUT/curve.png.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import sys
@@ -25,8 +24,7 @@ from tensordict.nn import TensorDictModule  # noqa: E402
 from torch import nn  # noqa: E402
 
 from collectors import RayReplayBuffer, aSyncDataCollector  # noqa: E402
-from collectors.config import load_config  # noqa: E402
-from curves import write_curve  # noqa: E402
+from curves import example_args, write_curve  # noqa: E402
 
 MAX_ACTION = 2.0
 
@@ -55,15 +53,7 @@ class Actor(nn.Module):
 
 
 def main(argv=None) -> float:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True)
-    p.add_argument("--config", default="configs/sac_pendulum.yaml")
-    p.add_argument("--deploy", default=None)
-    p.add_argument("--updates", type=int, default=None)
-    args = p.parse_args(argv)
-    cfg = load_config(args.config)
-    if args.deploy:
-        cfg = load_config(args.deploy).model_copy(update={"job": cfg.job, "train": cfg.train})
+    args, cfg = example_args(__doc__, "configs/sac_pendulum.yaml", argv, updates="learner updates")
     job, hp = cfg.job, cfg.train
     updates = args.updates or hp["updates"]
     torch.manual_seed(job.get("seed", 0))
