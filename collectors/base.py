@@ -14,6 +14,7 @@ from ray.exceptions import RayTaskError
 from actors.driver import Driver, WorkerFailure
 from collectors import validate
 from collectors.batch import assemble, mark_truncated, split_trajectories
+from collectors.shipping import ship_by_value
 from collectors.errors import CollectorError, EnvCreationError, ReplayBufferUnavailable
 from collectors.runtime import ensure_ray, kill_quietly as _kill_quietly, wait_dead as _wait_dead
 
@@ -133,6 +134,7 @@ class DataCollectorBase:
             "restart_backoff_s": restart_backoff_s,
         }
         check_feasible(options, num_workers, cls_name)
+        ship_by_value(create_env_fn, create_env_kwargs, policy)
         try:
             config_ref = ray.put(worker_config)
         except Exception as exc:

@@ -86,7 +86,8 @@ class DeploymentConfig(_Strict):
     def ray_init_kwargs(self) -> dict:
         address = os.environ.get("RAY_COLLECTORS_ADDRESS") or self.ray.address
         return {"address": address, "num_cpus": self.ray.num_cpus,
-                "runtime_env": self.ray.runtime_env, "dashboard_port": self.ray.dashboard_port}
+                "runtime_env": _resolve_runtime_env(self.ray.runtime_env),
+                "dashboard_port": self.ray.dashboard_port}
 
     def worker_options(self, num_cpus=None, num_gpus=None, resources=None) -> dict:
         opts = self.resources.env_worker.options()
@@ -105,6 +106,16 @@ class DeploymentConfig(_Strict):
 
     def placement_options(self, num_workers: int, worker_options: dict) -> dict:
         return {"strategy": self.placement.strategy, "timeout_s": self.placement.timeout_s}
+
+
+def _resolve_runtime_env(env: dict | None) -> dict | None:
+    """``py_modules: [collectors, actors]`` names our packages wherever they are installed."""
+    if not env or "py_modules" not in env:
+        return env
+    ours = {"collectors": CONFIG_DIR.parent / "collectors", "actors": CONFIG_DIR.parent / "actors"}
+    env = dict(env)
+    env["py_modules"] = [str(ours[m]) if m in ours else m for m in env["py_modules"]]
+    return env
 
 
 def load_config(config=None) -> DeploymentConfig:

@@ -19,11 +19,7 @@ def ray_session():
     """One local Ray for the whole test session, with logical CPUs so 4-8 actors fit."""
     started = False
     if not ray.is_initialized():
-        # workers can import what the tests define (policies, envs) like any user module
-        here = os.path.dirname(os.path.abspath(__file__))
-        path = os.pathsep.join([here, os.path.dirname(here), os.environ.get("PYTHONPATH", "")])
         ray.init(num_cpus=8, include_dashboard=True, dashboard_host="127.0.0.1",
-                 runtime_env={"env_vars": {"PYTHONPATH": path.rstrip(os.pathsep)}},
                  _metrics_export_port=METRICS_PORT, log_to_driver=False,
                  _system_config={"metrics_report_interval_ms": 1000})
         started = True
