@@ -46,6 +46,8 @@ class EnvWorker:
         self._collecting = None
         self.frames = 0
         self.episodes = 0
+        if config.get("nice"):
+            os.nice(int(config["nice"]))  # background work: the trainer keeps its CPU share
         if config["policy_kind"] != "random":
             import torch
 

@@ -56,7 +56,8 @@ class DataCollectorBase:
                  restart_window_s: float = 60.0, restart_backoff_s: float = 0.0,
                  on_worker_error: str = "restart", check_finite: bool = False,
                  prefetch: int = 1, num_cpus: float | None = None, num_gpus: float | None = None,
-                 resources: dict | None = None, write_timeout_s: float = 30.0, **kwargs):
+                 resources: dict | None = None, write_timeout_s: float = 30.0,
+                 worker_nice: int = 0, **kwargs):
         cls_name = type(self).__name__
         validate.reject_unsupported(kwargs, cls_name)
         # -- validate everything before building anything --------------------------------
@@ -131,7 +132,7 @@ class DataCollectorBase:
             "num_workers": num_workers, "max_frames_per_traj": max_frames_per_traj,
             "check_finite": check_finite, "on_env_error": on_worker_error,
             "max_restarts": max_restarts, "restart_window_s": restart_window_s,
-            "restart_backoff_s": restart_backoff_s,
+            "restart_backoff_s": restart_backoff_s, "nice": worker_nice,
         }
         check_feasible(options, num_workers, cls_name)
         ship_by_value(create_env_fn, create_env_kwargs, policy)

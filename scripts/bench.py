@@ -244,9 +244,9 @@ def torchrl_start_rate(seconds: float, workers: int = 2) -> float:
     return write_rate(c, rb, seconds)
 
 
-def trainer_slowdown(seconds: float = 3.0) -> tuple[float, float]:
+def trainer_slowdown(seconds: float = 3.0, workers: int = 2) -> tuple[float, float]:
     """Training steps/s (sample 256 + one SGD step of a 4-64-64-2 MLP) without and with
-    background collection (2 workers) into the same buffer."""
+    background collection (``workers`` env actors) into the same buffer."""
     from collectors import MultiaSyncDataCollector, RayReplayBuffer
 
     rb = RayReplayBuffer(200_000, batch_size=256, prefetch=True)
@@ -266,7 +266,7 @@ def trainer_slowdown(seconds: float = 3.0) -> tuple[float, float]:
         return n / (time.perf_counter() - t0)
 
     alone = steps()
-    c = MultiaSyncDataCollector("CartPole-v1", mlp_policy(), num_workers=2,
+    c = MultiaSyncDataCollector("CartPole-v1", mlp_policy(), num_workers=workers,
                                 frames_per_batch=1000, replay_buffer=rb)
     c.start()
     time.sleep(0.5)
@@ -305,9 +305,11 @@ def run_buffer(seconds: float) -> None:
     if trl:
         print(f"| TorchRL MultiAsyncCollector.start() -> ReplayBuffer | {trl:,.0f} |")
         print(f"\nratio: {ours_rate / trl:.2f}x TorchRL")
-    alone, during = trainer_slowdown(seconds)
-    print(f"\ntrainer (sample 256 + SGD step): {alone:,.0f} steps/s alone, {during:,.0f} steps/s "
-          f"while 2 workers collect into the buffer ({(1 - during / alone) * 100:.0f}% slower)")
+    for workers in (1, 2):
+        alone, during = trainer_slowdown(seconds, workers)
+        print(f"\ntrainer (sample 256 + SGD step): {alone:,.0f} steps/s alone, {during:,.0f} "
+              f"steps/s while {workers} worker(s) collect into the buffer "
+              f"({(1 - during / alone) * 100:.0f}% slower)", flush=True)
 
 
 def main(argv=None) -> None:
