@@ -10,7 +10,7 @@ import threading
 import time
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError, RayTaskError
 
 from actors.env_worker import EnvWorker
 from actors.metrics import Metrics
@@ -180,6 +180,8 @@ class Driver:
         d[reason] = d.get(reason, 0) + frames
 
     def _account(self, meta: dict, delivered: bool = True) -> None:
+        if meta.get("dropped_frames"):
+            self._drop(meta["worker"], "bad_output", meta["dropped_frames"])
         s = self.per_worker[meta["worker"]]
         s["frames"] += meta["frames"]
         if delivered:
@@ -361,6 +363,17 @@ class Driver:
                             timeout=max(0.1, deadline - time.monotonic()))
                 self.bg_written.append(batch_id)
                 return n
+            except RayTaskError as exc:
+                if not isinstance(exc.cause, ObjectLostError) and "ObjectLost" not in repr(exc) \
+                        and "OwnerDied" not in repr(exc):
+                    raise
+                # the worker that owned this batch died before the buffer fetched it
+                s = self.per_worker[meta["worker"]]
+                s["delivered"] -= meta["frames"]
+                s["frames"] -= meta["frames"]
+                self._drop(meta["worker"], "lost_before_write", meta["frames"])
+                meta["frames"] = 0  # nothing of it was delivered
+                return 0
             except (RayActorError, GetTimeoutError) as exc:
                 if time.monotonic() >= deadline:
                     raise WorkerFailure(

@@ -66,6 +66,7 @@ class EnvWorker:
             id_offset=self.worker_index, id_counter=id_counter,
             max_frames_per_traj=config.get("max_frames_per_traj"),
             check_finite=config.get("check_finite", False),
+            check_obs_space=config.get("check_obs_space", False),
             on_env_error=config.get("on_env_error", "restart"),
             max_env_restarts=config.get("max_restarts", 3),
             restart_window_s=config.get("restart_window_s", 60.0),
@@ -87,7 +88,7 @@ class EnvWorker:
         self.rollout.env_errors = []
         batch = self.rollout.collect(random_actions)
         self._collecting = None
-        frames = self.rollout.num_envs * self.rollout.last_valid_steps
+        frames = self.rollout.num_envs * self.rollout.last_valid_steps - self.rollout.dropped_frames
         self.batches += 1
         self.frames += frames
         self.episodes += len(self.rollout.episode_returns)
@@ -97,6 +98,7 @@ class EnvWorker:
         meta = {
             "worker": self.worker_index,
             "frames": frames,
+            "dropped_frames": self.rollout.dropped_frames,
             "batch_index": self.batches,
             "episode_returns": list(self.rollout.episode_returns),
             "env_errors": [dict(e, traceback=e["traceback"][-2000:]) for e in self.rollout.env_errors],

@@ -71,7 +71,8 @@ class Rollout:
     def __init__(self, env_fns, policy, policy_kind: str, spec: dict, steps: int, *,
                  seed: int | None = None, slot_offset: int = 0, id_stride: int = 1,
                  id_offset: int = 0, id_counter: int = 0, max_frames_per_traj: int | None = None,
-                 check_finite: bool = False, on_env_error: str = "restart",
+                 check_finite: bool | str = False, check_obs_space: bool = False,
+                 on_env_error: str = "restart",
                  max_env_restarts: int = 3, restart_window_s: float = 60.0,
                  restart_backoff_s: float = 0.0):
         self.env_fns = list(env_fns)
@@ -82,6 +83,9 @@ class Rollout:
         self.obs_is_dict = bool(spec["obs_is_dict"])
         self.max_frames_per_traj = max_frames_per_traj
         self.check_finite = check_finite
+        self.check_obs_space = check_obs_space
+        self.drop_bad_episodes = check_finite == "drop_episode"
+        self.dropped_frames = 0  # frames of dropped episodes in the last batch
         self.on_env_error = on_env_error
         self.max_env_restarts = max_env_restarts
         self.restart_window_s = restart_window_s
@@ -221,6 +225,9 @@ class Rollout:
         out_steps = {k: [] for k in out_keys}
         finals = []  # (t, i, final observation) at episode ends
         rewards, terms, truncs, trajs, counts = [], [], [], [], []
+        checking = self.check_obs_space or self.drop_bad_episodes
+        ep_start = [0] * n  # step of this batch where each env's current episode began
+        drops: list = []
         valid = steps
         t_env = 0.0
         with _no_grad(runner):
@@ -268,6 +275,10 @@ class Rollout:
                                 self._bad_obs(i, k, o[k])
                     elif getattr(o, "shape", ()) != shape0:
                         self._bad_obs(i, key0, o)
+                    if checking and self._bad_output(i, o, r):
+                        drops.append((i, ep_start[i], t))  # blank this episode's frames
+                        r, term, trunc = 0.0, False, True
+                        o = {k: cur[k][i] for k in keys} if is_dict else cur[key0][i]
                     step_count[i] += 1
                     returns[i] += r
                     if max_steps and step_count[i] >= max_steps and not term:
@@ -276,6 +287,7 @@ class Rollout:
                     terms.append(term)
                     truncs.append(trunc)
                     if term or trunc:
+                        ep_start[i] = t + 1
                         finals.append((t, i, {k: np.array(o[k]) for k in keys} if is_dict
                                        else {key0: np.array(o)}))
                         self.episode_returns.append(float(returns[i]))
@@ -288,8 +300,15 @@ class Rollout:
                 t_env += time.perf_counter() - t0
         self.last_valid_steps = valid
         self.last_env_time = t_env
-        return self._write(valid, obs_steps, out_steps, finals, rewards, terms, truncs, trajs,
-                           counts, random_actions)
+        buf = self._write(valid, obs_steps, out_steps, finals, rewards, terms, truncs, trajs,
+                          counts, random_actions)
+        self.dropped_frames = 0
+        for i, start, end in drops:  # malformed episodes: blanked, traj id -1, counted
+            for value in buf.values():
+                value[i, start:end + 1] = 0
+            buf[(COLLECTOR, "traj_ids")][i, start:end + 1] = -1
+            self.dropped_frames += end + 1 - start
+        return buf
 
     def _write(self, valid, obs_steps, out_steps, finals, rewards, terms, truncs, trajs, counts,
                random_actions) -> dict:
@@ -326,9 +345,27 @@ class Rollout:
             for value in buf.values():
                 value[:, v:] = 0
             buf[(COLLECTOR, "traj_ids")][:, v:] = -1
-        if self.check_finite:
+        if self.check_finite is True:
             _check_finite(buf)
         return buf
+
+    def _bad_output(self, i: int, obs, reward) -> bool:
+        """Per-step checks that are on only when asked for; True means drop the episode."""
+        if self.check_obs_space:
+            space = self.envs[i].observation_space
+            if not space.contains(obs):
+                raise EnvSpecError(
+                    f"env {i} (worker slot {self.slot_offset + i}) returned an observation "
+                    f"outside its space: expected a member of {space}, got {obs!r}.")
+        if self.drop_bad_episodes:
+            values = obs.values() if isinstance(obs, dict) else (obs,)
+            if not np.isfinite(reward) or any(
+                    np.asarray(v).dtype.kind == "f" and not np.isfinite(v).all() for v in values):
+                self.env_errors.append({"env": i, "seed": self._seed_of(i), "phase": "output",
+                                        "error": "non-finite observation or reward; episode dropped",
+                                        "traceback": ""})
+                return True
+        return False
 
     def _bad_obs(self, i: int, key: str, value) -> None:
         shape, dtype = self.spec["obs"][key]

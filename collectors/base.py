@@ -54,7 +54,8 @@ class DataCollectorBase:
                  name: str | None = None, config=None, sample_timeout_s: float | None = None,
                  startup_timeout_s: float = 60.0, max_restarts: int = 3,
                  restart_window_s: float = 60.0, restart_backoff_s: float = 0.0,
-                 on_worker_error: str = "restart", check_finite: bool = False,
+                 on_worker_error: str = "restart", check_finite: bool | str = False,
+                 check_obs_space: bool = False,
                  prefetch: int = 1, num_cpus: float | None = None, num_gpus: float | None = None,
                  resources: dict | None = None, write_timeout_s: float = 30.0,
                  worker_nice: int = 0, **kwargs):
@@ -67,6 +68,9 @@ class DataCollectorBase:
         total_frames = validate.check_total_frames(total_frames)
         if max_frames_per_traj is not None and max_frames_per_traj <= 0:
             max_frames_per_traj = None  # TorchRL: -1 / 0 mean "no limit"
+        if check_finite not in (False, True, "raise", "drop_episode"):
+            raise ValueError(f"check_finite must be False, True ('raise') or 'drop_episode'; got {check_finite!r}.")
+        check_finite = True if check_finite == "raise" else check_finite
         if on_worker_error not in ("restart", "raise"):
             raise ValueError(f"on_worker_error must be 'restart' or 'raise'; got {on_worker_error!r}.")
         if sample_timeout_s is not None and sample_timeout_s <= 0:
@@ -109,6 +113,7 @@ class DataCollectorBase:
         self.update_at_each_batch = update_at_each_batch
         self.preemptive_threshold = preemptive_threshold
         self.max_frames_per_traj = max_frames_per_traj
+        self._masked = check_finite == "drop_episode"  # dropped episodes leave masked frames
         self.name = name or f"{cls_name}-{uuid.uuid4().hex[:6]}"
         self.policy_version = 0
         self._frames = 0
@@ -130,7 +135,8 @@ class DataCollectorBase:
             "create_env_kwargs": create_env_kwargs, "num_envs": num_envs, "policy": policy,
             "policy_kind": kind, "spec": spec, "steps": steps, "seed": seed,
             "num_workers": num_workers, "max_frames_per_traj": max_frames_per_traj,
-            "check_finite": check_finite, "on_env_error": on_worker_error,
+            "check_finite": check_finite, "check_obs_space": check_obs_space,
+            "on_env_error": on_worker_error,
             "max_restarts": max_restarts, "restart_window_s": restart_window_s,
             "restart_backoff_s": restart_backoff_s, "nice": worker_nice,
         }
@@ -218,7 +224,7 @@ class DataCollectorBase:
         layout = "single" if self._async else self._layout
         batch = assemble(parts, workers, layout)
         valid = sum(m["frames"] for _, m in results)
-        if self.preemptive_threshold is not None:
+        if self.preemptive_threshold is not None or self._masked:
             batch.set(("collector", "mask"), batch.get(("collector", "traj_ids")) >= 0)
         self._frames += valid
         self._iter += 1

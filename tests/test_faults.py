@@ -245,7 +245,7 @@ def test_chaos_kills_workers_and_buffer(tmp_path):
     while time.time() < deadline and rb.info()["restored_from"] is None:
         time.sleep(0.5)
     time.sleep(1.0)
-    assert c.background_error() is None
+    assert c.background_error() is None, c.background_error()
     c.async_shutdown()
     stats = c.stats()
     ids = [tuple(i) for i in rb.batch_ids()]
@@ -268,3 +268,38 @@ def test_env_factory_failing_in_one_worker_is_an_env_creation_error():
         MultiSyncDataCollector(env, num_workers=2, frames_per_batch=10, name="init-fails")
     assert time.time() - t0 < 30
     assert alive_actor_names("init-fails/") == []
+
+
+def test_nan_episode_dropped_and_counted_when_configured():
+    env = functools.partial(faulty_counting_env, "nan", [0], 3, 1, 1000)
+    rb = RayReplayBuffer(1000)
+    with SyncDataCollector(env, frames_per_batch=10, check_finite="drop_episode") as c:
+        b = c.next()
+        stats = c.stats()
+    mask = b["collector", "mask"]
+    # the episode that produced NaN (steps 0..2 of this batch) is dropped; a new one follows
+    assert mask.tolist() == [False] * 3 + [True] * 7
+    assert torch.isfinite(b["next", "observation"]).all()
+    assert stats["frames"] == 7
+    assert stats["per_worker"][0]["dropped"] == {"bad_output": 3}
+    invariant(stats)
+    with SyncDataCollector(env, frames_per_batch=10, check_finite="drop_episode", replay_buffer=rb) as c:
+        c.next()
+    assert len(rb) == 7 and torch.isfinite(rb.sample(64)["next", "observation"]).all()
+    rb.shutdown()
+
+
+def test_observation_outside_its_space_when_checking():
+    from collectors.testing import CountingEnv
+
+    def shrunk():
+        env = CountingEnv(100)
+        env.observation_space = type(env.observation_space)(0, 2, (1,), "float32")
+        return env
+
+    with SyncDataCollector(shrunk, frames_per_batch=10) as c:
+        c.next()  # not checked by default
+    c = SyncDataCollector(shrunk, frames_per_batch=10, check_obs_space=True)
+    with pytest.raises(CollectorError, match="outside its space"):
+        c.next()
+    c.shutdown()
