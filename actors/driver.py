@@ -172,6 +172,18 @@ class Driver:
         except Exception:  # noqa: BLE001 - already dead
             pass
         self._spawn(i, id_counter=stats["id_counter"] + self.margin, restarts=stats["restarts"])
+        # wait until it has built its envs (with the current weights): if it cannot be placed
+        # (a lost node, no room left) the run goes on without it, and says so
+        ready, _ = ray.wait([self.workers[i].ready.remote()], timeout=self.startup_timeout_s)
+        if not ready:
+            ray.kill(self.workers[i], no_restart=True)
+            self.alive[i] = False
+            log.warning("worker %d of %s could not be restarted within %.0fs (no room on the "
+                        "remaining nodes?); continuing with %d of %d workers", i, self.name,
+                        self.startup_timeout_s, sum(self.alive), self.num_workers)
+            if not any(self.alive):
+                raise WorkerFailure(i, f"no worker of {self.name!r} is left: the last one could "
+                                       "not be restarted (no room on the remaining nodes?)", "lost")
 
     def _drop(self, i: int, reason: str, frames: int) -> None:
         """Count frames produced (or in flight) but never delivered."""
@@ -236,14 +248,16 @@ class Driver:
                     self._drop(i, "timeout", self.frames_per_worker_batch)
                     self._replace(i, "timeout", f"no batch within sample_timeout_s={self.sample_timeout_s}")
                     del pending[ref]
-                    pending[self.workers[i].collect_ref.remote(random_actions)] = i
+                    if self.alive[i]:
+                        pending[self.workers[i].collect_ref.remote(random_actions)] = i
                 deadline = time.monotonic() + self.sample_timeout_s
                 continue
             ref = ready[0]
             i = pending.pop(ref)
             out = self._resolve(ref, i)
             if out is None:
-                pending[self.workers[i].collect_ref.remote(random_actions)] = i
+                if self.alive[i]:
+                    pending[self.workers[i].collect_ref.remote(random_actions)] = i
                 continue
             self._account(out[1])
             results[i] = out
@@ -297,8 +311,9 @@ class Driver:
         for r in [r for r, j in self.inflight.items() if j == i]:
             del self.inflight[r]
             self._drop(i, "worker_died", self.frames_per_worker_batch)
-        for _ in range(self.prefetch):
-            self._submit(i, random_actions)
+        if self.alive[i]:
+            for _ in range(self.prefetch):
+                self._submit(i, random_actions)
 
     def _timeout_inflight(self, random_actions: bool) -> None:
         """No worker answered within the timeout: replace those whose oldest call is stuck."""

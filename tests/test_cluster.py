@@ -116,3 +116,29 @@ def test_cluster_started_with_ray_start():
             os.kill(p, signal.SIGKILL)
         shutil.rmtree(temp_dir, ignore_errors=True)
         assert not left, f"processes left by ray start: {left}"
+
+
+def test_node_loss_recreates_or_degrades():
+    out = run_script("""
+        import ray, torch
+        from ray.cluster_utils import Cluster
+        from collectors import MultiSyncDataCollector
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0,
+            "dashboard_host": "127.0.0.1", "dashboard_port": DASH_PORT})
+        nodes = [cluster.add_node(num_cpus=1), cluster.add_node(num_cpus=1)]
+        ray.init(address=cluster.address)
+        try:
+            # one worker per node (each asks for a whole CPU)
+            c = MultiSyncDataCollector("CartPole-v1", num_workers=2, frames_per_batch=40,
+                                       num_cpus=1, startup_timeout_s=10, name="lossy")
+            assert c.next().batch_size == torch.Size([2, 20])
+            cluster.remove_node(nodes[1])
+            b = c.next()   # the lost worker cannot be placed again: the run goes on with one
+            stats = c.stats()
+            print("AFTER", tuple(b.batch_size), stats["workers_alive"], stats["restarts"])
+            c.shutdown(timeout=5)
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
+    """.replace("DASH_PORT", str(free_port())))
+    assert "AFTER (1, 20) 1 1" in out
