@@ -16,6 +16,28 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+CLUSTER = """
+import ray, torch
+from ray.cluster_utils import Cluster
+from collectors import MultiSyncDataCollector
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0,
+    "dashboard_host": "127.0.0.1", "dashboard_port": DASH_PORT})
+nodes = [cluster.add_node(num_cpus=1), cluster.add_node(num_cpus=1)]
+ray.init(address=cluster.address)
+try:
+%s
+finally:
+    ray.shutdown()
+    cluster.shutdown()
+"""
+
+
+def run_in_cluster(body: str) -> str:
+    """Run ``body`` against a head (no CPUs) plus two 1-CPU nodes, in its own process."""
+    body = textwrap.indent(textwrap.dedent(body), "    ")
+    return run_script(CLUSTER.replace("DASH_PORT", str(free_port())) % body)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -31,36 +53,25 @@ def run_script(body: str, timeout: float = 240) -> str:
 
 
 def test_cluster_config_spreads_workers_over_nodes():
-    out = run_script("""
-        import ray, torch
-        from ray.cluster_utils import Cluster
+    out = run_in_cluster("""
         from ray.util.state import list_actors
-        from collectors import MultiSyncDataCollector
-        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0,
-            "dashboard_host": "127.0.0.1", "dashboard_port": DASH_PORT})
-        nodes = [cluster.add_node(num_cpus=1), cluster.add_node(num_cpus=1)]
-        ray.init(address=cluster.address)
-        try:
-            c = MultiSyncDataCollector("CartPole-v1", num_workers=4, frames_per_batch=40,
-                                       config="configs/cluster.yaml", name="spread")
-            b = c.next()
-            assert b.batch_size == torch.Size([4, 10]), b.batch_size
-            actors = [a for a in list_actors(filters=[("state", "=", "ALIVE")])
-                      if a.name and a.name.startswith("spread/env-worker")]
-            node_ids = {a.node_id for a in actors}
-            print("NODES", len(node_ids), len(actors))
-            assert len(node_ids) == 2 and len(actors) == 4
-            c.shutdown(timeout=5)
-            # a node is lost: the same script still runs on what is left
-            cluster.remove_node(nodes[1])
-            c2 = MultiSyncDataCollector("CartPole-v1", num_workers=2, frames_per_batch=20,
-                                        num_cpus=0.25, name="after-loss")
-            print("AFTER", c2.next().numel())
-            c2.shutdown()
-        finally:
-            ray.shutdown()
-            cluster.shutdown()
-    """.replace("DASH_PORT", str(free_port())))
+        c = MultiSyncDataCollector("CartPole-v1", num_workers=4, frames_per_batch=40,
+                                   config="configs/cluster.yaml", name="spread")
+        b = c.next()
+        assert b.batch_size == torch.Size([4, 10]), b.batch_size
+        actors = [a for a in list_actors(filters=[("state", "=", "ALIVE")])
+                  if a.name and a.name.startswith("spread/env-worker")]
+        node_ids = {a.node_id for a in actors}
+        print("NODES", len(node_ids), len(actors))
+        assert len(node_ids) == 2 and len(actors) == 4
+        c.shutdown(timeout=5)
+        # a node is lost: the same script still runs on what is left
+        cluster.remove_node(nodes[1])
+        c2 = MultiSyncDataCollector("CartPole-v1", num_workers=2, frames_per_batch=20,
+                                    num_cpus=0.25, name="after-loss")
+        print("AFTER", c2.next().numel())
+        c2.shutdown()
+    """)
     assert "NODES 2 4" in out and "AFTER 20" in out
 
 
@@ -119,26 +130,15 @@ def test_cluster_started_with_ray_start():
 
 
 def test_node_loss_recreates_or_degrades():
-    out = run_script("""
-        import ray, torch
-        from ray.cluster_utils import Cluster
-        from collectors import MultiSyncDataCollector
-        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0,
-            "dashboard_host": "127.0.0.1", "dashboard_port": DASH_PORT})
-        nodes = [cluster.add_node(num_cpus=1), cluster.add_node(num_cpus=1)]
-        ray.init(address=cluster.address)
-        try:
-            # one worker per node (each asks for a whole CPU)
-            c = MultiSyncDataCollector("CartPole-v1", num_workers=2, frames_per_batch=40,
-                                       num_cpus=1, startup_timeout_s=10, name="lossy")
-            assert c.next().batch_size == torch.Size([2, 20])
-            cluster.remove_node(nodes[1])
-            b = c.next()   # the lost worker cannot be placed again: the run goes on with one
-            stats = c.stats()
-            print("AFTER", tuple(b.batch_size), stats["workers_alive"], stats["restarts"])
-            c.shutdown(timeout=5)
-        finally:
-            ray.shutdown()
-            cluster.shutdown()
-    """.replace("DASH_PORT", str(free_port())))
+    out = run_in_cluster("""
+        # one worker per node (each asks for a whole CPU)
+        c = MultiSyncDataCollector("CartPole-v1", num_workers=2, frames_per_batch=40,
+                                   num_cpus=1, startup_timeout_s=10, name="lossy")
+        assert c.next().batch_size == torch.Size([2, 20])
+        cluster.remove_node(nodes[1])
+        b = c.next()   # the lost worker cannot be placed again: the run goes on with one
+        stats = c.stats()
+        print("AFTER", tuple(b.batch_size), stats["workers_alive"], stats["restarts"])
+        c.shutdown(timeout=5)
+    """)
     assert "AFTER (1, 20) 1 1" in out
