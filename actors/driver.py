@@ -185,6 +185,14 @@ class Driver:
                 raise WorkerFailure(i, f"no worker of {self.name!r} is left: the last one could "
                                        "not be restarted (no room on the remaining nodes?)", "lost")
 
+    def lost(self, metas: list) -> None:
+        """The consumer could not fetch these batches (their worker died): undeliver them."""
+        for meta in metas:
+            s = self.per_worker[meta["worker"]]
+            s["delivered"] -= meta["frames"]
+            s["frames"] -= meta["frames"]
+            self._drop(meta["worker"], "lost_before_fetch", meta["frames"])
+
     def _drop(self, i: int, reason: str, frames: int) -> None:
         """Count frames produced (or in flight) but never delivered."""
         self.per_worker[i]["frames"] += frames

@@ -9,7 +9,7 @@ import weakref
 
 import ray
 import torch
-from ray.exceptions import RayTaskError
+from ray.exceptions import ObjectLostError, RayTaskError
 
 from actors.driver import Driver, WorkerFailure
 from collectors import validate
@@ -213,13 +213,20 @@ class DataCollectorBase:
             self._frames += sum(m["frames"] for m in metas)
             self._iter += 1
             return None
-        if self._async:
-            refs, meta = _ray_get(self._driver.next_ready.remote(random_actions))
-            results = [(refs, meta)]
+        for attempt in range(3):
+            if self._async:
+                results = [_ray_get(self._driver.next_ready.remote(random_actions))]
+            else:
+                results = _ray_get(self._driver.collect_sync.remote(
+                    random_actions, preempt=self.preemptive_threshold))
+            try:
+                parts = ray.get([refs[0] for refs, _ in results])
+                break
+            except ObjectLostError:
+                # a worker died after handing its batch over: count it lost, collect again
+                _ray_get(self._driver.lost.remote([m for _, m in results]))
         else:
-            results = _ray_get(self._driver.collect_sync.remote(
-                random_actions, preempt=self.preemptive_threshold))
-        parts = ray.get([refs[0] for refs, _ in results])
+            raise CollectorError("three batches in a row were lost with their env workers.")
         workers = [m["worker"] for _, m in results] if self._multi else None
         layout = "single" if self._async else self._layout
         batch = assemble(parts, workers, layout)
