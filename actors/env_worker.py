@@ -4,6 +4,7 @@ Made remote by the driver side with ``ray.remote(EnvWorker)``; usable in-process
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import time
@@ -82,11 +83,15 @@ class EnvWorker:
     def collect(self, random_actions: bool = False) -> tuple[dict, dict]:
         """Collect one batch; returns ``(arrays, meta)``. ``arrays`` are reused next call."""
         t0 = time.perf_counter()
+        gc.disable()  # the loop makes no cycles; a full collection of Ray's heap mid-batch costs
         self.rollout.stop_requested = False
         self._collecting = self.batches + 1
         self.rollout.episode_returns = []
         self.rollout.env_errors = []
-        batch = self.rollout.collect(random_actions)
+        try:
+            batch = self.rollout.collect(random_actions)
+        finally:
+            gc.enable()
         self._collecting = None
         frames = self.rollout.num_envs * self.rollout.last_valid_steps - self.rollout.dropped_frames
         self.batches += 1
