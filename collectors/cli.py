@@ -27,7 +27,7 @@ def _policy(name: str, env_id, hidden: int = 64):
     import torch
     from torch import nn
 
-    from collectors.policies import ArgmaxLayer, mlp
+    from collectors.policies import ArgmaxLayer, Scale, mlp
 
     env = gym.make(env_id) if isinstance(env_id, str) else env_id()
     obs_dim = int(gym.spaces.flatdim(env.observation_space))
@@ -38,18 +38,7 @@ def _policy(name: str, env_id, hidden: int = 64):
         return nn.Sequential(mlp(obs_dim, int(space.n), hidden), ArgmaxLayer())
     act_dim = int(gym.spaces.flatdim(space))
     high = float(abs(space.high).max())
-    return nn.Sequential(mlp(obs_dim, act_dim, hidden), nn.Tanh(), _Scale(high))
-
-
-class _Scale:
-    def __new__(cls, factor):
-        import torch
-
-        class Scale(torch.nn.Module):
-            def forward(self, x):
-                return x * factor
-
-        return Scale()
+    return nn.Sequential(mlp(obs_dim, act_dim, hidden), nn.Tanh(), Scale(high))
 
 
 def build_collector(config, total_frames: int | None = None):

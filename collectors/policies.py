@@ -12,6 +12,17 @@ class ArgmaxLayer(nn.Module):
         return logits.argmax(-1)
 
 
+class Scale(nn.Module):
+    """Multiply by a constant (e.g. tanh output to a Box's bound)."""
+
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor
+
+
 def mlp(in_dim: int, out_dim: int, hidden: int = 64, depth: int = 2) -> nn.Sequential:
     """``in -> hidden -> ... -> out`` with Tanh activations."""
     layers: list[nn.Module] = []
