@@ -188,10 +188,15 @@ class Driver:
     def lost(self, metas: list) -> None:
         """The consumer could not fetch these batches (their worker died): undeliver them."""
         for meta in metas:
-            s = self.per_worker[meta["worker"]]
-            s["delivered"] -= meta["frames"]
-            s["frames"] -= meta["frames"]
-            self._drop(meta["worker"], "lost_before_fetch", meta["frames"])
+            self._undeliver(meta, "lost_before_fetch")
+
+    def _undeliver(self, meta: dict, reason: str) -> None:
+        """A batch counted as delivered did not reach its consumer: count it dropped."""
+        s = self.per_worker[meta["worker"]]
+        s["delivered"] -= meta["frames"]
+        s["frames"] -= meta["frames"]
+        self._drop(meta["worker"], reason, meta["frames"])
+        meta["frames"] = 0
 
     def _drop(self, i: int, reason: str, frames: int) -> None:
         """Count frames produced (or in flight) but never delivered."""
@@ -362,10 +367,7 @@ class Driver:
                             break
                     time.sleep(0.005)
                 else:
-                    s = self.per_worker[meta["worker"]]
-                    s["delivered"] -= meta["frames"]
-                    s["frames"] -= meta["frames"]
-                    self._drop(meta["worker"], "stopped", meta["frames"])
+                    self._undeliver(meta, "stopped")
         except BaseException as exc:  # noqa: BLE001 - reported through is_running()/stats()
             self.bg_error = exc
             log.exception("background collection of %s stopped", self.name)
@@ -391,11 +393,7 @@ class Driver:
                         and "OwnerDied" not in repr(exc):
                     raise
                 # the worker that owned this batch died before the buffer fetched it
-                s = self.per_worker[meta["worker"]]
-                s["delivered"] -= meta["frames"]
-                s["frames"] -= meta["frames"]
-                self._drop(meta["worker"], "lost_before_write", meta["frames"])
-                meta["frames"] = 0  # nothing of it was delivered
+                self._undeliver(meta, "lost_before_write")
                 return 0
             except (RayActorError, GetTimeoutError) as exc:
                 if time.monotonic() >= deadline:
