@@ -213,6 +213,7 @@ class Rollout:
         max_steps = self.max_frames_per_traj or 0
         random_actions = random_actions or self.runner.kind == "random"
         runner = self.runner
+        runner.prepare()
         dtypes = {k: np.dtype(d) for k, (_, d) in self.spec["obs"].items()}
         shapes = {k: tuple(s) for k, (s, _) in self.spec["obs"].items()}
         shape0 = shapes[key0]

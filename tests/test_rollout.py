@@ -29,3 +29,38 @@ def test_env_worker_in_process():
     assert meta["frames"] == 50 and batch["observation"].shape == (1, 50, 4)
     assert np.isfinite(batch[("next", "reward")]).all()
     w.close()
+
+
+def test_sequential_policy_runs_its_layers_directly_unless_hooked():
+    import torch
+    from torch import nn
+
+    from actors.policy import PolicyRunner, sequential_chain
+    from collectors.policies import ArgmaxLayer
+
+    torch.manual_seed(0)
+    inner = nn.Sequential(nn.Linear(64, 64), nn.Tanh())
+    policy = nn.Sequential(nn.Linear(4, 64), nn.Tanh(), inner, nn.Linear(64, 2), ArgmaxLayer())
+    x = torch.randn(5, 4)
+    chain = sequential_chain(policy)
+    assert chain is not None and torch.equal(chain(x), policy(x))
+    runner = PolicyRunner(policy, "module", ("observation",), 5)
+    runner.prepare()
+    assert runner._forward is not policy  # the direct chain is used
+    assert np.array_equal(runner({"observation": x.numpy()})["action"], policy(x).numpy())
+
+    calls = []
+    handle = inner[0].register_forward_hook(lambda m, i, o: calls.append(1))
+    assert sequential_chain(policy) is None  # a hook anywhere: call the module as usual
+    runner.prepare()
+    runner({"observation": x.numpy()})
+    assert calls == [1]
+    handle.remove()
+
+    class Custom(nn.Sequential):  # a Sequential with its own forward is called as written
+        def forward(self, x):
+            return super().forward(x) * 0
+
+    custom = Custom(nn.Linear(4, 2))
+    assert torch.equal(sequential_chain(custom)(x), torch.zeros(5, 2))
+    assert sequential_chain(nn.Linear(4, 2)) is None
