@@ -9,6 +9,7 @@ import threading
 import time
 import uuid
 import warnings
+from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -18,6 +19,7 @@ from actors.metrics import Metrics
 from actors.samplers import make_sampler
 
 MARKER = "COMPLETE"
+SEEN_IDS = 50_000  # batch ids remembered to drop resends (a resend comes within seconds)
 
 
 class RateLimiter:
@@ -88,7 +90,8 @@ class ReplayBufferActor:
         self.cursor = 0
         self.size = 0
         self.write_count = 0
-        self.seen: set = set()
+        self.seen: OrderedDict = OrderedDict()  # the last SEEN_IDS batch ids, oldest first
+        self.batches = 0  # batches written (with or without an id)
         self.cond = threading.Condition()
         self.checkpoint_dir = checkpoint_dir
         self.checkpoint_every = int(checkpoint_every)
@@ -153,12 +156,15 @@ class ReplayBufferActor:
             self.limiter.inserts += n
             self.sampler.on_write(idx, self.storage, self.size)
             if batch_id is not None:
-                self.seen.add(batch_id)
+                self.seen[batch_id] = None
+                if len(self.seen) > SEEN_IDS:
+                    self.seen.popitem(last=False)
+            self.batches += 1
             self.insert_time += time.perf_counter() - t0
             self.metrics.buffer(self.size, inserted=n)
             self.cond.notify_all()
             if self.checkpoint_every and self.checkpoint_dir and \
-                    len(self.seen) % self.checkpoint_every == 0:
+                    self.batches % self.checkpoint_every == 0:
                 self.checkpoint(self.checkpoint_dir)
         return n
 
@@ -215,13 +221,14 @@ class ReplayBufferActor:
 
     def info(self) -> dict:
         return {"size": self.size, "capacity": self.capacity, "write_count": self.write_count,
-                "batches": len(self.seen), "inserts": self.limiter.inserts,
+                "batches": self.batches, "inserts": self.limiter.inserts,
                 "samples": self.limiter.samples, "insert_time": self.insert_time,
                 "sample_time": self.sample_time, "restored_from": self.restored_from,
                 "pid": os.getpid()}
 
     def batch_ids(self) -> list:
-        return sorted(self.seen)
+        """Ids of the last ``SEEN_IDS`` batches written with one, oldest first."""
+        return list(self.seen)
 
     def empty(self) -> None:
         with self.cond:
@@ -234,7 +241,8 @@ class ReplayBufferActor:
         return {"capacity": self.capacity, "cursor": self.cursor, "size": self.size,
                 "write_count": self.write_count, "limiter": self.limiter.state(),
                 "sampler": self.sampler_name, "sampler_state": self.sampler.state(),
-                "seen": [list(b) if isinstance(b, tuple) else b for b in sorted(self.seen, key=str)]}
+                "batches": self.batches,
+                "seen": [list(b) if isinstance(b, tuple) else b for b in self.seen]}
 
     def state_dict(self) -> dict:
         with self.cond:
@@ -253,7 +261,8 @@ class ReplayBufferActor:
         self.cursor, self.size, self.write_count = meta["cursor"], meta["size"], meta["write_count"]
         self.limiter.inserts = meta["limiter"]["inserts"]
         self.limiter.samples = meta["limiter"]["samples"]
-        self.seen = {tuple(b) if isinstance(b, list) else b for b in meta["seen"]}
+        self.seen = OrderedDict.fromkeys(tuple(b) if isinstance(b, list) else b for b in meta["seen"])
+        self.batches = meta.get("batches", len(self.seen))
         self.sampler.load(meta["sampler_state"], tensors, self.storage, self.size)
 
     def checkpoint(self, path: str) -> str:

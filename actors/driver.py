@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import deque
 import time
 
 import ray
@@ -79,7 +80,8 @@ class Driver:
         self.bg_frames = 0
         self.bg_total = -1
         self.bg_paused = threading.Event()
-        self.bg_written = []  # batch ids acknowledged by the buffer
+        self.bg_written = deque(maxlen=50_000)  # ids of the last batches the buffer acknowledged
+        self.written_batches = 0
         self.write_lock = threading.Lock()
         self.write_timeout_s = write_timeout_s
         self.buffer_resends = 0
@@ -290,9 +292,9 @@ class Driver:
             self.write(buffer, refs, meta)
         return [meta for _, meta in results]
 
-    @staticmethod
-    def _batch_id(meta: dict) -> tuple:
-        return (meta["worker"], meta["restarts"], meta["batch_index"])
+    def _batch_id(self, meta: dict) -> tuple:
+        """Unique across collectors sharing a buffer: (collector, worker, restarts, index)."""
+        return (self.name, meta["worker"], meta["restarts"], meta["batch_index"])
 
     # -- asynchronous ----------------------------------------------------------------------
     def _submit(self, i: int, random_actions: bool = False) -> None:
@@ -387,6 +389,7 @@ class Driver:
                 n = ray.get(buffer.extend_ref.remote(refs, batch_id),
                             timeout=max(0.1, deadline - time.monotonic()))
                 self.bg_written.append(batch_id)
+                self.written_batches += 1
                 return n
             except RayTaskError as exc:
                 if not isinstance(exc.cause, ObjectLostError) and "ObjectLost" not in repr(exc) \
@@ -453,7 +456,7 @@ class Driver:
             "episode_returns": list(self.episode_returns[-100:]),
             "env_error_log": list(self.env_error_log[-50:]),
             "background_frames": self.bg_frames,
-            "written_batches": len(self.bg_written),
+            "written_batches": self.written_batches,
             "written_batch_ids": list(self.bg_written),
             "buffer_resends": self.buffer_resends,
             "running": self.is_running(),

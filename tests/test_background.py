@@ -32,6 +32,20 @@ def test_iteration_with_buffer_yields_none_and_counts_exactly(rb, cls, kwargs):
     assert len(rb.batch_ids()) == len(set(rb.batch_ids()))
 
 
+def test_collectors_sharing_a_buffer_each_get_every_batch_written(rb):
+    # batch ids carry the collector's name: a second collector's batch 1 is not a resend
+    kwargs = dict(frames_per_batch=20, total_frames=60, replay_buffer=rb)
+    with SyncDataCollector(counting_env, **kwargs) as a, SyncDataCollector(counting_env, **kwargs) as b:
+        for _ in zip(a, b):
+            pass
+    with MultiaSyncDataCollector(counting_env, num_workers=2, **kwargs) as c:
+        c.start()
+        deadline = time.time() + 60
+        while c.is_running() and time.time() < deadline:
+            time.sleep(0.05)
+    assert rb.write_count == 180 and len(rb.batch_ids()) == 9
+
+
 def test_async_collector_alias_and_batches():
     assert AsyncCollector is aSyncDataCollector
     with aSyncDataCollector(counting_env, frames_per_batch=10, total_frames=30) as c:
