@@ -3,6 +3,7 @@ atomic checkpoints, and idempotent writes (every batch carries an id)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import threading
@@ -17,6 +18,9 @@ from tensordict import TensorDict
 
 from actors.metrics import Metrics
 from actors.samplers import make_sampler
+from actors.shared_ring import SharedRing, remove_stale, shareable
+
+log = logging.getLogger("ray_collectors.buffer")
 
 MARKER = "COMPLETE"
 SEEN_IDS = 50_000  # batch ids remembered to drop resends (a resend comes within seconds)
@@ -80,13 +84,16 @@ class ReplayBufferActor:
                  sampler_kwargs: dict | None = None, min_size: int = 0,
                  samples_per_insert: float | None = None, error_buffer: float | None = None,
                  checkpoint_dir: str | None = None, checkpoint_every: int = 0,
-                 seed: int | None = None, default_timeout_s: float = 30.0, name: str = "buffer"):
+                 seed: int | None = None, default_timeout_s: float = 30.0, name: str = "buffer",
+                 share: bool = False):
         self.capacity = int(capacity)
         self.batch_size = batch_size
         self.sampler_name = sampler
         self.sampler = make_sampler(sampler, self.capacity, seed=seed, **(sampler_kwargs or {}))
         self.limiter = RateLimiter(min_size, samples_per_insert, error_buffer)
         self.storage: TensorDict | None = None
+        self.share = share  # keep the storage in shared memory for same-node samplers
+        self.ring: SharedRing | None = None
         self.cursor = 0
         self.size = 0
         self.write_count = 0
@@ -101,6 +108,8 @@ class ReplayBufferActor:
         self.sampled_frames = 0
         self.restored_from = None
         self.metrics = Metrics(name, "replay-buffer")
+        if share:
+            remove_stale()
         if checkpoint_dir and os.path.exists(os.path.join(checkpoint_dir, MARKER)):
             self.load_checkpoint(checkpoint_dir)
             self.restored_from = checkpoint_dir
@@ -147,11 +156,15 @@ class ReplayBufferActor:
             self._wait(lambda: self.limiter.can_insert(n), timeout,
                        f"room to insert {n} frames under samples_per_insert={self.limiter.spi}")
             if self.storage is None:
-                self.storage = td[:1].expand(self.capacity).clone().zero_()
+                self.storage = self._allocate(td[:1])
             idx = (torch.arange(n) + self.cursor) % self.capacity
+            if self.ring is not None:
+                self.ring.begin(idx)
             self.storage[idx] = td
             self.cursor = (self.cursor + n) % self.capacity
             self.size = min(self.capacity, self.size + n)
+            if self.ring is not None:
+                self.ring.end(idx, self.size)
             self.write_count += n
             self.limiter.inserts += n
             self.sampler.on_write(idx, self.storage, self.size)
@@ -167,6 +180,46 @@ class ReplayBufferActor:
                     self.batches % self.checkpoint_every == 0:
                 self.checkpoint(self.checkpoint_dir)
         return n
+
+    def _allocate(self, template: TensorDict) -> TensorDict:
+        """Zeroed ``[capacity, ...]`` storage shaped like ``template``; in shared memory when
+        asked for and ``/dev/shm`` has room."""
+        leaves = dict(template.items(include_nested=True, leaves_only=True))
+        nbytes = self.capacity * sum(v[0].numel() * v.element_size() for v in leaves.values())
+        if self.share and shareable(nbytes):
+            try:
+                self.ring = SharedRing(leaves, self.capacity)
+            except OSError as exc:  # e.g. /dev/shm not writable: samplers use calls
+                log.warning("replay buffer storage stays private (%r)", exc)
+        if self.ring is None:
+            return template.expand(self.capacity).clone().zero_()
+        storage = TensorDict(batch_size=[self.capacity])
+        for key, tensor in self.ring.tensors.items():
+            storage.set(key, tensor)
+        return storage
+
+    def storage_location(self, sampled: int = 0) -> dict | None:
+        """Where same-node samplers map the storage (``None`` if not shared yet); also counts
+        the ``sampled`` frames they drew since they last said."""
+        self._count_samples(sampled)
+        if self.ring is None:
+            return None
+        import ray
+
+        return {**self.ring.location(), "node_id": ray.get_runtime_context().get_node_id(),
+                "min_size": self.limiter.min_size}
+
+    def _count_samples(self, n: int) -> None:
+        if n:
+            with self.cond:
+                self.limiter.samples += n
+                self.sampled_frames += n
+            self.metrics.buffer(self.size, sampled=n)
+
+    def close(self) -> None:
+        """Remove the shared-memory files (idempotent); samplers fall back to calls."""
+        if self.ring is not None:
+            self.ring.close()
 
     def extend_ref(self, refs: list, batch_id=None, timeout: float | None = None) -> int:
         """Fetch worker arrays from the object store (``[ref]``) and write their valid frames."""
@@ -185,29 +238,41 @@ class ReplayBufferActor:
                 f"{self.limiter.inserts}, samples {self.limiter.samples}); nothing arrived.")
 
     def sample(self, batch_size: int | None = None, timeout: float | None = None) -> TensorDict:
+        return self._sample(batch_size, timeout, 1)[0]
+
+    def _sample(self, batch_size: int | None, timeout: float | None, count: int) -> list:
+        """Up to ``count`` batches: the first waits (bounded) for the rate limiter, the others
+        are taken only if it allows them right away."""
         n = batch_size or self.batch_size
         if not n:
             raise ValueError("sample() needs a batch_size (here or at construction).")
         t0 = time.perf_counter()
+        outs = []
         with self.cond:
             self._wait(lambda: self.limiter.can_sample(self.size, n), timeout,
                        f"{n} samples (min_size={self.limiter.min_size})")
-            index, weight = self.sampler.sample(n, self.storage, self.size)
-            out = self.storage[index].clone()
-            self.limiter.samples += n
+            while True:
+                index, weight = self.sampler.sample(n, self.storage, self.size)
+                out = self.storage[index].clone()
+                self.limiter.samples += n
+                out.set("index", index)
+                if weight is not None:
+                    out.set("_weight", weight)
+                outs.append(out)
+                if len(outs) >= count or not self.limiter.can_sample(self.size, n):
+                    break
             self.cond.notify_all()
-        out.set("index", index)
-        if weight is not None:
-            out.set("_weight", weight)
-        self.sampled_frames += n
-        self.metrics.buffer(self.size, sampled=n)
+        self.sampled_frames += n * len(outs)
+        self.metrics.buffer(self.size, sampled=n * len(outs))
         self.sample_time += time.perf_counter() - t0
-        return out
+        return outs
 
-    def sample_arrays(self, batch_size: int | None = None, timeout: float | None = None) -> dict:
-        """``sample()`` as ``{key: ndarray}``: Ray ships numpy arrays without pickling them."""
-        out = self.sample(batch_size, timeout)
-        return {k: v.numpy() for k, v in out.items(include_nested=True, leaves_only=True)}
+    def sample_arrays(self, batch_size: int | None = None, timeout: float | None = None,
+                      count: int = 1) -> list[dict]:
+        """Up to ``count`` samples as ``[{key: ndarray}]``: Ray ships numpy arrays without
+        pickling them, and one call for several batches saves round trips."""
+        return [{k: v.numpy() for k, v in out.items(include_nested=True, leaves_only=True)}
+                for out in self._sample(batch_size, timeout, max(1, int(count)))]
 
     def update_priority(self, index, priority) -> None:
         with self.cond:
@@ -219,7 +284,8 @@ class ReplayBufferActor:
     def length(self) -> int:
         return self.size
 
-    def info(self) -> dict:
+    def info(self, sampled: int = 0) -> dict:
+        self._count_samples(sampled)
         return {"size": self.size, "capacity": self.capacity, "write_count": self.write_count,
                 "batches": self.batches, "inserts": self.limiter.inserts,
                 "samples": self.limiter.samples, "insert_time": self.insert_time,
@@ -235,6 +301,8 @@ class ReplayBufferActor:
             self.cursor = self.size = 0
             self.sampler.reset()
             self.seen.clear()
+            if self.ring is not None:
+                self.ring.stamp_all(0)
 
     # -- state and checkpoints ---------------------------------------------------------------
     def _meta(self) -> dict:
@@ -257,6 +325,16 @@ class ReplayBufferActor:
     def _restore(self, meta: dict, storage, tensors: dict) -> None:
         if meta["capacity"] != self.capacity:
             raise ValueError(f"state has capacity {meta['capacity']}, this buffer {self.capacity}.")
+        if self.ring is not None:  # samplers that mapped it move to the new one
+            self.ring.close()
+            self.ring = None
+        if storage is not None and self.share:
+            shared = self._allocate(storage[:1])
+            for key, tensor in storage.items(include_nested=True, leaves_only=True):
+                shared.get(key).copy_(tensor)
+            if self.ring is not None:
+                self.ring.stamp_all(meta["size"])
+            storage = shared
         self.storage = storage
         self.cursor, self.size, self.write_count = meta["cursor"], meta["size"], meta["write_count"]
         self.limiter.inserts = meta["limiter"]["inserts"]

@@ -16,7 +16,8 @@ from collectors import validate
 from collectors.batch import assemble, mark_truncated, split_trajectories
 from collectors.shipping import ship_by_value
 from collectors.errors import CollectorError, EnvCreationError, ReplayBufferUnavailable
-from collectors.runtime import ensure_ray, kill_quietly as _kill_quietly, wait_dead as _wait_dead
+from collectors.runtime import ensure_ray, kill_quietly as _kill_quietly, near_caller
+from collectors.runtime import wait_dead as _wait_dead
 
 
 def _ray_get(ref, timeout=None):
@@ -152,7 +153,7 @@ class DataCollectorBase:
         self._config_ref = config_ref
         driver_cls = ray.remote(Driver).options(
             name=f"{self.name}/driver", num_cpus=0, max_concurrency=16,
-            **self.config.driver_options())
+            **near_caller(self.config.driver_options()))
         self._driver = driver_cls.remote(
             self.name, [config_ref], num_workers, options, steps_per_worker=steps,
             envs_per_worker=num_envs, sample_timeout_s=sample_timeout_s,

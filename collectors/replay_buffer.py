@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections import deque
 
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError
@@ -11,7 +12,8 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from actors.buffer import ReplayBufferActor, RateLimiter
 from actors.samplers import SAMPLERS
 from collectors.errors import ReplayBufferUnavailable
-from collectors.runtime import ensure_ray, kill_quietly, wait_dead
+from collectors.local_sampler import LocalSampler
+from collectors.runtime import ensure_ray, kill_quietly, near_caller, wait_dead
 
 
 class RayReplayBuffer:
@@ -27,8 +29,15 @@ class RayReplayBuffer:
         samples_per_insert, error_buffer: Reverb's sample-to-insert rate limiter.
         checkpoint_dir: restore from it at start (and after a crash); with
             ``checkpoint_every=k`` a checkpoint is written every k batches from collectors.
-        prefetch: ``sample()`` keeps the next sample in flight.
+        prefetch: ``k`` (``True`` is 1): ``sample()`` fetches ``k`` batches per actor call and
+            keeps the next call in flight, so a training loop rarely waits on a round trip.
+            Batches are then drawn up to ``2k`` steps ahead (with ``"prioritized"``, before the
+            latest ``update_priority``); ``False`` draws each batch when asked. Not used while
+            sampling locally.
         timeout_s: default bound of every blocking call.
+        local_sampling: with the uniform sampler and no ``samples_per_insert``, the storage
+            lives in shared memory and a process on the buffer's node samples it directly,
+            without a call to the actor (``None``: whenever possible; ``False``: always call).
 
     Example:
         >>> rb = RayReplayBuffer(10_000, batch_size=256)
@@ -45,16 +54,30 @@ class RayReplayBuffer:
                  slice_len: int | None = None, num_slices: int | None = None, min_size: int = 0,
                  samples_per_insert: float | None = None, error_buffer: float | None = None,
                  checkpoint_dir: str | None = None, checkpoint_every: int = 0,
-                 prefetch: bool = False, timeout_s: float = 30.0, max_restarts: int | None = None,
-                 seed: int | None = None, name: str | None = None, config=None, _actor=None):
+                 prefetch: bool | int = False, timeout_s: float = 30.0, max_restarts: int | None = None,
+                 seed: int | None = None, local_sampling: bool | None = None,
+                 name: str | None = None, config=None, _actor=None):
         self.name = name or f"ReplayBuffer-{uuid.uuid4().hex[:6]}"
         self.batch_size = batch_size
-        self.prefetch = prefetch
+        if not isinstance(prefetch, int) or prefetch < 0:  # bool is an int: True means 1
+            raise ValueError(f"prefetch must be a bool or an int >= 0 (batches per call); "
+                             f"got {prefetch!r}.")
+        self.prefetch = int(prefetch)
         self.timeout_s = timeout_s
-        self._pending = None
+        self._ready: deque = deque()  # prefetched batches (arrays), oldest first
+        self._pending = None  # the call in flight for the next ``prefetch`` batches
         self._pending_n = None
+        can_share = sampler == "random" and samples_per_insert is None
+        if local_sampling and not can_share:
+            raise ValueError(
+                "local_sampling=True needs sampler='random' and no samples_per_insert (the actor "
+                f"decides those samples); got sampler={sampler!r}, samples_per_insert="
+                f"{samples_per_insert!r}. Leave local_sampling=None to pick automatically.")
+        self._share = can_share if local_sampling is None else bool(local_sampling)
+        self._local = None
         if _actor is not None:
             self.actor = _actor
+            self._local = LocalSampler(self.actor, self.name, seed) if self._share else None
             return
         if not isinstance(capacity, int) or capacity <= 0:
             raise ValueError(f"capacity must be a positive int; got {capacity!r}.")
@@ -73,7 +96,7 @@ class RayReplayBuffer:
 
         cfg = load_config(config)
         ensure_ray(**cfg.ray_init_kwargs())
-        options = cfg.resources.replay_buffer.options()
+        options = near_caller(cfg.resources.replay_buffer.options())
         restarts = max_restarts if max_restarts is not None else (-1 if checkpoint_dir else 0)
         self.actor = ray.remote(ReplayBufferActor).options(
             name=f"{self.name}/replay-buffer", max_concurrency=8, max_restarts=restarts,
@@ -81,7 +104,8 @@ class RayReplayBuffer:
             capacity, sampler=sampler, batch_size=batch_size, sampler_kwargs=kwargs,
             min_size=min_size, samples_per_insert=samples_per_insert, error_buffer=error_buffer,
             checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, seed=seed,
-            default_timeout_s=timeout_s, name=self.name)
+            default_timeout_s=timeout_s, name=self.name, share=self._share)
+        self._local = LocalSampler(self.actor, self.name, seed) if self._share else None
         self._call("ready")
 
     @classmethod
@@ -98,7 +122,7 @@ class RayReplayBuffer:
         return rb
 
     def __reduce__(self):
-        return (_rebuild, (self.actor, self.name, self.batch_size, self.timeout_s))
+        return (_rebuild, (self.actor, self.name, self.batch_size, self.timeout_s, self._share))
 
     def _call(self, method: str, *args, timeout: float | None = None, **kwargs):
         """Call the actor; while it restarts (from its checkpoint), retry until the timeout."""
@@ -133,23 +157,33 @@ class RayReplayBuffer:
         """A TensorDict of ``batch_size`` frames (with ``index``, and ``_weight`` if prioritized)."""
         n = batch_size or self.batch_size
         timeout = self.timeout_s if timeout is None else timeout
-        if self.prefetch:
-            if self._pending is None or self._pending_n != n:
-                self._pending = self.actor.sample_arrays.remote(n, timeout)
-            ref = self._pending
-            self._pending = self.actor.sample_arrays.remote(n, timeout)
-            self._pending_n = n
-        else:
-            ref = self.actor.sample_arrays.remote(n, timeout)
+        if not n:
+            raise ValueError("sample() needs a batch_size (here or at construction).")
+        if self._local is not None:  # same node: straight from the shared storage
+            out = self._local.sample(n, timeout)
+            if out is not None:
+                return out
         try:
-            arrays = ray.get(ref, timeout=timeout + 5)
-            return _to_tensordict(arrays, n)
+            if not self.prefetch:
+                arrays = ray.get(self.actor.sample_arrays.remote(n, timeout), timeout=timeout + 5)[0]
+                return _to_tensordict(arrays, n)
+            if self._pending_n != n:  # another batch size: drop what was drawn ahead
+                self._drop_prefetched()
+            if not self._ready:
+                if self._pending is None:
+                    self._pending = self.actor.sample_arrays.remote(n, timeout, self.prefetch)
+                ref, self._pending_n = self._pending, n
+                self._pending = None
+                self._ready.extend(ray.get(ref, timeout=timeout + 5))
+                self._pending = self.actor.sample_arrays.remote(n, timeout, self.prefetch)
+            return _to_tensordict(self._ready.popleft(), n)
         except ray.exceptions.RayTaskError as exc:
             self._pending = None
             if isinstance(exc.cause, (TimeoutError, ValueError)):
                 raise exc.cause from None
             raise
         except RayActorError:
+            self._pending = None
             raise ReplayBufferUnavailable(f"replay buffer {self.name!r} is gone.") from None
 
     def update_priority(self, index, priority) -> None:
@@ -163,18 +197,27 @@ class RayReplayBuffer:
         return self.info()["write_count"]
 
     def info(self) -> dict:
-        return self._call("info")
+        sampled = 0
+        if self._local is not None:
+            sampled, self._local.unreported = self._local.unreported, 0
+        return self._call("info", sampled)
 
     def batch_ids(self) -> list:
         return self._call("batch_ids")
 
+    def _drop_prefetched(self) -> None:
+        self._ready.clear()
+        self._pending = self._pending_n = None
+
     def empty(self) -> None:
+        self._drop_prefetched()
         self._call("empty")
 
     def state_dict(self) -> dict:
         return self._call("state_dict")
 
     def load_state_dict(self, state: dict) -> None:
+        self._drop_prefetched()
         self._call("load_state_dict", state)
 
     def checkpoint(self, path: str) -> str:
@@ -182,6 +225,12 @@ class RayReplayBuffer:
 
     def shutdown(self) -> None:
         """Stop the actor and wait until it is gone (idempotent)."""
+        if self._local is not None:
+            self._local.close()
+        try:  # removes its shared-memory files; a hung or dead actor is killed all the same
+            ray.get(self.actor.close.remote(), timeout=2)
+        except Exception:  # noqa: BLE001
+            pass
         kill_quietly(self.actor)
         wait_dead([self.actor], time.monotonic() + 10)
 
@@ -200,5 +249,6 @@ def _to_tensordict(arrays: dict, n: int):
                       batch_size=[n])
 
 
-def _rebuild(actor, name, batch_size, timeout_s):
-    return RayReplayBuffer(0, name=name, batch_size=batch_size, timeout_s=timeout_s, _actor=actor)
+def _rebuild(actor, name, batch_size, timeout_s, share=False):
+    return RayReplayBuffer(0, name=name, batch_size=batch_size, timeout_s=timeout_s,
+                           local_sampling=share, _actor=actor)

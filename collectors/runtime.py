@@ -32,6 +32,23 @@ def ensure_ray(address: str | None = None, num_cpus: float | None = None,
     return True
 
 
+def near_caller(options: dict) -> dict:
+    """``options`` plus a soft preference for this process's node, unless they already place
+    the actor (a node pin or custom resources). The driver then shares the trainer's fate
+    instead of dying with some other node, and the replay buffer can be sampled locally."""
+    if "scheduling_strategy" in options or options.get("resources"):
+        return options
+    try:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        node = ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - e.g. a Ray client: let Ray choose
+        return options
+    if not node:
+        return options
+    return {**options, "scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=True)}
+
+
 def dashboard_url() -> str | None:
     """The dashboard's address of the connected Ray, ``http://host:port``, or ``None``."""
     try:

@@ -244,12 +244,20 @@ def torchrl_start_rate(seconds: float, workers: int = 2) -> float:
     return write_rate(c, rb, seconds)
 
 
-def trainer_slowdown(seconds: float = 3.0, workers: int = 2) -> tuple[float, float]:
-    """Training steps/s (sample 256 + one SGD step of a 4-64-64-2 MLP) without and with
-    background collection (``workers`` env actors) into the same buffer."""
+def trainer_slowdown(seconds: float = 1.5, workers: int = 2, local: bool = True,
+                     threads: int | None = None) -> tuple[float, float, float]:
+    """Training steps/s (sample 256 + one SGD step of a 4-64-64-2 MLP) with collection paused
+    and running (``workers`` env actors writing into the same buffer), alternated four times;
+    medians, plus the frames/s written while the trainer ran."""
+    import statistics
+
     from collectors import MultiaSyncDataCollector, RayReplayBuffer
 
-    rb = RayReplayBuffer(200_000, batch_size=256, prefetch=True)
+    threads_before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    rb = RayReplayBuffer(200_000, batch_size=256, local_sampling=None if local else False,
+                         prefetch=0 if local else 4)
     rb.extend(cartpole_batch(5000))
     net = nn.Sequential(nn.Linear(4, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 2))
     opt = torch.optim.Adam(net.parameters(), 1e-3)
@@ -265,15 +273,23 @@ def trainer_slowdown(seconds: float = 3.0, workers: int = 2) -> tuple[float, flo
             n += 1
         return n / (time.perf_counter() - t0)
 
-    alone = steps()
     c = MultiaSyncDataCollector("CartPole-v1", mlp_policy(), num_workers=workers,
                                 frames_per_batch=1000, replay_buffer=rb)
     c.start()
-    time.sleep(0.5)
-    during = steps()
+    alone, during, rate = [], [], []
+    for _ in range(4):
+        with c.pause():  # workers idle once their one batch ahead is done
+            time.sleep(0.3)
+            alone.append(steps())
+        time.sleep(0.3)
+        w0, t0 = rb.write_count, time.perf_counter()
+        during.append(steps())
+        rate.append((rb.write_count - w0) / (time.perf_counter() - t0))
     c.async_shutdown()
+    c.shutdown()
     rb.shutdown()
-    return alone, during
+    torch.set_num_threads(threads_before)
+    return statistics.median(alone), statistics.median(during), statistics.median(rate)
 
 
 def run_buffer(seconds: float) -> None:
@@ -305,11 +321,14 @@ def run_buffer(seconds: float) -> None:
     if trl:
         print(f"| TorchRL MultiAsyncCollector.start() -> ReplayBuffer | {trl:,.0f} |")
         print(f"\nratio: {ours_rate / trl:.2f}x TorchRL")
-    for workers in (1, 2):
-        alone, during = trainer_slowdown(seconds, workers)
-        print(f"\ntrainer (sample 256 + SGD step): {alone:,.0f} steps/s alone, {during:,.0f} "
-              f"steps/s while {workers} worker(s) collect into the buffer "
-              f"({(1 - during / alone) * 100:.0f}% slower)", flush=True)
+    print("\n| trainer: sample(256) + SGD step | torch threads | workers | steps/s alone | "
+          "steps/s while collecting | slower by | frames/s collected meanwhile |\n"
+          "|---|---:|---:|---:|---:|---:|---:|")
+    for local, threads, workers in ((True, 1, 1), (True, 1, 2), (True, None, 2), (False, 1, 2)):
+        alone, during, rate = trainer_slowdown(seconds / 2, workers, local, threads)
+        how = "local (shared memory)" if local else "actor calls, prefetch=4"
+        print(f"| {how} | {threads or torch.get_num_threads()} | {workers} | {alone:,.0f} | "
+              f"{during:,.0f} | {(1 - during / alone) * 100:.0f}% | {rate:,.0f} |", flush=True)
 
 
 def main(argv=None) -> None:

@@ -1,5 +1,6 @@
 """RayReplayBuffer: storage ring, samplers, rate limiter, checkpoints, errors."""
 import os
+import time
 
 import pytest
 import torch
@@ -163,11 +164,111 @@ def test_handle_round_trip_and_picklable(tmp_path):
     other.shutdown()
 
 
-def test_prefetching_sample():
-    rb = RayReplayBuffer(1000, batch_size=16, prefetch=True)
+@pytest.mark.parametrize("prefetch", [True, 4])
+def test_prefetching_sample(prefetch):
+    rb = RayReplayBuffer(1000, batch_size=16, prefetch=prefetch, local_sampling=False)
     rb.extend(frames(0, 100))
-    for _ in range(3):
-        assert rb.sample().batch_size == torch.Size([16])
+    for _ in range(9):
+        batch = rb.sample()
+        assert batch.batch_size == torch.Size([16])
+        assert torch.equal(batch["x"].squeeze(-1).long(), batch["index"])  # frame i is at slot i
+    assert rb._local is None and len(rb._ready) == (3 if prefetch == 4 else 0)
+    assert rb.sample(8).batch_size == torch.Size([8])  # another size: what was ahead is dropped
+    rb.shutdown()
+
+
+def test_local_sampling_reads_shared_storage_without_torn_frames():
+    import threading
+
+    rb = RayReplayBuffer(500, batch_size=64, name="rb-local")
+    with pytest.raises(TimeoutError):
+        rb.sample(4, timeout=0.3)  # empty: bounded wait, through the actor or locally
+    def constant(value, n=50):  # every entry of every frame of a write holds the same value
+        v = torch.full((n,), value)
+        return TensorDict({"x": v.float().unsqueeze(-1), "collector": {"traj_ids": v}}, [n])
+
+    rb.extend(constant(10_000, 100))
+    for _ in range(20):  # the first samples go through the actor while it says where to map
+        rb.sample()
+        time.sleep(0.05)
+    assert rb._local is not None and rb._local.reader is not None  # same node: mapped
+    folder = rb._local.reader.dir
+    assert os.path.isdir(folder)
+
+    stop = threading.Event()
+
+    def writer():
+        k = 0
+        while not stop.is_set():
+            rb.extend(constant(k))
+            k += 1
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        for _ in range(300):  # frames are whole: x and traj_ids come from the same write
+            batch = rb.sample()
+            assert torch.equal(batch["x"].squeeze(-1).long(), batch["collector", "traj_ids"])
+    finally:
+        stop.set()
+        thread.join()
+    sampled = rb.info()["samples"]
+    assert sampled >= 301 * 64  # local samples are counted by the actor
+    rb.shutdown()
+    assert not os.path.exists(folder)  # shared files removed
+    with pytest.raises(ReplayBufferUnavailable):
+        rb.sample()
+
+
+def test_local_sampling_notices_a_killed_buffer():
+    import ray
+
+    rb = RayReplayBuffer(100, batch_size=8)
+    rb.extend(frames(0, 50))
+    for _ in range(20):
+        rb.sample()
+        time.sleep(0.05)
+    assert rb._local.reader is not None
+    ray.kill(rb.actor)
+    deadline = time.time() + 10
+    with pytest.raises(ReplayBufferUnavailable):
+        while time.time() < deadline:
+            rb.sample()
+    assert time.time() < deadline
+
+
+def test_local_sampling_follows_a_restart_from_checkpoint(tmp_path):
+    import signal
+
+    rb = RayReplayBuffer(1000, batch_size=8, checkpoint_dir=str(tmp_path / "c"))
+    rb.extend(frames(0, 50))
+    rb.checkpoint(str(tmp_path / "c"))
+    for _ in range(20):
+        rb.sample()
+        time.sleep(0.05)
+    old = rb._local.reader.dir
+    os.kill(rb.info()["pid"], signal.SIGKILL)
+    deadline = time.time() + 60
+    while time.time() < deadline and rb.info()["restored_from"] is None:
+        time.sleep(0.2)
+    rb.extend(frames(50, 50))
+    for _ in range(20):  # the old mapping is dropped, the new storage mapped
+        rb.sample()
+        time.sleep(0.05)
+    assert rb._local.reader.dir != old and not os.path.exists(old)
+    seen = set()
+    for _ in range(50):  # 3,200 uniform draws over 100 frames: all of them come up
+        seen |= set(rb.sample(64)["x"].squeeze(-1).long().tolist())
+    assert seen == set(range(100))  # restored frames and the ones written after
+    rb.shutdown()
+
+
+def test_local_sampling_only_for_the_uniform_sampler():
+    with pytest.raises(ValueError, match="local_sampling=True"):
+        RayReplayBuffer(10, sampler="prioritized", local_sampling=True)
+    rb = RayReplayBuffer(100, sampler="prioritized", batch_size=4)
+    rb.extend(frames(0, 10))
+    assert rb.sample().batch_size == torch.Size([4]) and rb._local is None
     rb.shutdown()
 
 
