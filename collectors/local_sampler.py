@@ -31,18 +31,27 @@ class LocalSampler:
         self.unreported = 0  # frames sampled here and not yet counted by the actor
         self._probe = None  # a storage_location call in flight
         self._next_check = 0.0
+        self.off = False  # the storage is not reachable from here (another pid namespace...)
 
     def _locate(self, loc: dict | None) -> None:
         self.reader = None
-        if loc and loc["node_id"] == ray.get_runtime_context().get_node_id() \
-                and os.path.isdir(loc["dir"]):
-            self.reader = RingReader(loc, self.seed)
-            self.min_size = loc["min_size"]
+        if loc is None:  # no storage yet (nothing written): look again soon
+            return
+        if loc["node_id"] != ray.get_runtime_context().get_node_id() or not os.path.isdir(loc["dir"]):
+            self.off = True  # another node (or another /dev/shm): calls from now on
+            return
+        reader = RingReader(loc, self.seed)
+        if not reader.usable():  # same node, but its process is not visible from here
+            self.off = True
+            return
+        self.reader, self.min_size = reader, loc["min_size"]
 
     def _refresh(self) -> None:
         """Keep ``reader`` on the live storage without ever waiting: a small call asks the
         actor where its storage is (often until mapped, every ``CHECK_S`` after) and is read
         on a later sample. Raises once the actor is gone for good."""
+        if self.off:
+            return
         now = time.monotonic()
         if self.reader is not None and not self.reader.usable():
             self.reader, self._next_check = None, 0.0

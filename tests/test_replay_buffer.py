@@ -279,3 +279,15 @@ def test_bad_arguments():
         RayReplayBuffer(10, sampler="slice")
     with pytest.raises(ValueError, match="capacity"):
         RayReplayBuffer(0)
+
+
+def test_local_sampler_stays_off_for_storage_it_cannot_reach():
+    from collectors.local_sampler import LocalSampler
+
+    s = LocalSampler(actor=None, name="x")
+    s._locate(None)  # nothing written yet: keep asking
+    assert s.reader is None and not s.off
+    s._locate({"node_id": "another-node", "dir": "/nonexistent", "pid": 1, "layout": [],
+               "capacity": 1, "min_size": 0})
+    assert s.reader is None and s.off  # another node: calls from now on, no more probes
+    assert s.sample(4, timeout=1.0) is None
