@@ -8,9 +8,12 @@ import gc
 import logging
 import os
 import time
+from dataclasses import dataclass
+from typing import Any
 
 import ray
 
+from actors.options import CollectorOptions
 from actors.rollout import Rollout
 
 log = logging.getLogger("ray_collectors.worker")
@@ -31,48 +34,56 @@ def make_env_fn(create_env_fn, create_env_kwargs: dict | None):
     return lambda: create_env_fn(**kwargs)
 
 
+@dataclass(frozen=True)
+class WorkerPlan:
+    """What every env worker of one collector is built from; put in Ray's object store once.
+
+    ``env_fns`` holds one factory (a gymnasium id or a callable) per worker; ``spec`` is the
+    storage spec from :func:`collectors.validate.build_spec`; ``steps`` the steps per batch.
+    """
+
+    env_fns: tuple
+    policy: Any
+    policy_kind: str
+    spec: dict
+    steps: int
+    options: CollectorOptions
+
+
 class EnvWorker:
     """Steps ``num_envs`` envs with a copy of the policy; see ``collect``.
 
-    ``config`` keys: ``create_env_fn``, ``create_env_kwargs``, ``num_envs``, ``policy``,
-    ``policy_kind``, ``spec``, ``steps``, ``seed``, ``worker_index``, ``num_workers``,
-    ``max_frames_per_traj``, plus optional fault-handling keys read by :class:`Rollout`.
+    Internal: made remote by the driver with ``ray.remote(EnvWorker)``; usable in-process for
+    tests.
     """
 
-    def __init__(self, config: dict, *, worker_index: int | None = None, id_counter: int = 0,
-                 restarts: int = 0, weights=None, policy_version: int = 0):
-        self.worker_index = config["worker_index"] if worker_index is None else worker_index
+    def __init__(self, plan: WorkerPlan, *, worker_index: int = 0, id_counter: int = 0,
+                 restarts: int = 0, weights=None, policy_version: int = 0,
+                 seed: tuple | None = None):
+        options = plan.options
+        self.worker_index = worker_index
         self.restarts = restarts
         self.batches = 0
         self._collecting = None
         self.frames = 0
         self.episodes = 0
-        if config.get("nice"):
-            os.nice(int(config["nice"]))  # background work: the trainer keeps its CPU share
-        if config["policy_kind"] != "random":
+        if options.worker_nice:
+            os.nice(options.worker_nice)  # background work: the trainer keeps its CPU share
+        if plan.policy_kind != "random":
             import torch
 
             torch.set_num_threads(1)  # tiny per-step batches: threads cost more than they give
-        os.environ["RAY_COLLECTORS_WORKER_ID"] = str(self.worker_index)
+        os.environ["RAY_COLLECTORS_WORKER_ID"] = str(worker_index)
         os.environ["RAY_COLLECTORS_WORKER_RESTARTS"] = str(restarts)
-        num_envs = config["num_envs"]
-        factory = config["create_env_fn"]
-        if config.get("create_env_fns"):
-            factory = config["create_env_fns"][self.worker_index]
-        env_fn = make_env_fn(factory, config.get("create_env_kwargs"))
+        if seed is not None:  # (seed, static_seed) of the latest set_seed(): replacements follow it
+            options = options.model_copy(update={"seed": seed[0]})
+        env_fn = make_env_fn(plan.env_fns[worker_index], options.create_env_kwargs)
         self.rollout = Rollout(
-            [env_fn] * num_envs, config["policy"], config["policy_kind"], config["spec"],
-            config["steps"], seed=config.get("seed"),
-            slot_offset=self.worker_index * num_envs, id_stride=config.get("num_workers", 1),
-            id_offset=self.worker_index, id_counter=id_counter,
-            max_frames_per_traj=config.get("max_frames_per_traj"),
-            check_finite=config.get("check_finite", False),
-            check_obs_space=config.get("check_obs_space", False),
-            on_env_error=config.get("on_env_error", "restart"),
-            max_env_restarts=config.get("max_restarts", 3),
-            restart_window_s=config.get("restart_window_s", 60.0),
-            restart_backoff_s=config.get("restart_backoff_s", 0.0),
-        )
+            [env_fn] * options.num_envs, plan.policy, plan.policy_kind, plan.spec, plan.steps,
+            options, slot_offset=worker_index * options.num_envs, id_stride=options.num_workers,
+            id_offset=worker_index, id_counter=id_counter)
+        if seed is not None and seed[1]:
+            self.rollout.set_seed(seed[0], static_seed=True)
         if weights is not None:
             self.set_weights(weights, policy_version)
 
@@ -135,11 +146,11 @@ class EnvWorker:
         self.rollout.policy_version = int(version)
         return int(version)
 
-    def set_seed(self, seed: int | None) -> None:
-        self.rollout.set_seed(seed)
+    def set_seed(self, seed: int | None, static_seed: bool = False) -> None:
+        self.rollout.set_seed(seed, static_seed)
 
-    def reset(self) -> None:
-        self.rollout.reset()
+    def reset(self, env_indices=None) -> None:
+        self.rollout.reset(env_indices)
 
     def state_dict(self) -> dict:
         r = self.rollout

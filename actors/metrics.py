@@ -13,59 +13,59 @@ class Metrics:
 
     def __init__(self, collector: str, role: str):
         self.base = {"collector": collector, "role": role}
-        self.m = None
+        self.metric = None
         try:
-            from ray.util import metrics as rm
+            from ray.util import metrics as ray_metrics
 
-            c, g = rm.Counter, rm.Gauge
-            self.m = {
-                "frames": c("collectors_frames", "Frames collected", tag_keys=TAGS),
-                "episodes": c("collectors_episodes", "Episodes finished", tag_keys=TAGS),
-                "restarts": c("collectors_restarts", "Worker restarts", tag_keys=TAGS),
-                "fps": g("collectors_frames_per_s", "Frames per second of the last batch", tag_keys=TAGS),
-                "ret": g("collectors_episode_return", "Mean return of the episodes of the last batch", tag_keys=TAGS),
-                "step": g("collectors_env_step_time_s", "Mean env.step time per frame (s)", tag_keys=TAGS),
-                "latency": g("collectors_batch_latency_s", "Time to collect the last batch (s)", tag_keys=TAGS),
-                "version": g("collectors_policy_version", "Policy version of the last batch", tag_keys=TAGS),
-                "lag": g("collectors_policy_lag", "Newest version minus the last batch's version", tag_keys=TAGS),
-                "size": g("collectors_buffer_size", "Frames held by the replay buffer", tag_keys=TAGS),
-                "inserts": c("collectors_buffer_inserts", "Frames inserted into the replay buffer", tag_keys=TAGS),
-                "samples": c("collectors_buffer_samples", "Frames sampled from the replay buffer", tag_keys=TAGS),
+            counter, gauge = ray_metrics.Counter, ray_metrics.Gauge
+            self.metric = {
+                "frames": counter("collectors_frames", "Frames collected", tag_keys=TAGS),
+                "episodes": counter("collectors_episodes", "Episodes finished", tag_keys=TAGS),
+                "restarts": counter("collectors_restarts", "Worker restarts", tag_keys=TAGS),
+                "frames_per_s": gauge("collectors_frames_per_s", "Frames per second of the last batch", tag_keys=TAGS),
+                "episode_return": gauge("collectors_episode_return", "Mean return of the episodes of the last batch", tag_keys=TAGS),
+                "env_step_time": gauge("collectors_env_step_time_s", "Mean env.step time per frame (s)", tag_keys=TAGS),
+                "latency": gauge("collectors_batch_latency_s", "Time to collect the last batch (s)", tag_keys=TAGS),
+                "policy_version": gauge("collectors_policy_version", "Policy version of the last batch", tag_keys=TAGS),
+                "policy_lag": gauge("collectors_policy_lag", "Newest version minus the last batch's version", tag_keys=TAGS),
+                "buffer_size": gauge("collectors_buffer_size", "Frames held by the replay buffer", tag_keys=TAGS),
+                "buffer_inserts": counter("collectors_buffer_inserts", "Frames inserted into the replay buffer", tag_keys=TAGS),
+                "buffer_samples": counter("collectors_buffer_samples", "Frames sampled from the replay buffer", tag_keys=TAGS),
             }
         except Exception:  # noqa: BLE001 - metrics are best effort
-            self.m = None
+            self.metric = None
 
     def _tags(self, worker) -> dict:
         return {**self.base, "worker": str(worker)}
 
     def batch(self, meta: dict, newest_version: int) -> None:
-        if self.m is None:
+        if self.metric is None:
             return
         tags = self._tags(meta["worker"])
         tags["role"] = "env-worker"
-        frames, t = meta["frames"], max(meta["collect_time"], 1e-9)
-        self.m["frames"].inc(frames, tags)
+        frames, seconds = meta["frames"], max(meta["collect_time"], 1e-9)
+        self.metric["frames"].inc(frames, tags)
         if meta["episode_returns"]:
-            self.m["episodes"].inc(len(meta["episode_returns"]), tags)
-            self.m["ret"].set(sum(meta["episode_returns"]) / len(meta["episode_returns"]), tags)
-        self.m["fps"].set(frames / t, tags)
-        self.m["step"].set(meta["env_time"] / max(frames, 1), tags)
-        self.m["latency"].set(t, tags)
-        self.m["version"].set(meta["policy_version"], tags)
-        self.m["lag"].set(newest_version - meta["policy_version"], tags)
+            self.metric["episodes"].inc(len(meta["episode_returns"]), tags)
+            self.metric["episode_return"].set(sum(meta["episode_returns"]) / len(meta["episode_returns"]), tags)
+        self.metric["frames_per_s"].set(frames / seconds, tags)
+        self.metric["env_step_time"].set(meta["env_time"] / max(frames, 1), tags)
+        self.metric["latency"].set(seconds, tags)
+        self.metric["policy_version"].set(meta["policy_version"], tags)
+        self.metric["policy_lag"].set(newest_version - meta["policy_version"], tags)
 
     def restart(self, worker) -> None:
-        if self.m is not None:
+        if self.metric is not None:
             tags = self._tags(worker)
             tags["role"] = "env-worker"
-            self.m["restarts"].inc(1, tags)
+            self.metric["restarts"].inc(1, tags)
 
     def buffer(self, size: int, inserted: int = 0, sampled: int = 0) -> None:
-        if self.m is None:
+        if self.metric is None:
             return
         tags = self._tags("-")
-        self.m["size"].set(size, tags)
+        self.metric["buffer_size"].set(size, tags)
         if inserted:
-            self.m["inserts"].inc(inserted, tags)
+            self.metric["buffer_inserts"].inc(inserted, tags)
         if sampled:
-            self.m["samples"].inc(sampled, tags)
+            self.metric["buffer_samples"].inc(sampled, tags)

@@ -13,44 +13,14 @@ import traceback
 
 import numpy as np
 
-from actors.policy import ACTION_KEY, PolicyRunner
+from actors.errors import EnvRestartsExhausted, EnvSpecError, EnvStepError, PolicyError
+from actors.options import CollectorOptions
+from actors.policy_runner import ACTION_KEY, PolicyRunner
+from actors.restarts import RestartBudget
 from actors.spaces import split_observation
 
 NEXT = "next"
 COLLECTOR = "collector"
-
-
-class EnvStepError(RuntimeError):
-    """``env.step`` or ``env.reset`` raised; carries which env and its seed."""
-
-    def __init__(self, env_index: int, seed, phase: str, cause: BaseException):
-        self.env_index = env_index
-        self.seed = seed
-        self.phase = phase
-        self.tb = "".join(traceback.format_exception(cause))
-        super().__init__(f"env {env_index} (seed {seed}) raised in {phase}: {cause!r}")
-
-    def __reduce__(self):
-        return (_rebuild_env_error, (self.args[0], self.env_index, self.seed, self.phase, self.tb))
-
-
-def _rebuild_env_error(message, env_index, seed, phase, tb):
-    err = RuntimeError.__new__(EnvStepError)
-    RuntimeError.__init__(err, message)
-    err.env_index, err.seed, err.phase, err.tb = env_index, seed, phase, tb
-    return err
-
-
-class EnvSpecError(ValueError):
-    """The env returned data that does not match its declared spaces (or is not finite)."""
-
-
-class EnvRestartsExhausted(RuntimeError):
-    """An env kept failing: more restarts than allowed within the window."""
-
-
-class PolicyError(RuntimeError):
-    """The user's policy raised inside the worker: a bug to report, not a crash to retry."""
 
 
 def _derive_seed(base: int | None, slot: int, restarts: int) -> int | None:
@@ -68,33 +38,30 @@ class Rollout:
     different workers never collide and each worker's ids increase.
     """
 
-    def __init__(self, env_fns, policy, policy_kind: str, spec: dict, steps: int, *,
-                 seed: int | None = None, slot_offset: int = 0, id_stride: int = 1,
-                 id_offset: int = 0, id_counter: int = 0, max_frames_per_traj: int | None = None,
-                 check_finite: bool | str = False, check_obs_space: bool = False,
-                 on_env_error: str = "restart",
-                 max_env_restarts: int = 3, restart_window_s: float = 60.0,
-                 restart_backoff_s: float = 0.0):
+    def __init__(self, env_fns, policy, policy_kind: str, spec: dict, steps: int,
+                 options: CollectorOptions | None = None, *, slot_offset: int = 0,
+                 id_stride: int = 1, id_offset: int = 0, id_counter: int = 0):
+        options = options or CollectorOptions(frames_per_batch=steps * len(env_fns))
+        self.options = options
         self.env_fns = list(env_fns)
         self.num_envs = len(self.env_fns)
         self.steps = int(steps)
         self.spec = spec
         self.obs_keys = tuple(spec["obs"])
         self.obs_is_dict = bool(spec["obs_is_dict"])
-        self.max_frames_per_traj = max_frames_per_traj
-        self.check_finite = check_finite
-        self.check_obs_space = check_obs_space
-        self.drop_bad_episodes = check_finite == "drop_episode"
+        self.max_frames_per_traj = options.max_frames_per_traj
+        self.check_finite = options.check_finite
+        self.check_obs_space = options.check_obs_space
+        self.drop_bad_episodes = options.check_finite == "drop_episode"
         self.dropped_frames = 0  # frames of dropped episodes in the last batch
-        self.on_env_error = on_env_error
-        self.max_env_restarts = max_env_restarts
-        self.restart_window_s = restart_window_s
-        self.restart_backoff_s = restart_backoff_s
+        self.on_env_error = options.on_worker_error
+        self.budget = RestartBudget(options.max_restarts, options.restart_window_s,
+                                    options.restart_backoff_s)
         self.env_errors: list[dict] = []  # reported and cleared by the worker each batch
-        self._error_times: list[float] = []
         self.stop_requested = False  # set from another thread to cut the batch short
         self.last_valid_steps = steps
-        self.seed = seed
+        self.seed = options.seed
+        self.static_seed = False  # set_seed(static_seed=True): every env gets the same seed
         self.slot_offset = slot_offset
         self.id_stride = id_stride
         self.id_offset = id_offset
@@ -102,14 +69,15 @@ class Rollout:
         self.policy_version = 0
         self.env_restarts = [0] * self.num_envs
         self.envs = [None] * self.num_envs
-        self.runner = PolicyRunner(policy, policy_kind, self.obs_keys, self.num_envs)
+        self.runner = PolicyRunner(policy, policy_kind, self.obs_keys, self.num_envs,
+                                   options.exploration_type)
         # per-env state carried across batches
         self._obs = {k: [np.zeros(s, d)] * self.num_envs for k, (s, d) in spec["obs"].items()}
         self._traj = [0] * self.num_envs
         self._step_count = [0] * self.num_envs
         self._returns = [0.0] * self.num_envs
         self._needs_reset = [True] * self.num_envs
-        self._next_seed = [_derive_seed(seed, slot_offset + i, 0) for i in range(self.num_envs)]
+        self._next_seed = [self._seed_for(i, 0) for i in range(self.num_envs)]
         self.buffers = self._allocate(self.steps)
         self.episode_returns: list[float] = []
         self.last_env_time = 0.0
@@ -162,20 +130,31 @@ class Rollout:
         self._returns[i] = 0.0
         self._needs_reset[i] = False
 
-    def set_seed(self, seed: int | None) -> None:
-        """Reseed every env (applied at its next reset, which happens now) and the policy RNG."""
+    def _seed_for(self, i: int, restarts: int) -> int | None:
+        if self.static_seed and self.seed is not None:
+            return int(self.seed) + 1_000_003 * restarts
+        return _derive_seed(self.seed, self.slot_offset + i, restarts)
+
+    def set_seed(self, seed: int | None, static_seed: bool = False) -> None:
+        """Reseed every env (``seed + slot``, or ``seed`` for all with ``static_seed``) and the
+        policy RNG; every env starts a new episode from it at the next step."""
         self.seed = seed
+        self.static_seed = bool(static_seed)
         for i in range(self.num_envs):
-            self._next_seed[i] = _derive_seed(seed, self.slot_offset + i, self.env_restarts[i])
+            self._next_seed[i] = self._seed_for(i, self.env_restarts[i])
             if self._next_seed[i] is not None:
                 self.envs[i].action_space.seed(self._next_seed[i])
             self._needs_reset[i] = True
         if seed is not None and self.runner.kind != "random":
-            self.runner._torch.manual_seed(int(seed) + self.slot_offset)
+            self.runner.torch.manual_seed(int(seed) + self.slot_offset)
 
-    def reset(self) -> None:
-        """Start a fresh episode (and trajectory id) in every env at the next step."""
-        self._needs_reset = [True] * self.num_envs
+    def reset(self, env_indices=None) -> None:
+        """Start a fresh episode (and trajectory id) at the next step, in every env or in those
+        of ``env_indices``."""
+        for i in range(self.num_envs) if env_indices is None else env_indices:
+            if not 0 <= int(i) < self.num_envs:
+                raise IndexError(f"env index {i} is out of range for {self.num_envs} envs.")
+            self._needs_reset[int(i)] = True
 
     def rebuild_env(self, i: int) -> int | None:
         """Replace a failed env with a new one seeded from (base seed, slot, restart count)."""
@@ -184,19 +163,23 @@ class Rollout:
             self.envs[i].close()
         except Exception:  # noqa: BLE001 - the env is already broken
             pass
-        self._next_seed[i] = _derive_seed(self.seed, self.slot_offset + i, self.env_restarts[i])
+        self._next_seed[i] = self._seed_for(i, self.env_restarts[i])
         self._make_env(i)
         self._needs_reset[i] = True
         return self._next_seed[i]
 
     def close(self) -> None:
+        """Close every env (all of them, even if one raises); then raise the first error."""
+        errors = []
         for i, env in enumerate(self.envs):
             if env is not None:
+                self.envs[i] = None
                 try:
                     env.close()
-                except Exception:  # noqa: BLE001
-                    pass
-                self.envs[i] = None
+                except Exception as exc:  # noqa: BLE001 - raised below, after the others
+                    errors.append(EnvStepError(i, self._seed_of(i), "close", exc))
+        if errors:
+            raise errors[0]
 
     # -- the loop ------------------------------------------------------------------------
     def collect(self, random_actions: bool = False) -> dict:
@@ -231,7 +214,7 @@ class Rollout:
         drops: list = []
         valid = steps
         t_env = 0.0
-        with _no_grad(runner):
+        with runner.context():
             for t in range(steps):
                 if self.stop_requested:
                     valid = t
@@ -346,7 +329,7 @@ class Rollout:
             for value in buf.values():
                 value[:, v:] = 0
             buf[(COLLECTOR, "traj_ids")][:, v:] = -1
-        if self.check_finite is True:
+        if self.check_finite == "raise":
             _check_finite(buf)
         return buf
 
@@ -380,21 +363,18 @@ class Rollout:
         """Record a failed env, enforce the restart budget, and rebuild it (with backoff)."""
         if self.on_env_error == "raise":
             raise err
-        now = time.monotonic()
-        self._error_times = [x for x in self._error_times if now - x < self.restart_window_s]
-        self._error_times.append(now)
         self.env_errors.append(
-            {"env": i, "seed": err.seed, "phase": err.phase, "error": repr(err.__cause__),
-             "traceback": err.tb}
+            {"env": i, "seed": err.seed, "phase": err.phase, "error": str(err), "traceback": err.tb}
         )
-        if len(self._error_times) > self.max_env_restarts:
+        wait = self.budget.failed()
+        if wait is None:
             raise EnvRestartsExhausted(
-                f"env {i} failed {len(self._error_times)} times within {self.restart_window_s:g}s "
-                f"(max_restarts={self.max_env_restarts}); last error in {err.phase} with seed "
+                f"env {i} failed {self.budget.recent()} times within {self.budget.window_s:g}s "
+                f"(max_restarts={self.budget.max_restarts}); last error in {err.phase} with seed "
                 f"{err.seed}:\n{err.tb}"
             ) from err.__cause__
-        if self.restart_backoff_s:
-            time.sleep(min(self.restart_backoff_s * 2 ** (len(self._error_times) - 1), 30.0))
+        if wait:
+            time.sleep(wait)
         try:
             self.rebuild_env(i)
         except Exception as exc:  # noqa: BLE001
@@ -409,23 +389,7 @@ class Rollout:
                 self._env_failed(i, err)
 
     def _seed_of(self, i: int):
-        return _derive_seed(self.seed, self.slot_offset + i, self.env_restarts[i])
-
-
-class _no_grad:
-    """``torch.inference_mode()`` when the policy is a torch one, else nothing."""
-
-    def __init__(self, runner: PolicyRunner):
-        self.ctx = runner._torch.inference_mode() if runner._torch is not None else None
-
-    def __enter__(self):
-        if self.ctx is not None:
-            self.ctx.__enter__()
-
-    def __exit__(self, *exc):
-        if self.ctx is not None:
-            return self.ctx.__exit__(*exc)
-        return False
+        return self._seed_for(i, self.env_restarts[i])
 
 
 def _check_finite(buf: dict) -> None:

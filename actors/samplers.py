@@ -1,7 +1,10 @@
 """Samplers for the replay-buffer actor. Each returns ``(index, weight_or_None)``."""
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+from actors.sum_tree import SumTree
 
 TRAJ_KEY = ("collector", "traj_ids")
 
@@ -43,10 +46,16 @@ class RandomSampler(Sampler):
 
 
 class WithoutReplacementSampler(Sampler):
-    """Every stored frame once per epoch, in a fresh random order each epoch."""
+    """Every stored frame once per epoch, in a fresh random order each epoch.
+
+    A batch that an epoch cannot fill is completed from the next epoch, or, with
+    ``drop_last=True``, the epoch's remaining frames are skipped and the batch comes whole from
+    the next epoch (TorchRL's ``SamplerWithoutReplacement(drop_last=True)``).
+    """
 
     def __init__(self, capacity, seed=None, drop_last: bool = False):
         super().__init__(capacity, seed)
+        self.drop_last = bool(drop_last)
         self.perm = torch.empty(0, dtype=torch.int64)
         self.pos = 0
         self.epoch = 0
@@ -55,6 +64,11 @@ class WithoutReplacementSampler(Sampler):
         self.perm, self.pos = torch.empty(0, dtype=torch.int64), 0
 
     def sample(self, n, storage, size):
+        if self.drop_last and n > size:
+            raise ValueError(f"drop_last=True and a batch of {n} is larger than the {size} stored "
+                             "frames: no full batch exists. Sample fewer or wait for more data.")
+        if self.drop_last and len(self.perm) - self.pos < n:
+            self.pos = len(self.perm)  # the short rest of this epoch is dropped
         out = []
         while n > 0:
             if self.pos >= len(self.perm):
@@ -80,30 +94,38 @@ class WithoutReplacementSampler(Sampler):
 
 
 class PrioritizedSampler(Sampler):
-    """Proportional prioritization: P(i) ~ p_i^alpha, weights (N P(i))^-beta / max weight."""
+    """Proportional prioritization: P(i) ~ (p_i + eps)^alpha, weights (N P(i))^-beta / max
+    weight. A sum tree keeps draws and updates at O(log n) whatever the capacity."""
 
     def __init__(self, capacity, seed=None, alpha: float = 0.6, beta: float = 0.4, eps: float = 1e-8):
         super().__init__(capacity, seed)
         if alpha < 0 or beta < 0:
             raise ValueError(f"alpha and beta must be >= 0; got alpha={alpha}, beta={beta}.")
         self.alpha, self.beta, self.eps = alpha, beta, eps
-        self.priority = torch.zeros(capacity, dtype=torch.float64)
+        self.priority = np.zeros(capacity, np.float64)  # raw priorities, for state and checks
+        self.tree = SumTree(capacity)
         self.max_priority = 1.0
 
+    def _set(self, index: np.ndarray, priority: np.ndarray) -> None:
+        self.priority[index] = priority
+        self.tree.update(index, (self.priority[index] + self.eps) ** self.alpha)
+
     def on_write(self, idx, storage, size):
-        self.priority[idx] = self.max_priority
+        self._set(idx.numpy(), np.full(len(idx), self.max_priority))
 
     def reset(self):
-        self.priority.zero_()
+        self.priority.fill(0.0)
+        self.tree.clear()
         self.max_priority = 1.0
 
     def sample(self, n, storage, size):
-        p = (self.priority[:size] + self.eps) ** self.alpha
-        probs = p / p.sum()
-        index = torch.multinomial(probs, n, replacement=True, generator=self.gen)
-        weight = (size * probs[index]) ** (-self.beta)
-        weight = weight / (size * probs.min()) ** (-self.beta)
-        return index, weight.float()
+        total = self.tree.total
+        prefix = torch.rand(n, generator=self.gen, dtype=torch.float64).numpy() * total
+        index = np.minimum(self.tree.find(prefix), size - 1)
+        probs = self.tree.values(index) / total
+        weight = (size * probs) ** (-self.beta)
+        weight = weight / (size * self.tree.min(size) / total) ** (-self.beta)
+        return torch.from_numpy(index), torch.from_numpy(weight).float()
 
     def update_priority(self, index, priority):
         if index.shape != priority.shape and priority.numel() != 1:
@@ -111,20 +133,27 @@ class PrioritizedSampler(Sampler):
                              f"{tuple(priority.shape)} differ.")
         if (priority < 0).any() or not torch.isfinite(priority).all():
             raise ValueError("priorities must be finite and >= 0.")
-        self.priority[index.long()] = priority.double()
+        index = index.long().reshape(-1).numpy()
+        if index.size and (index.min() < 0 or index.max() >= self.capacity):
+            raise ValueError(f"priority index out of range [0, {self.capacity}).")
+        value = np.broadcast_to(priority.double().reshape(-1).numpy(), index.shape)
+        self._set(index, value)
         self.max_priority = max(self.max_priority, float(priority.max()))
 
     def state(self):
         return {"max_priority": self.max_priority, "alpha": self.alpha, "beta": self.beta}
 
     def tensors(self):
-        return {**super().tensors(), "priority": self.priority}
+        return {**super().tensors(), "priority": torch.from_numpy(self.priority.copy())}
 
     def load(self, state, tensors, storage, size):
         super().load(state, tensors, storage, size)
         self.max_priority = state["max_priority"]
         if "priority" in tensors:
-            self.priority = tensors["priority"].double().clone()
+            self.priority = tensors["priority"].double().numpy().copy()
+            self.tree.clear()
+            if size:
+                self._set(np.arange(size), self.priority[:size])
 
 
 class SliceSampler(Sampler):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import time
 import uuid
@@ -11,27 +12,25 @@ import ray
 import torch
 from ray.exceptions import ObjectLostError, RayTaskError
 
-from actors.driver import Driver, WorkerFailure
+from actors import driver as driver_body
+from actors.env_worker import WorkerPlan
+from actors.errors import CollectorError, RayCollectorsError, unwrap
+from actors.options import CollectorOptions, options_doc
 from collectors import validate
 from collectors.batch import assemble, mark_truncated, split_trajectories
-from collectors.shipping import ship_by_value
-from collectors.errors import CollectorError, EnvCreationError, ReplayBufferUnavailable
 from collectors.runtime import ensure_ray, kill_quietly as _kill_quietly, near_caller
 from collectors.runtime import wait_dead as _wait_dead
+from collectors.shipping import ship_by_value
 
 
 def _ray_get(ref, timeout=None):
-    """``ray.get`` that turns a worker failure inside the driver into ``CollectorError``."""
+    """``ray.get`` that re-raises our own errors from inside the actors as themselves."""
     try:
         return ray.get(ref, timeout=timeout)
     except RayTaskError as exc:
-        cause = exc.cause
-        if isinstance(cause, WorkerFailure):
-            if cause.kind == "buffer":
-                raise ReplayBufferUnavailable(str(cause)) from None
-            if cause.kind == "init":
-                raise EnvCreationError(str(cause)) from None
-            raise CollectorError(str(cause), worker=cause.worker) from None
+        cause = unwrap(exc)
+        if isinstance(cause, RayCollectorsError):
+            raise cause from None
         raise
 
 
@@ -40,137 +39,122 @@ class DataCollectorBase:
 
     Subclasses choose the number of workers, the layout (``single``, ``stack``, ``cat``) and
     whether batches are gathered synchronously or yielded as they come (``_async``).
+
+    Args:
+        create_env_fn: a gymnasium id, or a callable returning a ``gymnasium.Env`` (multi
+            collectors: also a list with one per worker).
+        policy: ``None`` (uniform random), an ``nn.Module`` mapping the observation tensor to
+            the action, a ``TensorDictModule``, or a callable TensorDict -> TensorDict.
+
+    {options}
     """
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        _document(cls)
 
     _layout = "single"
     _async = False
     _multi = False
 
-    def __init__(self, create_env_fn, policy=None, *, frames_per_batch: int, total_frames: int = -1,
-                 num_envs: int = 1, num_workers: int = 1, create_env_kwargs: dict | None = None,
-                 max_frames_per_traj: int | None = None, init_random_frames: int | None = 0,
-                 reset_at_each_iter: bool = False, split_trajs: bool = False, postproc=None,
-                 seed: int | None = None, set_truncated: bool = False, replay_buffer=None,
-                 update_at_each_batch: bool = False, preemptive_threshold: float | None = None,
-                 name: str | None = None, config=None, sample_timeout_s: float | None = None,
-                 startup_timeout_s: float = 60.0, max_restarts: int = 3,
-                 restart_window_s: float = 60.0, restart_backoff_s: float = 0.0,
-                 on_worker_error: str = "restart", check_finite: bool | str = False,
-                 check_obs_space: bool = False,
-                 prefetch: int = 1, num_cpus: float | None = None, num_gpus: float | None = None,
-                 resources: dict | None = None, write_timeout_s: float = 30.0,
-                 worker_nice: int = 0, **kwargs):
+    def __init__(self, create_env_fn, policy=None, *, frames_per_batch: int,
+                 total_frames: int = -1, **kwargs):
         cls_name = type(self).__name__
-        validate.reject_unsupported(kwargs, cls_name)
-        # -- validate everything before building anything --------------------------------
-        frames_per_batch = validate.positive_int("frames_per_batch", frames_per_batch)
-        num_envs = validate.positive_int("num_envs", num_envs)
-        num_workers = validate.positive_int("num_workers", num_workers)
-        total_frames = validate.check_total_frames(total_frames)
-        if max_frames_per_traj is not None and max_frames_per_traj <= 0:
-            max_frames_per_traj = None  # TorchRL: -1 / 0 mean "no limit"
-        if check_finite not in (False, True, "raise", "drop_episode"):
-            raise ValueError(f"check_finite must be False, True ('raise') or 'drop_episode'; got {check_finite!r}.")
-        check_finite = True if check_finite == "raise" else check_finite
-        if on_worker_error not in ("restart", "raise"):
-            raise ValueError(f"on_worker_error must be 'restart' or 'raise'; got {on_worker_error!r}.")
-        if sample_timeout_s is not None and sample_timeout_s <= 0:
-            raise ValueError(f"sample_timeout_s must be positive or None; got {sample_timeout_s!r}.")
-        if preemptive_threshold is not None:
-            if not self._multi or self._async:
-                raise ValueError(f"preemptive_threshold is only for MultiSyncDataCollector; {cls_name} got it.")
-            if not 0.0 < preemptive_threshold <= 1.0:
-                raise ValueError(f"preemptive_threshold must be in (0, 1]; got {preemptive_threshold!r}.")
-        if replay_buffer is not None and not hasattr(replay_buffer, "extend"):
-            raise TypeError(f"replay_buffer must be a collectors.RayReplayBuffer (or have extend()); "
-                            f"got {type(replay_buffer).__name__}.")
-        if postproc is not None and not callable(postproc):
-            raise TypeError(f"postproc must be callable; got {type(postproc).__name__}.")
-        env_fns = create_env_fn if isinstance(create_env_fn, (list, tuple)) else None
-        if env_fns is not None:
-            if len(env_fns) != num_workers:
-                raise ValueError(
-                    f"create_env_fn is a list of {len(env_fns)} factories but num_workers="
-                    f"{num_workers}; give one factory per worker or a single factory.")
-        probe_fn = env_fns[0] if env_fns else create_env_fn
-        spec, kind = validate.build_spec(probe_fn, create_env_kwargs, policy, num_envs)
-
-        per_worker = frames_per_batch if self._async else math.ceil(frames_per_batch / num_workers)
-        steps = math.ceil(per_worker / num_envs)
-        self.requested_frames_per_batch = steps * num_envs * (1 if self._async else num_workers)
+        kwargs = validate.split_torchrl_options(kwargs, cls_name)
+        options = CollectorOptions.build(cls_name, frames_per_batch=frames_per_batch,
+                                         total_frames=total_frames, **kwargs)
+        self._check_options(options, cls_name)
+        env_fns = self._env_fns(create_env_fn, options.num_workers)
+        spec, kind = validate.build_spec(env_fns[0], options.create_env_kwargs, policy,
+                                         options.num_envs, options.exploration_type)
+        steps, self.requested_frames_per_batch = self._batch_geometry(options)
+        self.options = options
         self.frames_per_batch = self.requested_frames_per_batch
-        self.total_frames = total_frames
-        self.num_envs = num_envs
-        self.num_workers = num_workers
+        self.total_frames = options.total_frames
+        self.num_envs = options.num_envs
+        self.num_workers = options.num_workers
         self.policy = policy
         self.policy_kind = kind
         self.spec = spec
-        self.init_random_frames = int(init_random_frames or 0)
-        self.reset_at_each_iter = reset_at_each_iter
-        self.split_trajs = split_trajs
-        self.postproc = postproc
-        self.set_truncated = set_truncated
-        self.replay_buffer = replay_buffer
-        self.update_at_each_batch = update_at_each_batch
-        self.preemptive_threshold = preemptive_threshold
-        self.max_frames_per_traj = max_frames_per_traj
-        self._masked = check_finite == "drop_episode"  # dropped episodes leave masked frames
-        self.name = name or f"{cls_name}-{uuid.uuid4().hex[:6]}"
+        self.init_random_frames = options.init_random_frames
+        self.postproc = options.postproc
+        self.replay_buffer = options.replay_buffer
+        self.name = options.name or f"{cls_name}-{uuid.uuid4().hex[:6]}"
         self.policy_version = 0
+        self._masked = options.check_finite == "drop_episode"  # dropped episodes leave masked frames
         self._frames = 0
         self._iter = 0
         self._t_start = None
         self._closed = False
         self._final_stats = None
-        self._seed = seed
         self._worker_handles: list = []
+        self._start_driver(create_env_fn, env_fns, policy, kind, spec, steps)
+        if options.seed is not None:
+            self.set_seed(options.seed)
 
+    # -- construction ------------------------------------------------------------------------
+    def _check_options(self, options: CollectorOptions, cls_name: str) -> None:
+        """What a subclass does not take (checked before anything starts)."""
+        if options.preemptive_threshold is not None and (not self._multi or self._async):
+            raise ValueError(f"preemptive_threshold is only for MultiSyncDataCollector; "
+                             f"{cls_name} got {options.preemptive_threshold!r}. Remove it.")
+        if options.cat_results is not None and (not self._multi or self._async):
+            raise ValueError(
+                f"cat_results is only for MultiSyncDataCollector ({cls_name} yields one worker's "
+                f"batch at a time); got {options.cat_results!r}. Remove it.")
+        if options.num_workers > 1 and not self._multi:
+            raise TypeError(f"{cls_name} has one env actor; got num_workers="
+                            f"{options.num_workers}. Use a multi collector for several.")
+
+    def _env_fns(self, create_env_fn, num_workers: int) -> tuple:
+        if isinstance(create_env_fn, (list, tuple)):
+            if len(create_env_fn) != num_workers:
+                raise ValueError(
+                    f"create_env_fn is a list of {len(create_env_fn)} factories but num_workers="
+                    f"{num_workers}; give one factory per worker or a single factory.")
+            return tuple(create_env_fn)
+        return (create_env_fn,) * num_workers
+
+    def _batch_geometry(self, options: CollectorOptions) -> tuple[int, int]:
+        """Steps per worker batch, and the frames per yielded batch after rounding up."""
+        workers = 1 if self._async else options.num_workers
+        per_worker = math.ceil(options.frames_per_batch / workers)
+        steps = math.ceil(per_worker / options.num_envs)
+        return steps, steps * options.num_envs * workers
+
+    def _start_driver(self, create_env_fn, env_fns, policy, kind, spec, steps) -> None:
         from collectors.config import load_config  # late: config imports are optional weight
 
-        self.config = load_config(config)
+        options = self.options
+        self.config = load_config(options.config)
         ensure_ray(**self.config.ray_init_kwargs())
-        options = self.config.worker_options(num_cpus=num_cpus, num_gpus=num_gpus, resources=resources)
-        worker_config = {
-            "create_env_fn": probe_fn if env_fns is None else None,
-            "create_env_fns": list(env_fns) if env_fns else None,
-            "create_env_kwargs": create_env_kwargs, "num_envs": num_envs, "policy": policy,
-            "policy_kind": kind, "spec": spec, "steps": steps, "seed": seed,
-            "num_workers": num_workers, "max_frames_per_traj": max_frames_per_traj,
-            "check_finite": check_finite, "check_obs_space": check_obs_space,
-            "on_env_error": on_worker_error,
-            "max_restarts": max_restarts, "restart_window_s": restart_window_s,
-            "restart_backoff_s": restart_backoff_s, "nice": worker_nice,
-        }
-        check_feasible(options, num_workers, cls_name)
-        ship_by_value(create_env_fn, create_env_kwargs, policy)
+        actor_options = self.config.worker_options(num_cpus=options.num_cpus,
+                                                   num_gpus=options.num_gpus,
+                                                   resources=options.resources)
+        check_feasible(actor_options, options.num_workers, type(self).__name__)
+        ship_by_value(create_env_fn, options.create_env_kwargs, policy)
+        plan = WorkerPlan(env_fns=env_fns, policy=policy, policy_kind=kind, spec=spec,
+                          steps=steps, options=options.for_workers())
         try:
-            config_ref = ray.put(worker_config)
+            self._plan_ref = ray.put(plan)
         except Exception as exc:
             raise TypeError(
                 f"the env factory, its kwargs or the policy cannot be pickled for the env "
                 f"actors: {exc!r}. Use a module-level function or a gymnasium id."
             ) from exc
-        self._config_ref = config_ref
-        driver_cls = ray.remote(Driver).options(
-            name=f"{self.name}/driver", num_cpus=0, max_concurrency=16,
+        driver_cls = ray.remote(driver_body.Driver).options(
+            name=f"{self.name}/driver", max_concurrency=16,
             **near_caller(self.config.driver_options()))
         self._driver = driver_cls.remote(
-            self.name, [config_ref], num_workers, options, steps_per_worker=steps,
-            envs_per_worker=num_envs, sample_timeout_s=sample_timeout_s,
-            startup_timeout_s=startup_timeout_s, max_restarts=max_restarts,
-            restart_window_s=restart_window_s, restart_backoff_s=restart_backoff_s,
-            on_worker_error=on_worker_error, prefetch=prefetch,
-            placement=self.config.placement_options(num_workers, options),
-            write_timeout_s=write_timeout_s)
+            self.name, [self._plan_ref], options.for_workers(), actor_options,
+            steps_per_worker=steps, placement=self.config.placement_options())
         self._finalizer = weakref.finalize(self, _kill_quietly, self._driver)
         try:
             self.worker_info = _ray_get(self._driver.ready.remote())
             self._worker_handles = ray.get(self._driver.worker_handles.remote())
-        except Exception:
-            self.shutdown(timeout=5.0)
+        except BaseException:
+            self.shutdown(timeout=5.0, raise_on_error=False)
             raise
-        if seed is not None:
-            self.set_seed(seed)
 
     # -- iteration ---------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -185,7 +169,7 @@ class DataCollectorBase:
                 out = self._collect_one()
                 yield out
         except (Exception, KeyboardInterrupt):
-            self.shutdown()
+            self.shutdown(raise_on_error=False)
             raise
 
     def next(self):
@@ -203,9 +187,9 @@ class DataCollectorBase:
         self._check_open()
         if self._t_start is None:
             self._t_start = time.perf_counter()
-        if self.update_at_each_batch:
+        if self.options.update_at_each_batch:
             self.update_policy_weights_()
-        if self.reset_at_each_iter:
+        if self.options.reset_at_each_iter:
             _ray_get(self._driver.broadcast.remote("reset"))
         random_actions = self._random_now()
         if self.replay_buffer is not None and hasattr(self.replay_buffer, "actor"):
@@ -219,7 +203,7 @@ class DataCollectorBase:
                 results = [_ray_get(self._driver.next_ready.remote(random_actions))]
             else:
                 results = _ray_get(self._driver.collect_sync.remote(
-                    random_actions, preempt=self.preemptive_threshold))
+                    random_actions, preempt=self.options.preemptive_threshold))
             try:
                 parts = ray.get([refs[0] for refs, _ in results])
                 break
@@ -232,13 +216,13 @@ class DataCollectorBase:
         layout = "single" if self._async else self._layout
         batch = assemble(parts, workers, layout)
         valid = sum(m["frames"] for _, m in results)
-        if self.preemptive_threshold is not None or self._masked:
+        if self.options.preemptive_threshold is not None or self._masked:
             batch.set(("collector", "mask"), batch.get(("collector", "traj_ids")) >= 0)
         self._frames += valid
         self._iter += 1
-        if self.set_truncated:
+        if self.options.set_truncated:
             mark_truncated(batch)
-        if self.split_trajs:
+        if self.options.split_trajs:
             batch = split_trajectories(batch)
         if self.postproc is not None:
             batch = self.postproc(batch)
@@ -249,33 +233,75 @@ class DataCollectorBase:
 
     # -- control -----------------------------------------------------------------------------
     def set_seed(self, seed: int, static_seed: bool = False) -> int:
-        """Seed every env (``seed + env slot``) and the policy RNGs; envs restart from it."""
-        self._check_open()
-        self._seed = seed
-        _ray_get(self._driver.broadcast.remote("set_seed", seed))
-        return int(seed) + self.num_workers * self.num_envs - 1
+        """Seed every env and the policy RNGs; every env starts a new episode from it.
 
-    def reset(self, reset_idx=None) -> None:
-        """Start fresh episodes (and trajectory ids) in every env at the next batch."""
+        Env ``k`` of the run (worker ``w``, env ``e``: ``k = w * num_envs + e``) gets
+        ``seed + k``; with ``static_seed=True`` every env gets ``seed`` itself. Returns the last
+        seed used, as TorchRL does.
+        """
         self._check_open()
-        _ray_get(self._driver.broadcast.remote("reset"))
+        seed = CollectorOptions.build(type(self).__name__, frames_per_batch=1, seed=seed).seed
+        if not isinstance(static_seed, bool):
+            raise TypeError(f"static_seed must be a bool; got {static_seed!r}.")
+        _ray_get(self._driver.set_seed.remote(seed, static_seed))
+        return int(seed) if static_seed else int(seed) + self.num_workers * self.num_envs - 1
+
+    def reset(self, reset_idx=None, *, index=None) -> None:
+        """Start fresh episodes (and trajectory ids) at the next batch.
+
+        ``reset_idx`` (TorchRL's multi collectors) or ``index`` (TorchRL's ``Collector``): a
+        sequence of bools, one per worker for multi collectors (all envs of the worker), one
+        per env for a single-worker collector with ``num_envs > 1``. ``None`` resets all.
+        """
+        self._check_open()
+        if reset_idx is not None and index is not None:
+            raise TypeError("reset() takes reset_idx or index, not both.")
+        mask = reset_idx if reset_idx is not None else index
+        if mask is None:
+            _ray_get(self._driver.broadcast.remote("reset"))
+            return
+        flags = [bool(x) for x in (mask.tolist() if hasattr(mask, "tolist") else mask)]
+        if self._multi:
+            if len(flags) != self.num_workers:
+                raise ValueError(f"reset_idx has {len(flags)} entries; expected one per worker "
+                                 f"({self.num_workers}).")
+            calls = {w: ("reset", ()) for w, f in enumerate(flags) if f}
+        else:
+            if len(flags) != self.num_envs:
+                raise ValueError(f"reset index has {len(flags)} entries; expected one per env "
+                                 f"({self.num_envs}).")
+            calls = {0: ("reset", ([e for e, f in enumerate(flags) if f],))}
+        _ray_get(self._driver.call_workers.remote(calls))
 
     def update_policy_weights_(self, policy_or_weights=None, *, worker_ids=None,
-                               weights_dict=None, **_ignored) -> None:
+                               weights_dict=None, model_id=None) -> None:
         """Send new weights to the workers, once, through Ray's object store.
 
         With no argument the weights are read from the policy object given at construction.
         Accepts an ``nn.Module``, a TensorDict of parameters (``TensorDict.from_module``) or a
-        state dict. Every frame collected afterwards records the new ``policy_version``.
+        state dict. ``worker_ids`` (an int or a list) limits the update to those workers. Every
+        frame collected afterwards records the new ``policy_version``.
         """
         self._check_open()
+        if model_id not in (None, "policy"):
+            raise NotImplementedError(
+                f"model_id={model_id!r}: only the collector's own policy ('policy') has weights "
+                "to update here.")
+        if weights_dict is not None and policy_or_weights is not None:
+            raise TypeError("pass policy_or_weights or weights_dict, not both.")
         if self.policy_kind == "random" and policy_or_weights is None and weights_dict is None:
             return
         weights = self._state_dict_from(weights_dict if weights_dict is not None else policy_or_weights)
+        if isinstance(worker_ids, int) and not isinstance(worker_ids, bool):
+            worker_ids = [worker_ids]
+        if worker_ids is not None:
+            worker_ids = [int(w) for w in worker_ids]
+            bad = [w for w in worker_ids if not 0 <= w < self.num_workers]
+            if bad:
+                raise ValueError(f"worker_ids {bad} out of range: this collector has workers "
+                                 f"0..{self.num_workers - 1}.")
         ref = ray.put(weights)
         self.policy_version += 1
-        if isinstance(worker_ids, int):
-            worker_ids = [worker_ids]
         _ray_get(self._driver.set_weights.remote([ref], self.policy_version, worker_ids))
 
     def _state_dict_from(self, source) -> dict:
@@ -360,16 +386,17 @@ class DataCollectorBase:
             if not self._closed:
                 ray.get(self._driver.pause.remote(False))
 
-    def async_shutdown(self, timeout: float = 10.0) -> None:
+    def async_shutdown(self, timeout: float | None = None, close_env: bool = True) -> None:
         """Stop background collection (no write reaches the buffer once this returns), then
-        shut everything down. ``stats()`` still answers."""
+        shut everything down (see :meth:`shutdown`). ``stats()`` still answers."""
         if self._closed:
             return
+        timeout = 10.0 if timeout is None else float(timeout)
         try:
             ray.get(self._driver.stop.remote(timeout), timeout=timeout + 5)
         except Exception:  # noqa: BLE001 - forced by shutdown() below
             pass
-        self.shutdown(timeout)
+        self.shutdown(timeout, close_env=close_env)
 
     def background_error(self) -> str | None:
         """The error that stopped background collection, if any."""
@@ -409,6 +436,7 @@ class DataCollectorBase:
             "restarts": sum(p.get("restarts", 0) for p in per),
             "env_errors": sum(p.get("env_errors", 0) for p in per),
             "lost_frames": sum(sum(p.get("dropped", {}).values()) for p in per),
+            "env_error_log": driver.get("env_error_log", []),  # the last env errors, with tracebacks
             "per_worker": per,
         }
         for i, p in enumerate(per):
@@ -421,13 +449,18 @@ class DataCollectorBase:
         if self._closed:
             raise RuntimeError(f"collector {self.name!r} is shut down; create a new one.")
 
-    def shutdown(self, timeout: float = 10.0, raise_on_error: bool = False) -> None:
-        """Stop every actor of this collector within ``timeout`` (plus a small margin).
+    def shutdown(self, timeout: float | None = None, close_env: bool = True,
+                 raise_on_error: bool = True) -> None:
+        """Stop every actor of this collector within ``timeout`` (default 10 s, plus a margin).
 
-        Graceful first (workers close their envs), then ``ray.kill``. Idempotent.
+        Graceful first (workers close their envs; ``close_env=False`` skips that), then
+        ``ray.kill``. With ``raise_on_error`` (TorchRL's default) an env whose ``close()``
+        raised is reported as :class:`CollectorError` once everything is stopped; a worker
+        that does not close in time is killed, which is not an error. Idempotent.
         """
         if self._closed:
             return
+        timeout = 10.0 if timeout is None else float(timeout)
         deadline = time.monotonic() + timeout
         try:
             self._final_stats = self._local_stats(ray.get(self._driver.stats.remote(), timeout=min(2.0, timeout)))
@@ -435,22 +468,26 @@ class DataCollectorBase:
             self._final_stats = self._local_stats({})
         self._closed = True
         handles = list(self._worker_handles)
+        problems = []
         try:
             handles = ray.get(self._driver.worker_handles.remote(), timeout=min(2.0, timeout)) + handles
-            ray.get(self._driver.shutdown.remote(max(0.1, deadline - time.monotonic() - 1.0)),
-                    timeout=max(0.1, deadline - time.monotonic()))
-        except Exception:  # noqa: BLE001 - forced below
+            grace = max(0.1, deadline - time.monotonic() - 1.0) if close_env else 0.0
+            problems = ray.get(self._driver.shutdown.remote(grace),
+                               timeout=max(0.1, deadline - time.monotonic()))
+        except Exception:  # noqa: BLE001 - a hung or dead driver: forced below
             pass
         for h in handles + [self._driver]:
             _kill_quietly(h)
         _wait_dead(handles + [self._driver], deadline + 2.0)
         self._finalizer.detach()
+        if raise_on_error and problems:
+            raise CollectorError(f"collector {self.name!r} shut down, with errors: {problems}")
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        self.shutdown()
+        self.shutdown(raise_on_error=exc[0] is None)
         return False
 
     def __repr__(self) -> str:
@@ -482,3 +519,22 @@ def check_feasible(options: dict, num_workers: int, who: str) -> None:
         raise ValueError(
             f"{who}: {num_workers} env workers need {short} in all, but the cluster has "
             f"{ {k: total[k] for k in short} }. Use fewer workers or smaller requests.")
+
+
+def _document(cls) -> None:
+    """Put the options in ``cls``'s docstring and constructor signature, so ``help(cls)`` and
+    ``inspect.signature(cls)`` are the reference."""
+    doc = inspect.cleandoc(cls.__doc__ or "")
+    if "Keyword Args:" not in doc:
+        doc = doc.replace("{options}", "").rstrip() + "\n\n" + options_doc()
+    cls.__doc__ = doc
+    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+              inspect.Parameter("create_env_fn", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+              inspect.Parameter("policy", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None)]
+    for name, field in CollectorOptions.model_fields.items():
+        default = inspect.Parameter.empty if field.is_required() else field.default
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default))
+    cls.__signature__ = inspect.Signature(params[1:])
+
+
+_document(DataCollectorBase)

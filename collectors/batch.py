@@ -6,17 +6,10 @@ import torch
 from tensordict import TensorDict
 
 
-def _nest(flat: dict[object, torch.Tensor]) -> dict:
-    out: dict = {}
-    for key, value in flat.items():
-        if isinstance(key, tuple):
-            node = out
-            for part in key[:-1]:
-                node = node.setdefault(part, {})
-            node[key[-1]] = value
-        else:
-            out[key] = value
-    return out
+def frames_tensordict(flat: dict, batch_size) -> TensorDict:
+    """A TensorDict from ``{key or nested key tuple: array or tensor}`` (arrays are copied)."""
+    return TensorDict({k: v if isinstance(v, torch.Tensor) else torch.from_numpy(np.array(v))
+                       for k, v in flat.items()}, batch_size=batch_size)
 
 
 def assemble(parts: list[dict], worker_ids: list[int] | None, layout: str) -> TensorDict:
@@ -51,7 +44,7 @@ def assemble(parts: list[dict], worker_ids: list[int] | None, layout: str) -> Te
         flat = {k: v.squeeze(axis) for k, v in flat.items()}
         batch_shape = flat[("collector", "traj_ids")].shape
     names = [None] * (len(batch_shape) - 1) + ["time"]
-    return TensorDict(_nest(flat), batch_size=batch_shape, names=names)
+    return TensorDict(flat, batch_size=batch_shape, names=names)
 
 
 def split_trajectories(batch: TensorDict) -> TensorDict:

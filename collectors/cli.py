@@ -1,9 +1,9 @@
-"""Command line: ``python -m collectors run CONFIG`` and ``python -m collectors bench``."""
+"""Command line: ``python -m collectors run CONFIG`` (the benchmark is ``scripts/bench.py`` in a
+checkout; it is not part of the installed package)."""
 from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import time
 
@@ -96,17 +96,9 @@ def cmd_run(args) -> int:
     return 0
 
 
-def cmd_bench(args) -> int:
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
-    import bench
-
-    bench.main(args.rest)
-    return 0
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m collectors",
-                                     description="ray-collectors: run a collection job or the benchmark.")
+                                     description="ray-collectors: run a collection job.")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a collection job from a config")
     run.add_argument("config", help="job config (YAML), e.g. configs/cartpole.yaml")
@@ -114,11 +106,9 @@ def main(argv=None) -> int:
     run.add_argument("--address", default=None, help="Ray address (overrides the config)")
     run.add_argument("--deploy", default=None, help="deployment config to use (e.g. configs/cluster.yaml)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
-    bench = sub.add_parser("bench", help="run the benchmark (scripts/bench.py)")
-    bench.add_argument("rest", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     try:
-        return cmd_run(args) if args.command == "run" else cmd_bench(args)
+        return cmd_run(args)
     except (ConfigError, EnvCreationError, ValueError, TypeError, CollectorError,
             NotImplementedError, TimeoutError) as exc:
         print(f"error: {exc}", file=sys.stderr)

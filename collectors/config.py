@@ -100,11 +100,11 @@ class DeploymentConfig(_Strict):
         return opts
 
     def driver_options(self) -> dict:
-        opts = self.resources.driver.options()
-        opts.pop("num_cpus", None)  # the driver mostly waits; set by the collector
-        return opts
+        """Ray options of the driver actor (it mostly waits: ``num_cpus: 0`` by default)."""
+        return self.resources.driver.options()
 
-    def placement_options(self, num_workers: int, worker_options: dict) -> dict:
+    def placement_options(self) -> dict:
+        """How the driver places the env actors (a placement group when ``strategy`` is set)."""
         return {"strategy": self.placement.strategy, "timeout_s": self.placement.timeout_s}
 
 

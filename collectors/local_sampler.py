@@ -12,9 +12,10 @@ import time
 
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError
+from tensordict import TensorDict
 
 from actors.shared_ring import RingReader
-from collectors.errors import ReplayBufferUnavailable
+from collectors.runtime import buffer_gone
 
 CHECK_S = 0.5  # how often the actor is asked whether its storage moved (restart, restore)
 
@@ -69,9 +70,9 @@ class LocalSampler:
         except ActorUnavailableError:
             self.reader = None  # restarting: the caller's call path waits for it
             return
-        except RayActorError:
+        except RayActorError as exc:
             self.reader = None
-            raise ReplayBufferUnavailable(f"replay buffer {self.name!r} is gone.") from None
+            raise buffer_gone(self.name, exc) from None
         if self.reader is None or loc is None or loc["dir"] != self.reader.dir:
             self._locate(loc)
 
@@ -94,16 +95,8 @@ class LocalSampler:
         flat, index = got
         flat["index"] = index
         self.unreported += n
-        return _tensordict(flat, n)
+        return TensorDict(flat, batch_size=[n])
 
     def close(self) -> None:
         self.reader = None
         self._probe = None
-
-
-def _tensordict(flat: dict, n: int):
-    from tensordict import TensorDict
-
-    from collectors.batch import _nest
-
-    return TensorDict(_nest(flat), batch_size=[n])

@@ -9,11 +9,15 @@ from collections import deque
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError
 
-from actors.buffer import ReplayBufferActor, RateLimiter
+from actors import replay_buffer as buffer_body
+from actors.errors import unwrap
 from actors.samplers import SAMPLERS
 from collectors.errors import ReplayBufferUnavailable
 from collectors.local_sampler import LocalSampler
-from collectors.runtime import ensure_ray, kill_quietly, near_caller, wait_dead
+from collectors.runtime import buffer_gone, ensure_ray, kill_quietly, near_caller, wait_dead
+
+# errors raised inside the buffer actor that are the caller's to handle, re-raised as themselves
+CALLER_ERRORS = (TimeoutError, ValueError, TypeError, FileNotFoundError)
 
 
 class RayReplayBuffer:
@@ -22,7 +26,8 @@ class RayReplayBuffer:
     Args:
         capacity: frames held; older frames are overwritten (a ring).
         batch_size: default for ``sample()``.
-        sampler: ``"random"`` (uniform with replacement), ``"without_replacement"`` (epochs),
+        sampler: ``"random"`` (uniform with replacement), ``"without_replacement"`` (epochs;
+            ``drop_last=True`` skips an epoch's last, short batch and starts the next epoch),
             ``"prioritized"`` (``alpha``, ``beta``, ``eps``) or ``"slice"`` (``slice_len`` or
             ``num_slices``).
         min_size: frames needed before ``sample()`` returns.
@@ -51,7 +56,8 @@ class RayReplayBuffer:
 
     def __init__(self, capacity: int, *, batch_size: int | None = None, sampler: str = "random",
                  alpha: float = 0.6, beta: float = 0.4, eps: float = 1e-8,
-                 slice_len: int | None = None, num_slices: int | None = None, min_size: int = 0,
+                 slice_len: int | None = None, num_slices: int | None = None,
+                 drop_last: bool = False, min_size: int = 0,
                  samples_per_insert: float | None = None, error_buffer: float | None = None,
                  checkpoint_dir: str | None = None, checkpoint_every: int = 0,
                  prefetch: bool | int = False, timeout_s: float = 30.0, max_restarts: int | None = None,
@@ -85,9 +91,16 @@ class RayReplayBuffer:
             raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}; got {sampler!r}.")
         if timeout_s is None or timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive (nothing waits forever); got {timeout_s!r}.")
-        RateLimiter(min_size, samples_per_insert, error_buffer)  # rejects deadlocking bands now
+        buffer_body.RateLimiter(min_size, samples_per_insert, error_buffer)  # rejects deadlocking bands now
+        if not isinstance(drop_last, bool):
+            raise TypeError(f"drop_last must be a bool; got {drop_last!r}.")
+        if drop_last and sampler != "without_replacement":
+            raise ValueError(f"drop_last is for sampler='without_replacement'; got it with "
+                             f"sampler={sampler!r}. Remove it or change the sampler.")
         kwargs = {}
-        if sampler == "prioritized":
+        if sampler == "without_replacement":
+            kwargs = {"drop_last": drop_last}
+        elif sampler == "prioritized":
             kwargs = {"alpha": alpha, "beta": beta, "eps": eps}
         elif sampler == "slice":
             kwargs = {"slice_len": slice_len, "num_slices": num_slices}
@@ -98,7 +111,7 @@ class RayReplayBuffer:
         ensure_ray(**cfg.ray_init_kwargs())
         options = near_caller(cfg.resources.replay_buffer.options())
         restarts = max_restarts if max_restarts is not None else (-1 if checkpoint_dir else 0)
-        self.actor = ray.remote(ReplayBufferActor).options(
+        self.actor = ray.remote(buffer_body.ReplayBufferActor).options(
             name=f"{self.name}/replay-buffer", max_concurrency=8, max_restarts=restarts,
             **options).remote(
             capacity, sampler=sampler, batch_size=batch_size, sampler_kwargs=kwargs,
@@ -138,12 +151,10 @@ class RayReplayBuffer:
                 time.sleep(0.2)
                 continue
             except RayActorError as exc:
-                raise ReplayBufferUnavailable(
-                    f"replay buffer {self.name!r} is gone ({exc.__class__.__name__}); configure "
-                    "checkpoint_dir for restarts.") from None
+                raise buffer_gone(self.name, exc) from None
             except ray.exceptions.RayTaskError as exc:
-                if isinstance(exc.cause, (TimeoutError, ValueError, TypeError, FileNotFoundError)):
-                    raise exc.cause from None
+                if isinstance(unwrap(exc), CALLER_ERRORS):
+                    raise unwrap(exc) from None
                 raise
 
     # -- data --------------------------------------------------------------------------------
@@ -179,12 +190,12 @@ class RayReplayBuffer:
             return _to_tensordict(self._ready.popleft(), n)
         except ray.exceptions.RayTaskError as exc:
             self._pending = None
-            if isinstance(exc.cause, (TimeoutError, ValueError)):
-                raise exc.cause from None
+            if isinstance(unwrap(exc), CALLER_ERRORS):
+                raise unwrap(exc) from None
             raise
-        except RayActorError:
+        except RayActorError as exc:
             self._pending = None
-            raise ReplayBufferUnavailable(f"replay buffer {self.name!r} is gone.") from None
+            raise buffer_gone(self.name, exc) from None
 
     def update_priority(self, index, priority) -> None:
         self._call("update_priority", index, priority)
@@ -234,19 +245,21 @@ class RayReplayBuffer:
         kill_quietly(self.actor)
         wait_dead([self.actor], time.monotonic() + 10)
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
+        return False
+
     def __repr__(self) -> str:
         return f"RayReplayBuffer(name={self.name!r})"
 
 
 def _to_tensordict(arrays: dict, n: int):
-    import numpy as np
-    import torch
-    from tensordict import TensorDict
+    from collectors.batch import frames_tensordict
 
-    from collectors.batch import _nest
-
-    return TensorDict(_nest({k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}),
-                      batch_size=[n])
+    return frames_tensordict(arrays, [n])
 
 
 def _rebuild(actor, name, batch_size, timeout_s, share=False):

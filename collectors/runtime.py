@@ -6,6 +6,8 @@ import time
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
+from actors.errors import ReplayBufferUnavailable
+
 
 def ensure_ray(address: str | None = None, num_cpus: float | None = None,
                runtime_env: dict | None = None, dashboard_port: int | None = None) -> bool:
@@ -82,3 +84,10 @@ def wait_dead(handles, deadline: float) -> None:
             except Exception:  # noqa: BLE001
                 break
             time.sleep(0.05)
+
+
+def buffer_gone(name: str, exc: BaseException) -> ReplayBufferUnavailable:
+    """The one translation of "the buffer actor died" into the public error."""
+    return ReplayBufferUnavailable(
+        f"replay buffer {name!r} is gone ({type(exc).__name__}); give it a checkpoint_dir so it "
+        "restarts from its last checkpoint.")

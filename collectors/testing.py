@@ -64,14 +64,15 @@ def worker_restarts() -> int:
 class FaultyEnv(gym.Wrapper):
     """Injects one fault ``mode`` at step ``at_step`` of each env, ``times`` times per process.
 
-    Modes: ``raise_step``, ``raise_reset``, ``raise_init``, ``exit`` (``os._exit(1)`` in step),
+    Modes: ``raise_step``, ``raise_reset``, ``raise_init``, ``raise_close`` (in ``close()``),
+    ``exit`` (``os._exit(1)`` in step),
     ``hang_step``, ``hang_init``, ``nan`` (NaN observation), ``bad_shape`` (wrong observation
     shape). Only workers in ``worker_ids`` (all when ``None``) are affected; process-level faults
     (``exit``, ``hang_*``, ``raise_init``) fire only in a worker's first ``times`` incarnations.
     """
 
     MODES = ("raise_step", "raise_reset", "raise_init", "exit", "hang_step", "hang_init", "nan",
-             "bad_shape")
+             "bad_shape", "raise_close")
 
     def __init__(self, env, mode: str, worker_ids=None, at_step: int = 5, times: float = 1):
         if mode not in self.MODES:
@@ -98,6 +99,11 @@ class FaultyEnv(gym.Wrapper):
             return False
         _FAULT_COUNTS[key] = _FAULT_COUNTS.get(key, 0) + 1
         return True
+
+    def close(self):
+        if self.mode == "raise_close" and self.active:
+            raise RuntimeError(f"injected fault: close raises in worker {worker_id()}")
+        return self.env.close()
 
     def reset(self, **kwargs):
         if self.mode == "raise_reset" and self.active and self.steps >= self.at_step and self._fire_reset():

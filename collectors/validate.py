@@ -1,19 +1,18 @@
 """Everything checked before any actor starts: env, spaces, policy outputs, options."""
 from __future__ import annotations
 
-import math
-
 import gymnasium
 import numpy as np
 
 from actors.env_worker import make_env_fn
-from actors.policy import ACTION_KEY, PolicyOutputError, PolicyRunner, policy_kind
+from actors.errors import EnvCreationError, PolicyOutputError
+from actors.policy_runner import ACTION_KEY, PolicyRunner, policy_kind
 from actors.spaces import leaf_spec, observation_spec
-from collectors.errors import EnvCreationError
 
-# TorchRL collector options that we know of but do not implement.
+# TorchRL collector options that we know of but do not implement: accepted only at values that
+# change nothing (see ``_no_op``), otherwise NotImplementedError naming them.
 UNSUPPORTED = (
-    "policy_factory", "exploration_type", "return_same_td", "interruptor", "use_buffers",
+    "policy_factory", "return_same_td", "interruptor", "use_buffers",
     "extend_buffer", "local_init_rb", "trust_policy", "compile_policy", "cudagraph_policy",
     "no_cuda_sync", "weight_updater", "weight_sync_schemes", "trajs_per_batch",
     "reset_when_done", "track_policy_version", "worker_idx", "num_threads",
@@ -22,37 +21,28 @@ UNSUPPORTED = (
 )
 
 
-def reject_unsupported(kwargs: dict, cls_name: str) -> None:
-    """``NotImplementedError`` for TorchRL options we lack, ``TypeError`` for unknown ones."""
+def _no_op(key: str, value) -> bool:
+    """Whether TorchRL's option ``key`` at ``value`` changes nothing here."""
+    if key.endswith("device"):
+        return value is None or str(value) == "cpu"
+    if key == "reset_when_done":
+        return value is True
+    return value is None or value is False
+
+
+def split_torchrl_options(kwargs: dict, cls_name: str) -> dict:
+    """Remove TorchRL's options we lack from ``kwargs``: at values that change nothing they
+    are dropped, otherwise ``NotImplementedError`` names them. Returns the rest."""
+    rest = {}
     for key, value in kwargs.items():
-        if key in UNSUPPORTED:
-            if key.endswith("device") and value in (None, "cpu"):
-                continue
-            if key == "reset_when_done" and value is True:
-                continue
-            if key == "exploration_type":
-                continue  # the policy decides how it explores; accepted for compatibility
+        if key not in UNSUPPORTED:
+            rest[key] = value
+        elif not _no_op(key, value):
             raise NotImplementedError(
                 f"{cls_name} does not support TorchRL's option {key}={value!r}. Remove it; "
                 "see the README for the options we implement."
             )
-        raise TypeError(f"{cls_name}() got an unexpected keyword argument {key!r}.")
-
-
-def positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer; got {value!r}.")
-    return int(value)
-
-
-def check_total_frames(total_frames) -> int:
-    if isinstance(total_frames, float) and math.isinf(total_frames):
-        return -1
-    if isinstance(total_frames, bool) or not isinstance(total_frames, (int, np.integer)):
-        raise ValueError(f"total_frames must be an int (-1 for endless); got {total_frames!r}.")
-    if total_frames == 0 or total_frames < -1:
-        raise ValueError(f"total_frames must be positive or -1 (endless); got {total_frames}.")
-    return int(total_frames)
+    return rest
 
 
 def make_probe_env(create_env_fn, create_env_kwargs):
@@ -82,7 +72,8 @@ def make_probe_env(create_env_fn, create_env_kwargs):
     return env
 
 
-def build_spec(create_env_fn, create_env_kwargs, policy, num_envs: int) -> tuple[dict, str]:
+def build_spec(create_env_fn, create_env_kwargs, policy, num_envs: int,
+               exploration_type: str = "random") -> tuple[dict, str]:
     """The worker storage spec and the policy kind, after running the policy once here."""
     env = make_probe_env(create_env_fn, create_env_kwargs)
     try:
@@ -103,11 +94,9 @@ def build_spec(create_env_fn, create_env_kwargs, policy, num_envs: int) -> tuple
             samples = [first, first]
             batch = {k: np.stack([np.asarray(s[k] if is_dict else s, dtype=obs[k][1]) for s in samples])
                      for k in obs}
-            import torch
-
-            runner = PolicyRunner(policy, kind, tuple(obs), len(samples))
+            runner = PolicyRunner(policy, kind, tuple(obs), len(samples), exploration_type)
             try:
-                with torch.no_grad():
+                with runner.context():
                     out = runner(batch)
             except PolicyOutputError:
                 raise

@@ -13,12 +13,11 @@ import platform
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import gymnasium as gym  # noqa: E402
-import ray  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import gymnasium as gym
+import ray
+import torch
+from torch import nn
 
 
 class Argmax(nn.Module):

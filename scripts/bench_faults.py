@@ -8,18 +8,16 @@ from __future__ import annotations
 import functools
 import os
 import signal
-import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import ray  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import ray
+import torch
+from torch import nn
 
-from collectors import CollectorError, MultiaSyncDataCollector, MultiSyncDataCollector  # noqa: E402
-from collectors.policies import ArgmaxLayer  # noqa: E402
-from collectors.testing import counting_env, faulty_counting_env  # noqa: E402
+from collectors import CollectorError, MultiaSyncDataCollector, MultiSyncDataCollector
+from collectors.policies import ArgmaxLayer
+from collectors.testing import counting_env, faulty_counting_env
 
 
 def death_to_data(policy) -> float:

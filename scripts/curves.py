@@ -1,4 +1,9 @@
-"""Shared by the training examples: their command line, config, and learning curves."""
+"""Shared by the training examples: their command line, typed hyperparameters, and curves.
+
+Each example declares its hyperparameters as a pydantic model, one field each with its type,
+default and help text; the YAML's ``train:`` section fills it, and every field is also a flag
+(``--lr 3e-4``), as CleanRL's scripts do with theirs.
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,27 +11,56 @@ import csv
 import os
 
 
-def example_args(doc: str, config: str, argv=None, **extra):
-    """Parse ``--out --config --deploy`` (+ ``extra`` int options); return (args, config).
+def example_args(doc: str, config: str, hyper, argv=None):
+    """Parse ``--out --config --deploy`` and one flag per field of ``hyper`` (a pydantic model);
+    returns ``(args, config, hyperparameters)``.
 
+    Values come from the field defaults, then the config's ``train:`` section, then the flags.
     ``--deploy`` swaps the deployment keys (ray, resources, placement) and keeps the job.
     """
-    import sys
-
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     from collectors.config import load_config
+    from collectors.errors import ConfigError
+    from pydantic import ValidationError
 
-    p = argparse.ArgumentParser(description=doc.splitlines()[0])
-    p.add_argument("--out", required=True)
-    p.add_argument("--config", default=config)
+    p = argparse.ArgumentParser(description=doc.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", required=True, help="folder for curve.csv and curve.png")
+    p.add_argument("--config", default=config, help="job config (YAML)")
     p.add_argument("--deploy", default=None, help="deployment config, e.g. configs/cluster.yaml")
-    for name, help_text in extra.items():
-        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None, help=help_text)
+    for name, field in hyper.model_fields.items():
+        kind = field.annotation if field.annotation in (int, float, str) else float
+        if field.annotation in (int, type(None)) or "int" in str(field.annotation):
+            kind = int
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None,
+                       help=f"{field.description} (default: the config's, else {field.default})")
     args = p.parse_args(argv)
     cfg = load_config(args.config)
     if args.deploy:
         cfg = load_config(args.deploy).model_copy(update={"job": cfg.job, "train": cfg.train})
-    return args, cfg
+    values = dict(cfg.train or {})
+    values.update({k: getattr(args, k) for k in hyper.model_fields if getattr(args, k) is not None})
+    try:
+        hp = hyper.model_validate(values)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"train section of {args.config}: {problems}") from None
+    return args, cfg, hp
+
+
+def env_shapes(env_id: str) -> tuple[int, int, float | None]:
+    """(observation size, action size or count, action bound for Box actions) from the spaces."""
+    import gymnasium as gym
+
+    env = gym.make(env_id)
+    try:
+        obs = int(gym.spaces.flatdim(env.observation_space))
+        space = env.action_space
+        if isinstance(space, gym.spaces.Discrete):
+            return obs, int(space.n), None
+        return obs, int(gym.spaces.flatdim(space)), float(abs(space.high).max())
+    finally:
+        env.close()
+
 
 
 def write_curve(out_dir: str, rows: list[tuple[int, float, float]], title: str) -> None:

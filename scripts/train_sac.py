@@ -11,22 +11,33 @@ it samples. Writes OUT/curve.csv (frames,seconds,mean_return) and OUT/curve.png.
 from __future__ import annotations
 
 import copy
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from tensordict.nn import TensorDictModule
+from torch import nn
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from tensordict.nn import TensorDictModule  # noqa: E402
-from torch import nn  # noqa: E402
+from collectors import RayReplayBuffer, aSyncDataCollector
+from curves import env_shapes, example_args, write_curve
 
-from collectors import RayReplayBuffer, aSyncDataCollector  # noqa: E402
-from curves import example_args, write_curve  # noqa: E402
 
-MAX_ACTION = 2.0
+class SACHyperparameters(BaseModel):
+    """The ``train:`` section of configs/sac_pendulum.yaml; each field is also a flag."""
+
+    model_config = ConfigDict(extra="forbid")
+    updates: int = Field(12000, gt=0, description="learner updates")
+    batch_size: int = Field(256, gt=0, description="frames per sampled batch")
+    buffer_capacity: int = Field(100_000, gt=0, description="replay buffer capacity (frames)")
+    min_size: int = Field(2000, ge=0, description="frames stored before the first sample")
+    init_random_frames: int = Field(2000, ge=0, description="frames collected with random actions")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate (actor, critics, temperature)")
+    gamma: float = Field(0.99, gt=0, le=1, description="discount factor")
+    tau: float = Field(0.005, gt=0, le=1, description="target network averaging rate")
+    hidden: int = Field(128, gt=0, description="hidden units of the actor and critic MLPs")
+    push_every: int = Field(10, gt=0, description="send weights to the env actor every N updates")
+    target_return: float = Field(-200.0, description="mean return reported as solved")
 
 
 def mlp(i, o, h):
@@ -34,11 +45,12 @@ def mlp(i, o, h):
 
 
 class Actor(nn.Module):
-    """Tanh-Gaussian policy; returns (action, log-prob)."""
+    """Tanh-Gaussian policy; returns (action scaled to the bound, log-prob)."""
 
-    def __init__(self, hidden: int):
+    def __init__(self, obs_dim: int, act_dim: int, bound: float, hidden: int):
         super().__init__()
-        self.net = mlp(3, 2, hidden)
+        self.net = mlp(obs_dim, 2 * act_dim, hidden)
+        self.bound = bound
 
     def dist(self, obs):
         mu, log_std = self.net(obs).chunk(2, -1)
@@ -49,29 +61,32 @@ class Actor(nn.Module):
         u = mu + std * torch.randn_like(mu)
         a = torch.tanh(u)
         logp = torch.distributions.Normal(mu, std).log_prob(u) - torch.log(1 - a.pow(2) + 1e-6)
-        return a * MAX_ACTION, logp.sum(-1)
+        return a * self.bound, logp.sum(-1)
 
 
 def main(argv=None) -> float:
-    args, cfg = example_args(__doc__, "configs/sac_pendulum.yaml", argv, updates="learner updates")
-    job, hp = cfg.job, cfg.train
-    updates = args.updates or hp["updates"]
+    args, cfg, hp = example_args(__doc__, "configs/sac_pendulum.yaml", SACHyperparameters, argv)
+    job = cfg.job
+    updates = hp.updates
     torch.manual_seed(job.get("seed", 0))
-    h = hp["hidden"]
-    actor = Actor(h)
-    q1, q2 = mlp(4, 1, h), mlp(4, 1, h)
+    obs_dim, act_dim, bound = env_shapes(job["env"])
+    if bound is None:
+        raise SystemExit(f"train_sac.py handles Box action spaces; {job['env']} has discrete actions.")
+    h = hp.hidden
+    actor = Actor(obs_dim, act_dim, bound, h)
+    q1, q2 = mlp(obs_dim + act_dim, 1, h), mlp(obs_dim + act_dim, 1, h)
     q1_t, q2_t = copy.deepcopy(q1), copy.deepcopy(q2)
     log_alpha = torch.zeros((), requires_grad=True)
-    opt_a = torch.optim.Adam(actor.parameters(), lr=hp["lr"])
-    opt_q = torch.optim.Adam(list(q1.parameters()) + list(q2.parameters()), lr=hp["lr"])
-    opt_alpha = torch.optim.Adam([log_alpha], lr=hp["lr"])
+    opt_a = torch.optim.Adam(actor.parameters(), lr=hp.lr)
+    opt_q = torch.optim.Adam(list(q1.parameters()) + list(q2.parameters()), lr=hp.lr)
+    opt_alpha = torch.optim.Adam([log_alpha], lr=hp.lr)
     policy = TensorDictModule(actor, in_keys=["observation"], out_keys=["action", "sample_log_prob"])
 
-    rb = RayReplayBuffer(hp["buffer_capacity"], batch_size=hp["batch_size"],
-                         min_size=hp["min_size"], prefetch=True, config=cfg, name="sac-buffer")
+    rb = RayReplayBuffer(hp.buffer_capacity, batch_size=hp.batch_size,
+                         min_size=hp.min_size, prefetch=True, config=cfg, name="sac-buffer")
     collector = aSyncDataCollector(job["env"], policy, num_envs=job["num_envs"],
                                    frames_per_batch=job["frames_per_batch"], total_frames=-1,
-                                   init_random_frames=hp["init_random_frames"],
+                                   init_random_frames=hp.init_random_frames,
                                    seed=job.get("seed"), replay_buffer=rb, config=cfg, name="sac")
     collector.start()
     rows, t0, lag = [], time.perf_counter(), []
@@ -84,15 +99,15 @@ def main(argv=None) -> float:
             alpha = log_alpha.exp().detach()
             with torch.no_grad():
                 na, nlogp = actor(nobs)
-                x = torch.cat([nobs, na / MAX_ACTION], -1)
-                target = r + hp["gamma"] * (1 - term) * (torch.min(q1_t(x), q2_t(x)).squeeze(-1) - alpha * nlogp)
-            x = torch.cat([obs, act / MAX_ACTION], -1)
+                x = torch.cat([nobs, na / bound], -1)
+                target = r + hp.gamma * (1 - term) * (torch.min(q1_t(x), q2_t(x)).squeeze(-1) - alpha * nlogp)
+            x = torch.cat([obs, act / bound], -1)
             q_loss = F.mse_loss(q1(x).squeeze(-1), target) + F.mse_loss(q2(x).squeeze(-1), target)
             opt_q.zero_grad()
             q_loss.backward()
             opt_q.step()
             a, logp = actor(obs)
-            x = torch.cat([obs, a / MAX_ACTION], -1)
+            x = torch.cat([obs, a / bound], -1)
             a_loss = (alpha * logp - torch.min(q1(x), q2(x)).squeeze(-1)).mean()
             opt_a.zero_grad()
             a_loss.backward()
@@ -104,9 +119,9 @@ def main(argv=None) -> float:
             with torch.no_grad():
                 for net, tgt in ((q1, q1_t), (q2, q2_t)):
                     for p_, pt in zip(net.parameters(), tgt.parameters()):
-                        pt.lerp_(p_, hp["tau"])
+                        pt.lerp_(p_, hp.tau)
             lag.append(collector.policy_version - float(td["collector", "policy_version"].float().mean()))
-            if step % hp["push_every"] == 0:
+            if step % hp.push_every == 0:
                 collector.update_policy_weights_()
             if step % 250 == 0:
                 stats = collector.stats()
@@ -121,7 +136,7 @@ def main(argv=None) -> float:
     finally:
         collector.async_shutdown()
         rb.shutdown()
-    write_curve(args.out, rows, "SAC on Pendulum-v1, aSyncDataCollector.start() into RayReplayBuffer")
+    write_curve(args.out, rows, f"SAC on {job['env']}, aSyncDataCollector.start() into RayReplayBuffer")
     final = rows[-1][2] if rows else float("nan")
     print(f"final mean return (last 20 episodes): {final}; {time.perf_counter() - t0:.0f}s; curve in {args.out}")
     return final

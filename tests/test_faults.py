@@ -207,8 +207,7 @@ def test_buffer_gone_for_good_is_a_clear_error():
 def test_trainer_death_takes_every_actor_with_it(tmp_path):
     address = ray.get_runtime_context().gcs_address
     script = textwrap.dedent(f"""
-        import sys, time, ray
-        sys.path.insert(0, {os.getcwd()!r})
+        import time, ray
         ray.init(address={address!r})
         from collectors import MultiSyncDataCollector
         c = MultiSyncDataCollector("CartPole-v1", num_workers=2, frames_per_batch=20, name="orphan-check")

@@ -1,7 +1,8 @@
 """The actor bodies without Ray: the rollout loop and the env worker, in this process."""
 import numpy as np
 
-from actors.env_worker import EnvWorker
+from actors.env_worker import EnvWorker, WorkerPlan
+from actors.options import CollectorOptions
 from actors.rollout import Rollout
 from collectors.testing import CountingEnv
 from collectors.validate import build_spec
@@ -23,8 +24,9 @@ def test_rollout_loop_in_process():
 
 def test_env_worker_in_process():
     spec, kind = build_spec("CartPole-v1", None, None, 1)
-    w = EnvWorker({"create_env_fn": "CartPole-v1", "num_envs": 1, "policy": None,
-                   "policy_kind": kind, "spec": spec, "steps": 50, "seed": 3, "worker_index": 0})
+    plan = WorkerPlan(env_fns=("CartPole-v1",), policy=None, policy_kind=kind, spec=spec, steps=50,
+                      options=CollectorOptions(frames_per_batch=50, seed=3))
+    w = EnvWorker(plan, worker_index=0)
     batch, meta = w.collect()
     assert meta["frames"] == 50 and batch["observation"].shape == (1, 50, 4)
     assert np.isfinite(batch[("next", "reward")]).all()
@@ -35,7 +37,7 @@ def test_sequential_policy_runs_its_layers_directly_unless_hooked():
     import torch
     from torch import nn
 
-    from actors.policy import PolicyRunner, sequential_chain
+    from actors.policy_runner import PolicyRunner, sequential_chain
     from collectors.policies import ArgmaxLayer
 
     torch.manual_seed(0)

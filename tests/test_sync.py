@@ -12,7 +12,7 @@ from collectors import Collector, DataCollectorBase, BaseCollector, SyncDataColl
 from collectors.errors import EnvCreationError
 from collectors.policies import ArgmaxLayer, mlp
 from collectors.testing import CountingEnv, counting_env
-from actors.policy import PolicyOutputError
+from collectors import PolicyOutputError
 from conftest import alive_actor_names
 
 ROOT_KEYS = {"observation", "action", "done", "terminated", "truncated"}

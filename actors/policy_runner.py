@@ -6,13 +6,14 @@ TensorDict -> TensorDict). Each step the policy runs once on all envs of a worke
 """
 from __future__ import annotations
 
+import contextlib
+import sys
+
 import numpy as np
 
+from actors.errors import PolicyOutputError
+
 ACTION_KEY = "action"
-
-
-class PolicyOutputError(ValueError):
-    """The policy produced an output that does not fit the action space or its own spec."""
 
 
 def policy_kind(policy) -> str:
@@ -39,25 +40,40 @@ def policy_kind(policy) -> str:
 class PolicyRunner:
     """Calls the policy on ``{key: array[num_envs, ...]}`` and returns ``{key: ndarray}``."""
 
-    def __init__(self, policy, kind: str, obs_keys: tuple[str, ...], num_envs: int):
+    def __init__(self, policy, kind: str, obs_keys: tuple[str, ...], num_envs: int,
+                 exploration_type: str = "random"):
         self.policy = policy
         self.kind = kind
         self.obs_keys = obs_keys
         self.num_envs = num_envs
-        self._torch = None
+        self.exploration_type = exploration_type
+        self.torch = None
         self._td_cls = None
         self._forward = policy
         if kind != "random":
             import torch
 
-            self._torch = torch
+            self.torch = torch
         if kind == "td":
             from tensordict import TensorDict
 
             self._td_cls = TensorDict
 
+    def context(self):
+        """Entered once per batch around the policy calls: ``torch.inference_mode`` and the
+        exploration (interaction) type, as TorchRL's collectors set them. The interaction type
+        is set whenever tensordict is loaded (a policy that reads it has imported it)."""
+        stack = contextlib.ExitStack()
+        if self.torch is not None:
+            stack.enter_context(self.torch.inference_mode())
+        if self.kind == "td" or "tensordict" in sys.modules:
+            from tensordict.nn import InteractionType, set_interaction_type
+
+            stack.enter_context(set_interaction_type(InteractionType(self.exploration_type)))
+        return stack
+
     def __call__(self, obs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        torch = self._torch
+        torch = self.torch
         if self.kind == "module":
             out = self._forward(torch.from_numpy(obs[self.obs_keys[0]]))
             if not isinstance(out, torch.Tensor):
@@ -143,17 +159,3 @@ def sequential_chain(policy):
         return x
 
     return chain
-
-
-def check_outputs(out: dict[str, np.ndarray], spec: dict, num_envs: int) -> None:
-    """Raise :class:`PolicyOutputError` when ``out`` does not match ``spec`` (``{key: (shape, dtype)}``)."""
-    for key, (shape, dtype) in spec.items():
-        if key not in out:
-            raise PolicyOutputError(f"policy output is missing key {key!r}; got {sorted(map(str, out))}.")
-        value = out[key]
-        want = (num_envs, *shape)
-        if tuple(value.shape) != want or value.dtype.name != dtype:
-            raise PolicyOutputError(
-                f"policy output {key!r}: expected shape {want} and dtype {dtype}, got shape "
-                f"{tuple(value.shape)} and dtype {value.dtype.name}."
-            )

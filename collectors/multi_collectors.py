@@ -35,14 +35,12 @@ class MultiSyncDataCollector(DataCollectorBase):
     _multi = True
 
     def __init__(self, create_env_fn, policy=None, *, num_workers: int | None = None,
-                 frames_per_batch: int, total_frames: int = -1, cat_results="stack", **kwargs):
-        if cat_results not in ("stack", -1, "cat"):
-            raise ValueError(f"cat_results must be 'stack' or -1 ('cat'); got {cat_results!r}.")
-        self.cat_results = cat_results
-        self._layout = "stack" if cat_results == "stack" else "cat"
+                 frames_per_batch: int, total_frames: int = -1, **kwargs):
         super().__init__(create_env_fn, policy, frames_per_batch=frames_per_batch,
                          total_frames=total_frames, num_workers=_workers(create_env_fn, num_workers),
                          **kwargs)
+        self.cat_results = self.options.cat_results or "stack"
+        self._layout = self.cat_results
 
 
 class MultiaSyncDataCollector(DataCollectorBase):
@@ -56,7 +54,7 @@ class MultiaSyncDataCollector(DataCollectorBase):
     _async = True
 
     def __init__(self, create_env_fn, policy=None, *, num_workers: int | None = None,
-                 frames_per_batch: int, total_frames: int = -1, cat_results=None, **kwargs):
+                 frames_per_batch: int, total_frames: int = -1, **kwargs):
         super().__init__(create_env_fn, policy, frames_per_batch=frames_per_batch,
                          total_frames=total_frames, num_workers=_workers(create_env_fn, num_workers),
                          **kwargs)

@@ -20,10 +20,3 @@ class SyncDataCollector(DataCollectorBase):
     """
 
     _layout = "single"
-
-    def __init__(self, create_env_fn, policy=None, *, frames_per_batch: int, total_frames: int = -1,
-                 **kwargs):
-        if "num_workers" in kwargs:
-            raise TypeError("SyncDataCollector has one env actor; use MultiSyncDataCollector for num_workers.")
-        super().__init__(create_env_fn, policy, frames_per_batch=frames_per_batch,
-                         total_frames=total_frames, **kwargs)

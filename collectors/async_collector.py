@@ -22,10 +22,3 @@ class aSyncDataCollector(DataCollectorBase):  # noqa: N801 - TorchRL's legacy na
     """
 
     _async = True
-
-    def __init__(self, create_env_fn, policy=None, *, frames_per_batch: int, total_frames: int = -1,
-                 **kwargs):
-        if "num_workers" in kwargs:
-            raise TypeError("aSyncDataCollector has one env actor; use MultiaSyncDataCollector for num_workers.")
-        super().__init__(create_env_fn, policy, frames_per_batch=frames_per_batch,
-                         total_frames=total_frames, **kwargs)

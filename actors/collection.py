@@ -1,0 +1,199 @@
+"""Collection: asking the pool's workers for batches (all at once, or as they come), and the
+ledger that accounts for every frame: produced = delivered + dropped (by reason).
+
+Batches stay in Ray's object store; only ``([ref], meta)`` pairs pass through here.
+"""
+from __future__ import annotations
+
+import time
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+
+from actors.errors import CollectorError, FatalWorkerError, unwrap
+from actors.metrics import Metrics
+from actors.worker_pool import WorkerPool
+
+ENV_ERRORS_KEPT = 50
+
+
+class Ledger:
+    """Per-worker counts and recent episode returns; every frame is delivered or dropped."""
+
+    def __init__(self, count: int, metrics: Metrics):
+        self.metrics = metrics
+        self.per_worker = [
+            {"frames": 0, "delivered": 0, "batches": 0, "dropped": {}, "env_errors": 0,
+             "restarts": 0, "timeouts": 0, "policy_version": 0, "episodes": 0}
+            for _ in range(count)
+        ]
+        self.episode_returns: list[float] = []
+        self.env_error_log: list[dict] = []  # the last env errors, shown in stats()
+
+    def drop(self, i: int, reason: str, frames: int) -> None:
+        """Count frames produced (or in flight) but never delivered."""
+        self.per_worker[i]["frames"] += frames
+        d = self.per_worker[i]["dropped"]
+        d[reason] = d.get(reason, 0) + frames
+
+    def undeliver(self, meta: dict, reason: str) -> None:
+        """A batch counted as delivered did not reach its consumer: count it dropped."""
+        s = self.per_worker[meta["worker"]]
+        s["delivered"] -= meta["frames"]
+        s["frames"] -= meta["frames"]
+        self.drop(meta["worker"], reason, meta["frames"])
+        meta["frames"] = 0
+
+    def restarted(self, i: int) -> None:
+        self.per_worker[i]["restarts"] += 1
+        self.metrics.restart(i)
+
+    def account(self, meta: dict, newest_version: int) -> None:
+        if meta.get("dropped_frames"):
+            self.drop(meta["worker"], "bad_output", meta["dropped_frames"])
+        s = self.per_worker[meta["worker"]]
+        s["frames"] += meta["frames"]
+        s["delivered"] += meta["frames"]
+        s["batches"] += 1
+        s["policy_version"] = meta["policy_version"]
+        s["episodes"] += len(meta["episode_returns"])
+        s["env_errors"] += len(meta["env_errors"])
+        self.env_error_log.extend(dict(e, worker=meta["worker"]) for e in meta["env_errors"])
+        del self.env_error_log[:-ENV_ERRORS_KEPT]
+        self.episode_returns.extend(meta["episode_returns"])
+        del self.episode_returns[:-1000]
+        self.metrics.batch(meta, newest_version)
+
+
+class Collection:
+    """Sync rounds (``collect_sync``) and async streaming (``next_ready``) over a pool."""
+
+    def __init__(self, pool: WorkerPool, ledger: Ledger, *, frames_per_worker_batch: int,
+                 sample_timeout_s: float | None, prefetch: int, on_error: str):
+        self.pool = pool
+        self.ledger = ledger
+        self.frames_per_worker_batch = frames_per_worker_batch
+        self.sample_timeout_s = sample_timeout_s
+        self.prefetch = prefetch
+        self.on_error = on_error
+        self.inflight: dict = {}  # async: collect ref -> (worker index, handle)
+
+    def _call(self, i: int, handle, random_actions: bool):
+        return handle.collect_ref.remote(random_actions)
+
+    def _resolve(self, ref, i: int, handle):
+        """``ray.get`` one collect result; ``None`` after replacing a failed worker."""
+        try:
+            out = ray.get(ref)
+        except RayActorError as exc:
+            self.ledger.drop(i, "worker_died", self.frames_per_worker_batch)
+            self.pool.replace(i, "died", str(exc), handle=handle)
+            return None
+        except RayTaskError as exc:
+            cause = unwrap(exc)
+            if isinstance(cause, FatalWorkerError) or self.on_error == "raise":
+                self.pool.mark_dead(i)
+                raise CollectorError(
+                    f"worker {i} of {self.pool.name!r} failed with {type(cause).__name__} "
+                    f"(not retried):\n{exc}", worker=i) from None
+            self.ledger.drop(i, "error", self.frames_per_worker_batch)
+            self.pool.replace(i, "error", str(exc), handle=handle)
+            return None
+        self.pool.note_id_counter(i, out[1]["id_counter"])
+        self.ledger.account(out[1], self.pool.version)
+        return out
+
+    def _timed_out(self, i: int, handle, drop: bool = True) -> None:
+        self.ledger.per_worker[i]["timeouts"] += 1
+        if drop:  # (async: the in-flight requests are dropped when resubmitted)
+            self.ledger.drop(i, "timeout", self.frames_per_worker_batch)
+        self.pool.replace(i, "timeout", f"no batch within sample_timeout_s={self.sample_timeout_s}",
+                          handle=handle)
+
+    # -- synchronous -------------------------------------------------------------------------
+    def collect_sync(self, random_actions: bool = False, preempt: float | None = None) -> list:
+        """One batch from every alive worker, in worker order: ``[([ref], meta)]``.
+
+        ``preempt=p``: once a fraction ``p`` of the workers delivered, the others are told to
+        stop early; their partial batches (unfilled frames have traj id -1) are delivered too.
+        """
+        pending = {self._call(i, h, random_actions): (i, h) for i, h in self.pool.alive()}
+        quorum = None if preempt is None else max(1, int(-(-preempt * len(pending) // 1)))
+        preempted = False
+        results = {}
+        deadline = None if self.sample_timeout_s is None else time.monotonic() + self.sample_timeout_s
+        while pending:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=timeout)
+            if not ready:  # hung workers: kill, replace, ask again
+                for ref, (i, h) in list(pending.items()):
+                    del pending[ref]
+                    self._timed_out(i, h)
+                    self._ask_again(pending, i, random_actions)
+                deadline = time.monotonic() + self.sample_timeout_s
+                continue
+            i, h = pending.pop(ready[0])
+            out = self._resolve(ready[0], i, h)
+            if out is None:
+                self._ask_again(pending, i, random_actions)
+                continue
+            results[i] = out
+            if quorum is not None and not preempted and len(results) >= quorum and pending:
+                preempted = True
+                for j, hj in pending.values():
+                    hj.preempt.remote()
+        return [results[i] for i in sorted(results)]
+
+    def _ask_again(self, pending: dict, i: int, random_actions: bool) -> None:
+        if self.pool.is_alive(i):
+            h = self.pool.handle(i)
+            pending[self._call(i, h, random_actions)] = (i, h)
+
+    # -- asynchronous ------------------------------------------------------------------------
+    def _submit(self, i: int, handle, random_actions: bool = False) -> None:
+        self.inflight[self._call(i, handle, random_actions)] = (i, handle)
+
+    def next_ready(self, random_actions: bool = False):
+        """The first batch any worker finishes: ``([ref], meta)``; keeps ``prefetch`` per worker."""
+        if not self.inflight:
+            for i, h in self.pool.alive():
+                for _ in range(self.prefetch):
+                    self._submit(i, h, random_actions)
+        while True:
+            if not self.inflight:
+                raise CollectorError(f"no worker of {self.pool.name!r} is left to collect from.")
+            ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=self.sample_timeout_s)
+            if not ready:
+                self._timeout_inflight(random_actions)
+                continue
+            i, h = self.inflight.pop(ready[0])
+            out = self._resolve(ready[0], i, h)
+            if out is None:
+                self._resubmit_after_replace(i, random_actions)
+                continue
+            self._submit(i, h, random_actions)
+            return out
+
+    def _resubmit_after_replace(self, i: int, random_actions: bool) -> None:
+        for r in [r for r, (j, _) in self.inflight.items() if j == i]:
+            del self.inflight[r]
+            self.ledger.drop(i, "worker_died", self.frames_per_worker_batch)
+        if self.pool.is_alive(i):
+            h = self.pool.handle(i)
+            for _ in range(self.prefetch):
+                self._submit(i, h, random_actions)
+
+    def _timeout_inflight(self, random_actions: bool) -> None:
+        """No worker answered within the timeout: replace those whose oldest call is stuck."""
+        stuck = {}
+        for i, h in self.inflight.values():
+            stuck.setdefault(i, h)
+        for i, h in sorted(stuck.items(), key=lambda kv: kv[0]):
+            self._timed_out(i, h, drop=False)
+            self._resubmit_after_replace(i, random_actions)
+
+    def cancel_inflight(self) -> None:
+        """Forget outstanding async requests (their frames are counted as dropped)."""
+        for i, _ in self.inflight.values():
+            self.ledger.drop(i, "cancelled", self.frames_per_worker_batch)
+        self.inflight.clear()

@@ -1,0 +1,297 @@
+"""``CollectorOptions``: every collector option, defined once with its default, check and meaning.
+
+The collector's constructor builds one from its keyword arguments; the driver, the env workers
+and the rollout receive it (without the trainer-side fields, see :meth:`for_workers`).
+``help(SyncDataCollector)`` lists these fields, generated from the descriptions below.
+
+Example:
+    >>> from actors.options import CollectorOptions
+    >>> CollectorOptions(frames_per_batch=200, check_finite=True).check_finite
+    'raise'
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
+
+EXPLORATION_TYPES = ("random", "deterministic", "mode", "mean", "median")
+TRAINER_ONLY = ("postproc", "replay_buffer", "config")  # never sent to the actors
+
+
+def _integer(name: str, value, minimum: int | None = None):
+    """An int (numpy integers too, never a bool or a float) not below ``minimum``."""
+    if hasattr(value, "dtype") and getattr(value.dtype, "kind", "") in "iu" and getattr(value, "ndim", 0) == 0:
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer; got {value!r} ({type(value).__name__})")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}; got {value!r}")
+    return value
+
+
+def _number(name: str, value, *, positive: bool):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ValueError(f"{name} must be a number; got {value!r}")
+    if positive and not value > 0:
+        raise ValueError(f"{name} must be positive; got {value!r}")
+    if not positive and value < 0:
+        raise ValueError(f"{name} must be >= 0; got {value!r}")
+    return float(value)
+
+
+class CollectorOptions(BaseModel):
+    """All options of a collector. Unknown names are refused; every value is checked here."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+    # -- what to collect ---------------------------------------------------------------------
+    frames_per_batch: int = Field(
+        description="frames per batch, over all envs and workers; rounded up to a multiple of "
+                    "num_envs (and of num_workers for MultiSync), reported in stats()")
+    total_frames: int = Field(
+        -1, description="frames to collect before iteration stops, rounded up to whole batches; "
+                        "-1 (or float('inf')) collects forever")
+    num_envs: int = Field(1, description="envs stepped by each env actor; batches get an env "
+                                         "dimension [num_envs, T] when above 1")
+    num_workers: int = Field(1, description="env actors (multi collectors only)")
+    create_env_kwargs: Optional[dict] = Field(None, description="keyword arguments for create_env_fn")
+    max_frames_per_traj: Optional[int] = Field(
+        None, description="truncate episodes after this many steps and record step_count; "
+                          "None, 0 or -1: no limit")
+    init_random_frames: int = Field(
+        0, description="the first frames use uniformly random actions instead of the policy")
+    reset_at_each_iter: StrictBool = Field(
+        False, description="start fresh episodes in every env at the start of each batch")
+    split_trajs: StrictBool = Field(
+        False, description="yield [n_traj, max_len] batches padded with zeros, with "
+                           "('collector', 'mask')")
+    postproc: Optional[Callable] = Field(None, description="called on each batch before it is "
+                                                           "yielded (trainer side)")
+    seed: Optional[int] = Field(None, description="env i of the run is seeded seed + i; the "
+                                                  "policy's RNG is seeded too")
+    set_truncated: StrictBool = Field(
+        False, description="mark the last step of each batch row truncated (and done)")
+    replay_buffer: Any = Field(
+        None, description="a RayReplayBuffer (batches go straight to its actor, iteration "
+                          "yields None) or any object with extend() (extended in the trainer)")
+    update_at_each_batch: StrictBool = Field(
+        False, description="call update_policy_weights_() before every batch")
+    preemptive_threshold: Optional[float] = Field(
+        None, description="MultiSync only: once this fraction of workers delivered, the others "
+                          "stop early; unfilled frames have traj id -1")
+    cat_results: Union[Literal["stack", "cat"], int, None] = Field(
+        None, description="MultiSync only: 'stack' gives [num_workers, ...]; -1 or 'cat' "
+                          "concatenates along time. None: 'stack'")
+    exploration_type: str = Field(
+        "random", description="tensordict interaction type set around every policy call "
+                              "('random', 'deterministic', 'mode', 'mean', 'median'; "
+                              "ExplorationType members too); TorchRL's default is random")
+    # -- deployment --------------------------------------------------------------------------
+    name: Optional[str] = Field(None, description="prefix of the actor names shown in the Ray "
+                                                  "dashboard (default: class name + random id)")
+    config: Any = Field(None, description="deployment config: a YAML path, a dict or a "
+                                          "DeploymentConfig (default: configs/local.yaml)")
+    num_cpus: Optional[float] = Field(None, description="CPUs each env actor asks Ray for "
+                                                        "(default: the config's)")
+    num_gpus: Optional[float] = Field(None, description="GPUs each env actor asks Ray for "
+                                                        "(default: the config's)")
+    resources: Optional[dict] = Field(None, description="custom Ray resources each env actor "
+                                                        "asks for")
+    worker_nice: int = Field(0, description="raise the env actors' OS niceness (0-19) so a "
+                                            "trainer on the same cores keeps its share")
+    # -- faults and waits --------------------------------------------------------------------
+    sample_timeout_s: Optional[float] = Field(
+        None, description="a worker that delivers no batch within this is killed and replaced "
+                          "(None: no limit)")
+    startup_timeout_s: float = Field(60.0, description="bound on building the envs in a new "
+                                                       "worker (and on placing it)")
+    max_restarts: int = Field(3, description="failures (worker or env) allowed within "
+                                             "restart_window_s before the collector raises")
+    restart_window_s: float = Field(60.0, description="the sliding window of max_restarts, "
+                                                      "counted in working time (backoff excluded)")
+    restart_backoff_s: float = Field(0.0, description="wait before a restart, doubled for each "
+                                                      "failure in the window (capped at 30 s)")
+    on_worker_error: Literal["restart", "raise"] = Field(
+        "restart", description="'restart': rebuild the failed env or worker; 'raise': raise "
+                               "CollectorError at the first failure")
+    check_finite: Literal["off", "raise", "drop_episode"] = Field(
+        "off", description="NaN/inf in a batch: 'raise' (or True) raises EnvSpecError; "
+                           "'drop_episode' blanks and masks the episode and counts it")
+    check_obs_space: StrictBool = Field(
+        False, description="check every observation against the env's observation_space")
+    write_timeout_s: float = Field(30.0, description="bound on one write into the replay-buffer "
+                                                     "actor, retries included")
+    prefetch: int = Field(1, description="async collectors: batches each worker may collect "
+                                         "ahead of the consumer")
+
+    # -- checks ------------------------------------------------------------------------------
+    @field_validator("frames_per_batch", "num_envs", "num_workers", "prefetch", mode="before")
+    @classmethod
+    def _positive_int(cls, v, info):
+        return _integer(info.field_name, v, 1)
+
+    @field_validator("max_restarts", "init_random_frames", mode="before")
+    @classmethod
+    def _non_negative_int(cls, v, info):
+        if info.field_name == "init_random_frames" and v is None:
+            return 0
+        return _integer(info.field_name, v, 0)
+
+    @field_validator("worker_nice", mode="before")
+    @classmethod
+    def _nice(cls, v):
+        v = _integer("worker_nice", v, 0)
+        if v > 19:
+            raise ValueError(f"worker_nice must be in 0..19 (a niceness increment); got {v}")
+        return v
+
+    @field_validator("seed", mode="before")
+    @classmethod
+    def _seed(cls, v):
+        return None if v is None else _integer("seed", v, 0)
+
+    @field_validator("total_frames", mode="before")
+    @classmethod
+    def _total_frames(cls, v):
+        if isinstance(v, float) and math.isinf(v) and v > 0:
+            return -1
+        v = _integer("total_frames", v)
+        if v == 0 or v < -1:
+            raise ValueError(f"total_frames must be positive or -1 (endless); got {v}")
+        return v
+
+    @field_validator("max_frames_per_traj", mode="before")
+    @classmethod
+    def _max_frames(cls, v):
+        if v is None:
+            return None
+        v = _integer("max_frames_per_traj", v)
+        return v if v > 0 else None  # TorchRL: -1 / 0 mean "no limit"
+
+    @field_validator("split_trajs", mode="before")
+    @classmethod
+    def _split(cls, v):
+        return False if v is None else v  # TorchRL's default is None
+
+    @field_validator("sample_timeout_s", mode="before")
+    @classmethod
+    def _optional_timeout(cls, v):
+        return None if v is None else _number("sample_timeout_s", v, positive=True)
+
+    @field_validator("startup_timeout_s", "restart_window_s", "write_timeout_s", mode="before")
+    @classmethod
+    def _timeout(cls, v, info):
+        if v is None:
+            raise ValueError(f"{info.field_name} must be a positive number of seconds (nothing "
+                             "waits forever); got None")
+        return _number(info.field_name, v, positive=True)
+
+    @field_validator("restart_backoff_s", mode="before")
+    @classmethod
+    def _backoff(cls, v):
+        return _number("restart_backoff_s", v, positive=False)
+
+    @field_validator("num_cpus", "num_gpus", mode="before")
+    @classmethod
+    def _resource(cls, v, info):
+        return None if v is None else _number(info.field_name, v, positive=False)
+
+    @field_validator("preemptive_threshold", mode="before")
+    @classmethod
+    def _threshold(cls, v):
+        if v is None:
+            return None
+        v = _number("preemptive_threshold", v, positive=True)
+        if v > 1.0:
+            raise ValueError(f"preemptive_threshold must be in (0, 1]; got {v!r}")
+        return v
+
+    @field_validator("check_finite", mode="before")
+    @classmethod
+    def _check_finite(cls, v):
+        mapping = {False: "off", True: "raise", None: "off"}
+        if isinstance(v, bool) or v is None:
+            return mapping[v]
+        if v not in ("off", "raise", "drop_episode"):
+            raise ValueError(f"check_finite must be False, True ('raise') or 'drop_episode'; got {v!r}")
+        return v
+
+    @field_validator("cat_results", mode="before")
+    @classmethod
+    def _cat(cls, v):
+        if v in (None, "stack", "cat") or (isinstance(v, int) and not isinstance(v, bool) and v == -1):
+            return "cat" if v == -1 else v
+        raise ValueError(f"cat_results must be 'stack', -1 or 'cat'; got {v!r}")
+
+    @field_validator("exploration_type", mode="before")
+    @classmethod
+    def _exploration(cls, v):
+        name = getattr(v, "value", v)  # tensordict's InteractionType / TorchRL's ExplorationType
+        if isinstance(name, str) and name.lower() in EXPLORATION_TYPES:
+            return name.lower()
+        raise ValueError(f"exploration_type must be one of {EXPLORATION_TYPES} or an "
+                         f"ExplorationType member; got {v!r}")
+
+    @field_validator("postproc", mode="before")
+    @classmethod
+    def _callable(cls, v):
+        if v is not None and not callable(v):
+            raise ValueError(f"postproc must be callable; got {type(v).__name__}")
+        return v
+
+    @field_validator("replay_buffer", mode="before")
+    @classmethod
+    def _buffer(cls, v):
+        if v is not None and not hasattr(v, "extend"):
+            raise ValueError(f"replay_buffer must be a collectors.RayReplayBuffer or have "
+                             f"extend(); got {type(v).__name__}")
+        return v
+
+    @field_validator("resources", mode="before")
+    @classmethod
+    def _resources(cls, v):
+        if v is None:
+            return None
+        if not isinstance(v, dict) or not all(
+                isinstance(k, str) and not isinstance(n, bool) and isinstance(n, (int, float)) and n >= 0
+                for k, n in v.items()):
+            raise ValueError(f"resources must map resource names to amounts >= 0; got {v!r}")
+        return dict(v)
+
+    # -- use ---------------------------------------------------------------------------------
+    def for_workers(self) -> "CollectorOptions":
+        """A copy without the trainer-side fields (``postproc``, ``replay_buffer``, ``config``)."""
+        return self.model_copy(update={k: None for k in TRAINER_ONLY})
+
+    @classmethod
+    def build(cls, who: str, **values) -> "CollectorOptions":
+        """Validate ``values``; a bad one raises ``ValueError`` (or ``TypeError`` for an unknown
+        name) that names the value and the fix."""
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            problems, unknown = [], []
+            for err in exc.errors():
+                field = ".".join(map(str, err["loc"])) or "options"
+                if err["type"] == "extra_forbidden":
+                    unknown.append(field)
+                    continue
+                msg = err["msg"].removeprefix("Value error, ")
+                if field not in msg:
+                    msg = f"{field}: {msg}; got {err.get('input')!r}"
+                problems.append(msg)
+            if unknown:
+                raise TypeError(f"{who}() got unexpected keyword argument(s) {unknown}. See "
+                                f"help({who}) for the options.") from None
+            raise ValueError(f"{who}: " + "; ".join(problems) + ".") from None
+
+
+def options_doc(indent: str = "    ") -> str:
+    """The "Keyword Args" section of the collectors' docstrings, from the field descriptions."""
+    lines = ["Keyword Args:"]
+    for name, field in CollectorOptions.model_fields.items():
+        default = "required" if field.is_required() else f"default {field.default!r}"
+        lines.append(f"{indent}{name} ({default}): {field.description}.")
+    return "\n".join(lines)
