@@ -84,6 +84,10 @@ class CollectorOptions(BaseModel):
     cat_results: Union[Literal["stack", "cat"], int, None] = Field(
         None, description="MultiSync only: 'stack' gives [num_workers, ...]; -1 or 'cat' "
                           "concatenates along time. None: 'stack'")
+    auto_sync_weights: StrictBool = Field(
+        True, description="send the policy's weights to the workers before a batch whenever its "
+                          "parameters or buffers changed in the trainer (as TorchRL's shared "
+                          "weights do); False: only update_policy_weights_() sends them")
     exploration_type: str = Field(
         "random", description="tensordict interaction type set around every policy call "
                               "('random', 'deterministic', 'mode', 'mean', 'median'; "

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import threading
 import time
 import uuid
 import weakref
@@ -21,6 +22,9 @@ from collectors.batch import assemble, mark_truncated, split_trajectories
 from collectors.runtime import ensure_ray, kill_quietly as _kill_quietly, near_caller
 from collectors.runtime import wait_dead as _wait_dead
 from collectors.shipping import ship_by_value
+from collectors.weight_sync import WeightWatcher
+
+AUTO_SYNC_POLL_S = 0.05  # during start(): how often the trainer's policy is checked for changes
 
 
 def _ray_get(ref, timeout=None):
@@ -88,6 +92,11 @@ class DataCollectorBase:
         self._closed = False
         self._final_stats = None
         self._worker_handles: list = []
+        self._weights_lock = threading.RLock()
+        self._watcher = (WeightWatcher(policy) if options.auto_sync_weights
+                         and isinstance(policy, torch.nn.Module) else None)
+        self._sync_thread: threading.Thread | None = None
+        self._sync_stop = threading.Event()
         self._start_driver(create_env_fn, env_fns, policy, kind, spec, steps)
         if options.seed is not None:
             self.set_seed(options.seed)
@@ -189,6 +198,8 @@ class DataCollectorBase:
             self._t_start = time.perf_counter()
         if self.options.update_at_each_batch:
             self.update_policy_weights_()
+        else:
+            self._sync_if_changed()
         if self.options.reset_at_each_iter:
             _ray_get(self._driver.broadcast.remote("reset"))
         random_actions = self._random_now()
@@ -300,9 +311,28 @@ class DataCollectorBase:
             if bad:
                 raise ValueError(f"worker_ids {bad} out of range: this collector has workers "
                                  f"0..{self.num_workers - 1}.")
-        ref = ray.put(weights)
-        self.policy_version += 1
-        _ray_get(self._driver.set_weights.remote([ref], self.policy_version, worker_ids))
+        with self._weights_lock:
+            if self._watcher is not None and policy_or_weights is None and weights_dict is None \
+                    and worker_ids is None:
+                self._watcher.mark_current()
+            ref = ray.put(weights)
+            self.policy_version += 1
+            _ray_get(self._driver.set_weights.remote([ref], self.policy_version, worker_ids))
+
+    def _sync_if_changed(self) -> None:
+        """Automatic weight sync: send the policy's weights if the trainer changed them."""
+        if self._watcher is not None:
+            with self._weights_lock:
+                if self._watcher.changed():
+                    self.update_policy_weights_()
+
+    def _sync_loop(self) -> None:
+        """During ``start()``: watch the trainer's policy and send changed weights."""
+        while not self._sync_stop.wait(AUTO_SYNC_POLL_S):
+            try:
+                self._sync_if_changed()
+            except Exception:  # noqa: BLE001 - the collector is closing; nothing to sync into
+                return
 
     def _state_dict_from(self, source) -> dict:
         if source is None:
@@ -367,7 +397,12 @@ class DataCollectorBase:
         if self._t_start is None:
             self._t_start = time.perf_counter()
         remaining = -1 if self.total_frames < 0 else max(0, self.total_frames - self._frames)
+        self._sync_if_changed()
         _ray_get(self._driver.start.remote(self.replay_buffer.actor, remaining))
+        if self._watcher is not None and self._sync_thread is None:
+            self._sync_thread = threading.Thread(target=self._sync_loop, daemon=True,
+                                                 name=f"{self.name}-weight-sync")
+            self._sync_thread.start()
 
     def is_running(self) -> bool:
         """Whether background collection is going on."""
@@ -460,6 +495,9 @@ class DataCollectorBase:
         """
         if self._closed:
             return
+        self._sync_stop.set()
+        if self._sync_thread is not None and self._sync_thread is not threading.current_thread():
+            self._sync_thread.join(5.0)
         timeout = 10.0 if timeout is None else float(timeout)
         deadline = time.monotonic() + timeout
         try:

@@ -183,6 +183,20 @@ def run_sync(frames: int) -> None:
         f"{ours8 / trl:.1f}x TorchRL" if trl else "")
     lat = first_batch_latency()
     print(f"\nfirst batch from a running Ray (nn.Module policy): {lat:.2f} s")
+    check = weight_check_cost()
+    print(f"automatic weight sync, check of an unchanged policy per batch: {check * 1e6:.1f} us "
+          f"= {100 * check / (1000 / raw):.3f}% of a 1000-frame batch of the raw loop")
+
+
+def weight_check_cost(repeats: int = 20_000) -> float:
+    """Seconds per ``WeightWatcher.changed()`` on the benchmark's MLP (unchanged: the common case)."""
+    from collectors.weight_sync import WeightWatcher
+
+    watcher = WeightWatcher(mlp_policy())
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        watcher.changed()
+    return (time.perf_counter() - t0) / repeats
 
 
 def run_multi(frames: int) -> None:

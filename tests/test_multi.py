@@ -116,7 +116,8 @@ def test_preemption_masks_stragglers():
 def test_weight_updates_and_version_stamps():
     torch.manual_seed(0)
     policy = nn.Sequential(nn.Linear(1, 2), ArgmaxLayer())
-    with MultiSyncDataCollector(counting_env, policy, num_workers=3, frames_per_batch=30) as c:
+    with MultiSyncDataCollector(counting_env, policy, num_workers=3, frames_per_batch=30,
+                                auto_sync_weights=False) as c:  # explicit updates only
         assert (c.next()["collector", "policy_version"] == 0).all()
         with torch.no_grad():
             policy[0].weight.zero_()

@@ -343,3 +343,76 @@ def test_wheel_installs_and_runs_the_demo(tmp_path):
                          env=env, timeout=240)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     assert "torch.Size([200]) ['time']" in out.stdout
+
+
+# -- weights follow the trainer's policy, as TorchRL's shared weights do ---------------------------
+class Scaled(nn.Module):
+    """A linear layer whose output is scaled by a buffer (like EGreedyModule's annealed eps)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(1, 2)
+        self.register_buffer("scale", torch.ones(()))
+
+    def forward(self, x):
+        return (self.linear(x) * self.scale).argmax(-1)
+
+
+def test_in_place_changes_reach_the_next_batch_without_an_update_call():
+    policy = Scaled()
+    with torch.no_grad():
+        policy.linear.weight.zero_()
+        policy.linear.bias.copy_(torch.tensor([0.0, 1.0]))
+    with MultiSyncDataCollector(counting_env, policy, num_workers=2, frames_per_batch=8) as c:
+        b = c.next()
+        assert (b["action"] == 1).all() and (b["collector", "policy_version"] == 0).all()
+        assert (c.next()["collector", "policy_version"] == 0).all()  # unchanged: nothing sent
+        with torch.no_grad():
+            policy.scale.fill_(-1.0)  # a buffer changed in place
+        b = c.next()
+        assert (b["action"] == 0).all() and (b["collector", "policy_version"] == 1).all()
+        policy.load_state_dict({"linear.weight": torch.zeros(2, 1), "linear.bias": torch.tensor([0.0, -1.0]),
+                                "scale": torch.tensor(-1.0)})
+        b = c.next()
+        assert (b["action"] == 1).all() and (b["collector", "policy_version"] == 2).all()
+        opt = torch.optim.SGD(policy.parameters(), lr=10.0)
+        loss = -policy.linear(torch.ones(1, 1))[0, 1]  # with scale -1: pushes action 1 down
+        loss.backward()
+        opt.step()
+        b = c.next()
+        assert (b["action"] == 0).all() and (b["collector", "policy_version"] == 3).all()
+
+
+def test_automatic_sync_can_be_turned_off():
+    policy = nn.Sequential(nn.Linear(1, 2), ArgmaxLayer())
+    with SyncDataCollector(counting_env, policy, frames_per_batch=4, auto_sync_weights=False) as c:
+        with torch.no_grad():
+            policy[0].bias.add_(1.0)
+        assert (c.next()["collector", "policy_version"] == 0).all()
+
+
+def test_background_collection_follows_the_trainer_policy():
+    policy = nn.Sequential(nn.Linear(1, 2), ArgmaxLayer())
+    with torch.no_grad():
+        policy[0].weight.zero_()
+        policy[0].bias.copy_(torch.tensor([1.0, 0.0]))
+    rb = RayReplayBuffer(100_000, batch_size=64)
+    c = SyncDataCollector(counting_env, policy, frames_per_batch=50, replay_buffer=rb)
+    try:
+        c.start()
+        with torch.no_grad():
+            policy[0].bias.copy_(torch.tensor([0.0, 1.0]))
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            td = rb.sample(64)
+            new = td["collector", "policy_version"] >= 1
+            if new.any():
+                assert (td["action"][new] == 1).all()
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("no frame collected with the changed weights within 60 s")
+        assert c.policy_version >= 1
+    finally:
+        c.async_shutdown()
+        rb.shutdown()

@@ -1,0 +1,44 @@
+"""Noticing that the trainer changed the policy, so the workers get the new weights unasked.
+
+TorchRL's single-process ``Collector`` runs the trainer's own policy object, and its
+multiprocess collectors keep CPU weights in shared memory: a trainer never has to call
+``update_policy_weights_()``. Here the workers hold copies, so the collector compares a
+fingerprint of the policy's tensors (version counter and storage of every parameter and buffer)
+before each batch and sends the weights when it changed: in-place optimizer steps,
+``load_state_dict``, an annealed buffer such as ``EGreedyModule``'s eps, or a swapped tensor.
+
+Example:
+    >>> import torch
+    >>> net = torch.nn.Linear(2, 2)
+    >>> watcher = WeightWatcher(net)
+    >>> watcher.changed()
+    False
+    >>> with torch.no_grad():
+    ...     _ = net.weight.mul_(2)
+    >>> watcher.changed(), watcher.changed()
+    (True, False)
+"""
+from __future__ import annotations
+
+
+class WeightWatcher:
+    """``changed()`` is True once after each change of ``module``'s parameters or buffers."""
+
+    def __init__(self, module):
+        self.module = module
+        self.last = self.fingerprint()
+
+    def fingerprint(self) -> tuple:
+        tensors = [*self.module.parameters(), *self.module.buffers()]
+        return tuple((t._version, t.data_ptr()) for t in tensors)
+
+    def changed(self) -> bool:
+        now = self.fingerprint()
+        if now == self.last:
+            return False
+        self.last = now
+        return True
+
+    def mark_current(self) -> None:
+        """The workers have the weights as they are now (an explicit update was sent)."""
+        self.last = self.fingerprint()
