@@ -48,6 +48,7 @@ class WorkerPlan:
     spec: dict
     steps: int
     options: CollectorOptions
+    policy_factory: Any = None  # builds the policy in the actor, instead of ``policy``
 
 
 class EnvWorker:
@@ -77,15 +78,33 @@ class EnvWorker:
         os.environ["RAY_COLLECTORS_WORKER_RESTARTS"] = str(restarts)
         if seed is not None:  # (seed, static_seed) of the latest set_seed(): replacements follow it
             options = options.model_copy(update={"seed": seed[0]})
+        if options.init_fn is not None:
+            options.init_fn()
         env_fn = make_env_fn(plan.env_fns[worker_index], options.create_env_kwargs)
         self.rollout = Rollout(
-            [env_fn] * options.num_envs, plan.policy, plan.policy_kind, plan.spec, plan.steps,
+            [env_fn] * options.num_envs, self._policy(plan), plan.policy_kind, plan.spec, plan.steps,
             options, slot_offset=worker_index * options.num_envs, id_stride=options.num_workers,
             id_offset=worker_index, id_counter=id_counter)
         if seed is not None and seed[1]:
             self.rollout.set_seed(seed[0], static_seed=True)
         if weights is not None:
             self.set_weights(weights, policy_version)
+
+    @staticmethod
+    def _policy(plan: WorkerPlan):
+        """The policy this actor runs: built by the factory, moved to its device, compiled."""
+        options = plan.options
+        policy = plan.policy_factory() if plan.policy_factory is not None else plan.policy
+        if policy is None or plan.policy_kind == "random":
+            return policy
+        if options.policy_device not in (None, "cpu") and hasattr(policy, "to"):
+            policy = policy.to(options.policy_device)
+        if options.compile_policy:
+            import torch
+
+            kwargs = options.compile_policy if isinstance(options.compile_policy, dict) else {}
+            policy = torch.compile(policy, **kwargs)
+        return policy
 
     def ready(self) -> dict:
         ctx = ray.get_runtime_context() if ray.is_initialized() else None
@@ -156,9 +175,9 @@ class EnvWorker:
         r = self.rollout
         out = {"id_counter": r.id_counter, "policy_version": r.policy_version,
                "frames": self.frames, "batches": self.batches, "seed": r.seed}
-        if hasattr(r.runner.policy, "state_dict"):
-            out["policy_state_dict"] = {k: v.detach().clone() for k, v in
-                                        r.runner.policy.state_dict().items()}
+        if hasattr(r.runner.module, "state_dict"):
+            out["policy_state_dict"] = {k: v.detach().cpu().clone() for k, v in
+                                        r.runner.module.state_dict().items()}
         return out
 
     def load_state_dict(self, state: dict) -> None:

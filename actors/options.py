@@ -14,10 +14,12 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator,
+                      model_validator)
 
 EXPLORATION_TYPES = ("random", "deterministic", "mode", "mean", "median")
-TRAINER_ONLY = ("postproc", "replay_buffer", "config")  # never sent to the actors
+TRAINER_ONLY = ("postproc", "replay_buffer", "config", "policy_factory", "pre_collect_hook",
+                "post_collect_hook")  # never sent to the actors in the options
 
 
 def _integer(name: str, value, minimum: int | None = None):
@@ -92,6 +94,30 @@ class CollectorOptions(BaseModel):
         "random", description="tensordict interaction type set around every policy call "
                               "('random', 'deterministic', 'mode', 'mean', 'median'; "
                               "ExplorationType members too); TorchRL's default is random")
+    track_traj_ids: StrictBool = Field(
+        True, description="record ('collector', 'traj_ids'); False leaves the key out of the "
+                          "yielded batches (TorchRL's option)")
+    policy_factory: Optional[Callable] = Field(
+        None, description="a zero-argument callable building the policy inside each env actor "
+                          "(for policies that cannot be pickled); instead of policy")
+    compile_policy: Union[StrictBool, dict, None] = Field(
+        None, description="torch.compile the policy inside each env actor: True, or a dict of "
+                          "torch.compile keyword arguments")
+    init_fn: Optional[Callable] = Field(
+        None, description="called with no argument in each env actor before it builds its envs")
+    pre_collect_hook: Optional[Callable] = Field(
+        None, description="called with no argument before each batch is collected (trainer side)")
+    post_collect_hook: Optional[Callable] = Field(
+        None, description="called with each batch before it is yielded (trainer side)")
+    # -- devices -------------------------------------------------------------------------------
+    device: Optional[str] = Field(
+        None, description="default for policy_device and storing_device ('cpu' or 'cuda[:i]')")
+    policy_device: Optional[str] = Field(
+        None, description="device the policy runs on inside each env actor; a CUDA device makes "
+                          "the actor ask Ray for a GPU")
+    env_device: Optional[str] = Field(None, description="device of the env's data: 'cpu' for "
+                                                        "gymnasium envs")
+    storing_device: Optional[str] = Field(None, description="device of the yielded batches")
     # -- deployment --------------------------------------------------------------------------
     name: Optional[str] = Field(None, description="prefix of the actor names shown in the Ray "
                                                   "dashboard (default: class name + random id)")
@@ -238,12 +264,46 @@ class CollectorOptions(BaseModel):
         raise ValueError(f"exploration_type must be one of {EXPLORATION_TYPES} or an "
                          f"ExplorationType member; got {v!r}")
 
-    @field_validator("postproc", mode="before")
+    @field_validator("postproc", "policy_factory", "init_fn", "pre_collect_hook",
+                     "post_collect_hook", mode="before")
     @classmethod
-    def _callable(cls, v):
+    def _callable(cls, v, info):
         if v is not None and not callable(v):
-            raise ValueError(f"postproc must be callable; got {type(v).__name__}")
+            raise ValueError(f"{info.field_name} must be callable; got {type(v).__name__}")
         return v
+
+    @field_validator("device", "policy_device", "env_device", "storing_device", mode="before")
+    @classmethod
+    def _device(cls, v, info):
+        if v is None:
+            return None
+        import torch
+
+        try:
+            device = torch.device(v)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"{info.field_name} must be a torch device such as 'cpu' or "
+                             f"'cuda:0'; got {v!r} ({exc})") from None
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"{info.field_name}={v!r}: only 'cpu' and 'cuda' devices are supported")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"{info.field_name}={v!r} asks for CUDA, but torch sees no CUDA "
+                             "device on this machine; use 'cpu' or run where a GPU is visible")
+        if info.field_name == "env_device" and device.type != "cpu":
+            raise ValueError(f"env_device={v!r}: gymnasium envs produce CPU (numpy) data; use "
+                             "'cpu' or leave it None, and set policy_device for the policy")
+        return str(device)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _devices(cls, values):
+        """``device`` is the default of ``policy_device`` and ``storing_device`` (as TorchRL)."""
+        if isinstance(values, dict) and values.get("device") is not None:
+            values = dict(values)
+            for key in ("policy_device", "storing_device"):
+                if values.get(key) is None:
+                    values[key] = values["device"]
+        return values
 
     @field_validator("replay_buffer", mode="before")
     @classmethod

@@ -41,12 +41,13 @@ class PolicyRunner:
     """Calls the policy on ``{key: array[num_envs, ...]}`` and returns ``{key: ndarray}``."""
 
     def __init__(self, policy, kind: str, obs_keys: tuple[str, ...], num_envs: int,
-                 exploration_type: str = "random"):
+                 exploration_type: str = "random", device: str | None = None):
         self.policy = policy
         self.kind = kind
         self.obs_keys = obs_keys
         self.num_envs = num_envs
         self.exploration_type = exploration_type
+        self.device = None if device in (None, "cpu") else device  # where the policy runs
         self.torch = None
         self._td_cls = None
         self._forward = policy
@@ -73,18 +74,19 @@ class PolicyRunner:
         return stack
 
     def __call__(self, obs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        torch = self.torch
+        torch, device = self.torch, self.device
         if self.kind == "module":
-            out = self._forward(torch.from_numpy(obs[self.obs_keys[0]]))
+            x = torch.from_numpy(obs[self.obs_keys[0]])
+            out = self._forward(x if device is None else x.to(device))
             if not isinstance(out, torch.Tensor):
                 raise PolicyOutputError(
                     f"an nn.Module policy must return the action tensor; got {type(out).__name__}. "
                     "Return a tensor, or wrap the module in a tensordict.nn.TensorDictModule."
                 )
-            return {ACTION_KEY: out.numpy()}
+            return {ACTION_KEY: (out if device is None else out.cpu()).numpy()}
         td = self._td_cls(
-            {k: torch.from_numpy(v) for k, v in obs.items()}, batch_size=[self.num_envs]
-        )
+            {k: torch.from_numpy(v) for k, v in obs.items()}, batch_size=[self.num_envs],
+            device=device)
         out = self.policy(td)
         if out is None:
             out = td
@@ -95,7 +97,7 @@ class PolicyRunner:
             name = key if isinstance(key, str) else key[-1] if len(key) == 1 else key
             if isinstance(name, str) and name.startswith("_"):
                 continue
-            result[name] = value.detach().numpy()
+            result[name] = value.detach().cpu().numpy()
         if ACTION_KEY not in result:
             raise PolicyOutputError(
                 f"the policy's output TensorDict has no {ACTION_KEY!r} entry (keys: "
@@ -108,15 +110,20 @@ class PolicyRunner:
         if self.kind == "module":
             self._forward = sequential_chain(self.policy) or self.policy
 
+    @property
+    def module(self):
+        """The policy whose weights are loaded and saved (a compiled module's original)."""
+        return getattr(self.policy, "_orig_mod", self.policy)
+
     def load_weights(self, state_dict) -> None:
         if self.kind == "random":
             return
-        if not hasattr(self.policy, "load_state_dict"):
+        if not hasattr(self.module, "load_state_dict"):
             raise TypeError(
                 f"policy {type(self.policy).__name__} has no load_state_dict(); weights can only "
                 "be updated for torch.nn.Module policies."
             )
-        self.policy.load_state_dict(state_dict)
+        self.module.load_state_dict(state_dict)
 
 
 def _plain(module) -> bool:

@@ -70,7 +70,7 @@ class Rollout:
         self.env_restarts = [0] * self.num_envs
         self.envs = [None] * self.num_envs
         self.runner = PolicyRunner(policy, policy_kind, self.obs_keys, self.num_envs,
-                                   options.exploration_type)
+                                   options.exploration_type, options.policy_device)
         # per-env state carried across batches
         self._obs = {k: [np.zeros(s, d)] * self.num_envs for k, (s, d) in spec["obs"].items()}
         self._traj = [0] * self.num_envs

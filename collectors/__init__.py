@@ -16,6 +16,7 @@ _EXPORTS = {
     "MultiaSyncDataCollector": "collectors.multi_collectors",
     "aSyncDataCollector": "collectors.async_collector",
     "RayReplayBuffer": "collectors.replay_buffer",
+    "RayCollector": "collectors.ray_collector",
     "CollectorOptions": "actors.options",
     "CollectorError": "collectors.errors",
     "ConfigError": "collectors.errors",

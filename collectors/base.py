@@ -68,9 +68,14 @@ class DataCollectorBase:
         options = CollectorOptions.build(cls_name, frames_per_batch=frames_per_batch,
                                          total_frames=total_frames, **kwargs)
         self._check_options(options, cls_name)
+        if options.policy_factory is not None and policy is not None:
+            raise TypeError(f"{cls_name}: pass policy or policy_factory, not both.")
         env_fns = self._env_fns(create_env_fn, options.num_workers)
-        spec, kind = validate.build_spec(env_fns[0], options.create_env_kwargs, policy,
-                                         options.num_envs, options.exploration_type)
+        # a policy built by its factory here too: for the checks, and as the weights' reference
+        self._reference_policy = options.policy_factory() if options.policy_factory else policy
+        spec, kind = validate.build_spec(env_fns[0], options.create_env_kwargs,
+                                         self._reference_policy, options.num_envs,
+                                         options.exploration_type)
         steps, self.requested_frames_per_batch = self._batch_geometry(options)
         self.options = options
         self.frames_per_batch = self.requested_frames_per_batch
@@ -111,6 +116,14 @@ class DataCollectorBase:
             raise ValueError(
                 f"cat_results is only for MultiSyncDataCollector ({cls_name} yields one worker's "
                 f"batch at a time); got {options.cat_results!r}. Remove it.")
+        if hasattr(options.replay_buffer, "actor"):  # batches go straight to the buffer actor
+            skipped = [k for k in ("postproc", "split_trajs", "set_truncated", "post_collect_hook")
+                       if getattr(options, k)] + ([] if options.track_traj_ids else ["track_traj_ids"])
+            if skipped:
+                raise ValueError(
+                    f"{cls_name}: {skipped} act on batches in the trainer, but with a "
+                    "RayReplayBuffer batches go from the env actors straight to the buffer actor. "
+                    "Remove them, or transform the samples you draw from the buffer.")
         if options.num_workers > 1 and not self._multi:
             raise TypeError(f"{cls_name} has one env actor; got num_workers="
                             f"{options.num_workers}. Use a multi collector for several.")
@@ -137,13 +150,17 @@ class DataCollectorBase:
         options = self.options
         self.config = load_config(options.config)
         ensure_ray(**self.config.ray_init_kwargs())
-        actor_options = self.config.worker_options(num_cpus=options.num_cpus,
-                                                   num_gpus=options.num_gpus,
+        num_gpus = options.num_gpus
+        if num_gpus is None and (options.policy_device or "cpu").startswith("cuda"):
+            num_gpus = 1  # the policy runs on a GPU inside the env actor: Ray must give it one
+        actor_options = self.config.worker_options(num_cpus=options.num_cpus, num_gpus=num_gpus,
                                                    resources=options.resources)
         check_feasible(actor_options, options.num_workers, type(self).__name__)
-        ship_by_value(create_env_fn, options.create_env_kwargs, policy)
+        ship_by_value(create_env_fn, options.create_env_kwargs, policy, options.policy_factory,
+                      options.init_fn)
         plan = WorkerPlan(env_fns=env_fns, policy=policy, policy_kind=kind, spec=spec,
-                          steps=steps, options=options.for_workers())
+                          steps=steps, options=options.for_workers(),
+                          policy_factory=options.policy_factory)
         try:
             self._plan_ref = ray.put(plan)
         except Exception as exc:
@@ -196,6 +213,8 @@ class DataCollectorBase:
         self._check_open()
         if self._t_start is None:
             self._t_start = time.perf_counter()
+        if self.options.pre_collect_hook is not None:
+            self.options.pre_collect_hook()
         if self.options.update_at_each_batch:
             self.update_policy_weights_()
         else:
@@ -237,6 +256,12 @@ class DataCollectorBase:
             batch = split_trajectories(batch)
         if self.postproc is not None:
             batch = self.postproc(batch)
+        if not self.options.track_traj_ids:
+            batch = batch.exclude(("collector", "traj_ids"))
+        if self.options.storing_device not in (None, "cpu"):
+            batch = batch.to(self.options.storing_device)
+        if self.options.post_collect_hook is not None:
+            self.options.post_collect_hook(batch)
         if self.replay_buffer is not None:  # a local buffer (e.g. TorchRL's): extend it here
             self.replay_buffer.extend(batch.reshape(-1))
             return None
@@ -336,6 +361,9 @@ class DataCollectorBase:
 
     def _state_dict_from(self, source) -> dict:
         if source is None:
+            if self.policy is None:
+                raise TypeError("this collector's policy is built by policy_factory inside the env "
+                                "actors: pass the weights, update_policy_weights_(weights).")
             source = self.policy
         if isinstance(source, torch.nn.Module):
             sd = source.state_dict()
@@ -347,9 +375,9 @@ class DataCollectorBase:
             raise TypeError(
                 f"update_policy_weights_ takes an nn.Module, a TensorDict or a state dict; "
                 f"got {type(source).__name__}.")
-        if not isinstance(self.policy, torch.nn.Module):
+        if not isinstance(self._reference_policy, torch.nn.Module):
             raise TypeError("weights can only be updated when the policy is a torch.nn.Module.")
-        ref_sd = self.policy.state_dict()
+        ref_sd = self._reference_policy.state_dict()
         sd = {k: (v.data if isinstance(v, torch.nn.Parameter) else v) for k, v in sd.items()}
         missing = sorted(set(ref_sd) - set(sd))
         unexpected = sorted(set(sd) - set(ref_sd))

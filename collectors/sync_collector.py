@@ -1,7 +1,10 @@
-"""``SyncDataCollector``: one env actor, batches gathered on request."""
+"""``SyncDataCollector``: one env actor, batches gathered on request; and TorchRL 0.14's front
+door, ``Collector(..., num_collectors=N, sync=...)``, which builds a multi collector."""
 from __future__ import annotations
 
 from collectors.base import DataCollectorBase
+
+BACKENDS = (None, "ray", "direct", "process")  # TorchRL's names that mean "our Ray actors"
 
 
 class SyncDataCollector(DataCollectorBase):
@@ -9,6 +12,12 @@ class SyncDataCollector(DataCollectorBase):
 
     Nothing steps between a yield and the next request, so a weight update applies to the very
     next batch.
+
+    As TorchRL 0.14's ``Collector``, it also takes ``num_collectors`` and ``sync``: with
+    ``num_collectors=N`` it returns a ``MultiSyncDataCollector`` (``sync=True``) or a
+    ``MultiaSyncDataCollector`` (``sync=False`` or ``None``) with N env actors. ``backend`` may be
+    ``None``, ``"ray"``, ``"process"`` or ``"direct"`` (all run on Ray actors here);
+    ``backend_options`` are merged into the keyword arguments, as TorchRL does.
 
     Example:
         >>> from collectors import SyncDataCollector
@@ -20,3 +29,38 @@ class SyncDataCollector(DataCollectorBase):
     """
 
     _layout = "single"
+
+    def __new__(cls, *args, backend=None, backend_options=None, num_collectors=None, sync=None,
+                **kwargs):
+        if cls is not SyncDataCollector and any(
+                v is not None for v in (backend, backend_options, num_collectors, sync)):
+            raise TypeError("backend, backend_options, num_collectors and sync are only for "
+                            "Collector (SyncDataCollector) itself.")
+        if backend not in BACKENDS:
+            raise NotImplementedError(
+                f"backend={backend!r}: ray-collectors runs every collector on Ray actors; use "
+                f"one of {BACKENDS} (all the same here).")
+        if num_collectors is not None and (isinstance(num_collectors, bool) or
+                                           not isinstance(num_collectors, int) or num_collectors < 1):
+            raise ValueError(f"num_collectors must be a positive integer; got {num_collectors!r}.")
+        if sync is not None and not isinstance(sync, bool):
+            raise TypeError(f"sync must be a bool or None; got {sync!r}.")
+        if backend_options is not None and not isinstance(backend_options, dict):
+            raise TypeError(f"backend_options must be a dict; got {type(backend_options).__name__}.")
+        clash = set(backend_options or {}) & set(kwargs)
+        if clash:
+            raise ValueError(f"backend_options repeat keyword arguments {sorted(clash)}.")
+        if num_collectors is None:
+            if sync is not None:
+                raise ValueError("sync is for several collectors: pass num_collectors too.")
+            if backend_options:
+                raise ValueError("backend_options are for several collectors (num_collectors).")
+            return super().__new__(cls)
+        from collectors.multi_collectors import MultiaSyncDataCollector, MultiSyncDataCollector
+
+        multi = MultiSyncDataCollector if sync else MultiaSyncDataCollector
+        return multi(*args, num_workers=num_collectors, **{**kwargs, **(backend_options or {})})
+
+    def __init__(self, create_env_fn, policy=None, *, backend=None, backend_options=None,
+                 num_collectors=None, sync=None, **kwargs):
+        super().__init__(create_env_fn, policy, **kwargs)

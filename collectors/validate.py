@@ -9,25 +9,30 @@ from actors.errors import EnvCreationError, PolicyOutputError
 from actors.policy_runner import ACTION_KEY, PolicyRunner, policy_kind
 from actors.spaces import leaf_spec, observation_spec
 
-# TorchRL collector options that we know of but do not implement: accepted only at values that
-# change nothing (see ``_no_op``), otherwise NotImplementedError naming them.
-UNSUPPORTED = (
-    "policy_factory", "return_same_td", "interruptor", "use_buffers",
-    "extend_buffer", "local_init_rb", "trust_policy", "compile_policy", "cudagraph_policy",
-    "no_cuda_sync", "weight_updater", "weight_sync_schemes", "trajs_per_batch",
-    "reset_when_done", "track_policy_version", "worker_idx", "num_threads",
-    "num_sub_threads", "mp_start_method", "env_device", "policy_device", "storing_device",
-    "device",
-)
+ANY = object()  # every value changes nothing here
+# TorchRL 0.14.1 collector options that we know of but do not implement, with the values at
+# which they change nothing here (accepted); any other value raises NotImplementedError.
+NO_OP_VALUES = {
+    "return_same_td": (False,), "reset_when_done": (True,), "interruptor": (None,),
+    "use_buffers": ANY,  # we always step into preallocated arrays
+    "extend_buffer": (True,),  # whole batches go to the replay buffer
+    "trust_policy": ANY,  # our policy check runs either way and changes no valid policy
+    "cudagraph_policy": (None, False), "no_cuda_sync": ANY,
+    "weight_updater": (None,), "weight_sync_schemes": (None,), "weight_recv_schemes": (None,),
+    "track_policy_version": ANY,  # ("collector", "policy_version") is always recorded
+    "worker_idx": (None,), "trajs_per_batch": (None,), "trajs_per_write": (None,),
+    "traj_format": (None,), "auto_register_policy_transforms": (None, False),
+    "compact_obs": (False,), "num_threads": (None,), "num_sub_threads": (1,),
+    "mp_start_method": (None,), "collector_class": (None,), "local_init_rb": (None, False),
+}
+UNSUPPORTED = tuple(NO_OP_VALUES)
 
 
 def _no_op(key: str, value) -> bool:
     """Whether TorchRL's option ``key`` at ``value`` changes nothing here."""
-    if key.endswith("device"):
-        return value is None or str(value) == "cpu"
-    if key == "reset_when_done":
-        return value is True
-    return value is None or value is False
+    accepted = NO_OP_VALUES[key]
+    return accepted is ANY or any(value is v or (type(value) is type(v) and value == v)
+                                  for v in accepted)
 
 
 def split_torchrl_options(kwargs: dict, cls_name: str) -> dict:
@@ -35,12 +40,13 @@ def split_torchrl_options(kwargs: dict, cls_name: str) -> dict:
     are dropped, otherwise ``NotImplementedError`` names them. Returns the rest."""
     rest = {}
     for key, value in kwargs.items():
-        if key not in UNSUPPORTED:
+        if key not in NO_OP_VALUES:
             rest[key] = value
         elif not _no_op(key, value):
             raise NotImplementedError(
-                f"{cls_name} does not support TorchRL's option {key}={value!r}. Remove it; "
-                "see the README for the options we implement."
+                f"{cls_name} does not support TorchRL's option {key}={value!r} (accepted only "
+                f"at {'any value' if NO_OP_VALUES[key] is ANY else NO_OP_VALUES[key]}). Remove "
+                "it; the README's 'Coming from TorchRL' table says what each option does here."
             )
     return rest
 

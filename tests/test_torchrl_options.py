@@ -1,0 +1,163 @@
+"""TorchRL 0.14.1's collector arguments: each accepted at TorchRL's default, the ones we
+implement doing what they say, the others refused by name."""
+import inspect
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+from collectors import (Collector, MultiaSyncDataCollector, MultiSyncDataCollector, RayCollector,
+                        RayReplayBuffer, SyncDataCollector, aSyncDataCollector)
+from collectors.policies import ArgmaxLayer
+from collectors.testing import counting_env
+
+torchrl_collectors = pytest.importorskip("torchrl.collectors")
+
+REQUIRED = {"self", "create_env_fn", "policy", "frames_per_batch", "total_frames", "args", "kwargs"}
+
+
+def torchrl_defaults(cls) -> dict:
+    from torchrl.collectors._multi_base import MultiCollector
+
+    init = cls.__init__
+    params = inspect.signature(init).parameters
+    if set(params) <= {"self", "args", "kwargs"}:  # forwards everything to MultiCollector
+        params = inspect.signature(MultiCollector.__init__).parameters
+    return {name: p.default for name, p in params.items()
+            if name not in REQUIRED and p.default is not inspect.Parameter.empty}
+
+
+@pytest.mark.parametrize("theirs, ours", [
+    ("Collector", SyncDataCollector), ("MultiSyncCollector", MultiSyncDataCollector),
+    ("MultiAsyncCollector", MultiaSyncDataCollector), ("AsyncCollector", aSyncDataCollector)])
+def test_every_torchrl_argument_is_accepted_at_its_default(theirs, ours):
+    defaults = torchrl_defaults(getattr(torchrl_collectors, theirs))
+    assert len(defaults) > 15
+    if ours in (SyncDataCollector, aSyncDataCollector):
+        defaults.pop("num_workers", None)
+    policy = nn.Sequential(nn.Linear(1, 2), ArgmaxLayer())
+    with ours(counting_env, policy, frames_per_batch=8, total_frames=16, **defaults) as c:
+        batches = list(c)
+    assert sum(b.numel() for b in batches) == 16
+
+
+def test_values_that_would_change_behaviour_are_refused_by_name():
+    for key, value in [("return_same_td", True), ("trajs_per_batch", 3), ("extend_buffer", False),
+                       ("weight_updater", object()), ("compact_obs", True), ("num_sub_threads", 2)]:
+        with pytest.raises(NotImplementedError, match=key):
+            SyncDataCollector(counting_env, frames_per_batch=8, **{key: value})
+    with pytest.raises(NotImplementedError, match="backend='submitit'"):
+        Collector(counting_env, frames_per_batch=8, backend="submitit")
+
+
+def test_collector_front_door_builds_multi_collectors():
+    with Collector(counting_env, frames_per_batch=8, total_frames=16, num_collectors=2, sync=True) as c:
+        assert isinstance(c, MultiSyncDataCollector) and c.num_workers == 2
+        assert c.next().batch_size == torch.Size([2, 4])
+    with Collector(counting_env, frames_per_batch=8, num_collectors=2, backend="ray") as c:
+        assert isinstance(c, MultiaSyncDataCollector)  # sync=None: async, as TorchRL
+    with Collector(counting_env, frames_per_batch=8, backend="ray") as c:
+        assert type(c) is SyncDataCollector
+    with pytest.raises(ValueError, match="num_collectors"):
+        Collector(counting_env, frames_per_batch=8, num_collectors=0)
+    with pytest.raises(ValueError, match="sync is for several"):
+        Collector(counting_env, frames_per_batch=8, sync=True)
+
+
+def test_ray_collector_alias_takes_torchrl_names():
+    with RayCollector(counting_env, frames_per_batch=8, num_collectors=2, sync=True,
+                      remote_configs={"num_cpus": 0.5}, collector_kwargs={"seed": 1}) as c:
+        assert isinstance(c, MultiSyncDataCollector) and c.next().batch_size == (2, 4)
+    with pytest.raises(ValueError, match="divisible"):
+        RayCollector(counting_env, frames_per_batch=9, num_collectors=2, sync=True)
+    with pytest.raises(NotImplementedError, match="num_workers_per_collector"):
+        RayCollector(counting_env, frames_per_batch=8, num_workers_per_collector=2)
+
+
+class LockedPolicy(nn.Module):
+    """Holds a lock: it cannot be pickled, so it must be built inside each env actor."""
+
+    def __init__(self):
+        super().__init__()
+        self.lock = threading.Lock()
+        self.linear = nn.Linear(1, 2)
+        with torch.no_grad():
+            self.linear.weight.zero_()
+            self.linear.bias.copy_(torch.tensor([0.0, 1.0]))
+
+    def forward(self, x):
+        return self.linear(x).argmax(-1)
+
+
+def test_policy_factory_builds_the_policy_in_each_actor():
+    with pytest.raises(TypeError, match="pickled"):
+        SyncDataCollector(counting_env, LockedPolicy(), frames_per_batch=8)
+    with MultiSyncDataCollector(counting_env, policy_factory=LockedPolicy, num_workers=2,
+                                frames_per_batch=8) as c:
+        assert (c.next()["action"] == 1).all()
+        weights = {"linear.weight": torch.zeros(2, 1), "linear.bias": torch.tensor([1.0, 0.0]),}
+        with pytest.raises(TypeError, match="pass the weights"):
+            c.update_policy_weights_()
+        c.update_policy_weights_(weights)
+        b = c.next()
+        assert (b["action"] == 0).all() and (b["collector", "policy_version"] == 1).all()
+    with pytest.raises(TypeError, match="not both"):
+        SyncDataCollector(counting_env, LockedPolicy(), policy_factory=LockedPolicy, frames_per_batch=8)
+
+
+def test_devices_cpu_accepted_cuda_checked():
+    policy = nn.Sequential(nn.Linear(1, 2), ArgmaxLayer())
+    with SyncDataCollector(counting_env, policy, frames_per_batch=8, device=torch.device("cpu"),
+                           storing_device="cpu", env_device="cpu", policy_device="cpu") as c:
+        assert c.next().device in (None, torch.device("cpu"))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            SyncDataCollector(counting_env, policy, frames_per_batch=8, device="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_policy_runs_on_cuda_and_batches_are_stored_where_asked():
+    policy = nn.Sequential(nn.Linear(1, 2), ArgmaxLayer())
+    with SyncDataCollector(counting_env, policy, frames_per_batch=8, policy_device="cuda",
+                           storing_device="cuda") as c:
+        b = c.next()
+    assert b["action"].device.type == "cuda"
+
+
+def test_compile_policy_compiles_in_the_actor():
+    torch.manual_seed(0)
+    policy = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 2), ArgmaxLayer())
+    with SyncDataCollector(counting_env, policy, frames_per_batch=20, seed=0,
+                           compile_policy={"backend": "eager"}) as c:
+        compiled = c.next()
+        import ray
+
+        handle = ray.get(c._driver.worker_handles.remote())[0]
+        kind = ray.get(handle.__ray_call__.remote(lambda self: type(self.rollout.runner.policy).__name__))
+    with SyncDataCollector(counting_env, policy, frames_per_batch=20, seed=0) as c:
+        plain = c.next()
+    assert kind == "OptimizedModule"
+    assert torch.equal(compiled["action"], plain["action"])
+
+
+def test_track_traj_ids_and_hooks():
+    calls = []
+    with SyncDataCollector(counting_env, frames_per_batch=8, total_frames=16, track_traj_ids=False,
+                           pre_collect_hook=lambda: calls.append("pre"),
+                           post_collect_hook=lambda td: calls.append(td.numel()),
+                           init_fn=lambda: None) as c:
+        batches = list(c)
+    assert ("collector", "traj_ids") not in batches[0].keys(include_nested=True)
+    assert calls == ["pre", 8, "pre", 8]
+
+
+def test_options_a_ray_replay_buffer_would_skip_are_refused():
+    rb = RayReplayBuffer(1000)
+    try:
+        for key, value in [("postproc", lambda td: td), ("split_trajs", True),
+                           ("set_truncated", True), ("track_traj_ids", False)]:
+            with pytest.raises(ValueError, match=key):
+                SyncDataCollector(counting_env, frames_per_batch=8, replay_buffer=rb, **{key: value})
+    finally:
+        rb.shutdown()
