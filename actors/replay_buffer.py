@@ -23,6 +23,8 @@ from actors.shared_ring import SharedRing, remove_stale, shareable
 log = logging.getLogger("ray_collectors.buffer")
 
 MARKER = "COMPLETE"
+WEIGHT_KEY = "priority_weight"  # TorchRL's key for importance weights of prioritized samples
+SAMPLE_KEYS = ("index", WEIGHT_KEY, "_weight")  # added by sampling: dropped when written back
 SEEN_IDS = 50_000  # batch ids remembered to drop resends (a resend comes within seconds)
 
 
@@ -143,7 +145,7 @@ class ReplayBufferActor:
             td = td.unsqueeze(0)
         td = td.reshape(-1)
         for key in [k for k in td.keys(include_nested=True, leaves_only=True)
-                    if (k if isinstance(k, str) else k[-1]) in ("index", "_weight")]:
+                    if (k if isinstance(k, str) else k[-1]) in SAMPLE_KEYS]:
             td = td.exclude(key)
         self._check(td)
         t0 = time.perf_counter()
@@ -257,7 +259,7 @@ class ReplayBufferActor:
                 self.limiter.samples += n
                 out.set("index", index)
                 if weight is not None:
-                    out.set("_weight", weight)
+                    out.set(WEIGHT_KEY, weight)
                 outs.append(out)
                 if len(outs) >= count or not self.limiter.can_sample(self.size, n):
                     break

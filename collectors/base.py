@@ -101,6 +101,7 @@ class DataCollectorBase:
         self._watcher = (WeightWatcher(policy) if options.auto_sync_weights
                          and isinstance(policy, torch.nn.Module) else None)
         self._sync_thread: threading.Thread | None = None
+        self._filler = None  # start() with a buffer in this process (e.g. TorchRL's)
         self._sync_stop = threading.Event()
         self._start_driver(create_env_fn, env_fns, policy, kind, spec, steps)
         if options.seed is not None:
@@ -263,7 +264,10 @@ class DataCollectorBase:
         if self.options.post_collect_hook is not None:
             self.options.post_collect_hook(batch)
         if self.replay_buffer is not None:  # a local buffer (e.g. TorchRL's): extend it here
-            self.replay_buffer.extend(batch.reshape(-1))
+            if self._filler is not None:
+                self._filler.extend(batch.reshape(-1))
+            else:
+                self.replay_buffer.extend(batch.reshape(-1))
             return None
         return batch
 
@@ -419,11 +423,19 @@ class DataCollectorBase:
         Runs until ``total_frames`` or :meth:`async_shutdown`; the trainer only samples.
         """
         self._check_open()
-        if self.replay_buffer is None or not hasattr(self.replay_buffer, "actor"):
+        if self.replay_buffer is None:
             raise RuntimeError("start() streams into a replay buffer: pass replay_buffer="
-                               "collectors.RayReplayBuffer(...) when building the collector.")
+                               "collectors.RayReplayBuffer(...) (or a TorchRL ReplayBuffer) when "
+                               "building the collector.")
         if self._t_start is None:
             self._t_start = time.perf_counter()
+        if not hasattr(self.replay_buffer, "actor"):  # a buffer in this process: a thread fills it
+            from collectors.local_fill import LocalFiller
+
+            if self._filler is None:
+                self._filler = LocalFiller(self, self.replay_buffer)
+            self._filler.start()
+            return
         remaining = -1 if self.total_frames < 0 else max(0, self.total_frames - self._frames)
         self._sync_if_changed()
         _ray_get(self._driver.start.remote(self.replay_buffer.actor, remaining))
@@ -436,12 +448,21 @@ class DataCollectorBase:
         """Whether background collection is going on."""
         if self._closed:
             return False
+        if self._filler is not None:
+            return self._filler.is_running()
         return bool(ray.get(self._driver.is_running.remote(), timeout=10))
 
     @contextlib.contextmanager
     def pause(self):
         """Stop background writes inside the block (e.g. to checkpoint the buffer)."""
         self._check_open()
+        if self._filler is not None:
+            self._filler.pause(True)
+            try:
+                yield self
+            finally:
+                self._filler.pause(False)
+            return
         ray.get(self._driver.pause.remote(True))
         try:
             yield self
@@ -455,6 +476,8 @@ class DataCollectorBase:
         if self._closed:
             return
         timeout = 10.0 if timeout is None else float(timeout)
+        if self._filler is not None:  # fenced: nothing reaches the buffer once this returns
+            self._filler.stop(timeout)
         try:
             ray.get(self._driver.stop.remote(timeout), timeout=timeout + 5)
         except Exception:  # noqa: BLE001 - forced by shutdown() below
@@ -463,6 +486,8 @@ class DataCollectorBase:
 
     def background_error(self) -> str | None:
         """The error that stopped background collection, if any."""
+        if self._filler is not None:
+            return None if self._filler.error is None else repr(self._filler.error)
         return None if self._closed else ray.get(self._driver.background_error.remote(), timeout=10)
 
     # -- figures -----------------------------------------------------------------------------
@@ -523,6 +548,8 @@ class DataCollectorBase:
         """
         if self._closed:
             return
+        if self._filler is not None:
+            self._filler.stop(5.0 if timeout is None else min(float(timeout), 5.0))
         self._sync_stop.set()
         if self._sync_thread is not None and self._sync_thread is not threading.current_thread():
             self._sync_thread.join(5.0)

@@ -26,7 +26,9 @@ class RayReplayBuffer:
     Args:
         capacity: frames held; older frames are overwritten (a ring).
         batch_size: default for ``sample()``.
-        sampler: ``"random"`` (uniform with replacement), ``"without_replacement"`` (epochs;
+        sampler: a name or a TorchRL sampler object (``RandomSampler``,
+            ``SamplerWithoutReplacement``, ``PrioritizedSampler``, ``SliceSampler``, mapped onto
+            ours); ``"random"`` (uniform with replacement), ``"without_replacement"`` (epochs;
             ``drop_last=True`` skips an epoch's last, short batch and starts the next epoch),
             ``"prioritized"`` (``alpha``, ``beta``, ``eps``) or ``"slice"`` (``slice_len`` or
             ``num_slices``).
@@ -87,6 +89,17 @@ class RayReplayBuffer:
             return
         if not isinstance(capacity, int) or capacity <= 0:
             raise ValueError(f"capacity must be a positive int; got {capacity!r}.")
+        torchrl_kwargs = {}
+        if not isinstance(sampler, str):  # a TorchRL sampler object: its settings become ours
+            from collectors.torchrl_samplers import from_torchrl
+
+            sampler, torchrl_kwargs = from_torchrl(sampler, capacity)
+            alpha = torchrl_kwargs.get("alpha", alpha)
+            beta = torchrl_kwargs.get("beta", beta)
+            eps = torchrl_kwargs.get("eps", eps)
+            slice_len = torchrl_kwargs.get("slice_len", slice_len)
+            num_slices = torchrl_kwargs.get("num_slices", num_slices)
+            drop_last = torchrl_kwargs.get("drop_last", drop_last)
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}; got {sampler!r}.")
         if timeout_s is None or timeout_s <= 0:
@@ -165,7 +178,8 @@ class RayReplayBuffer:
         return self._call("extend", td.unsqueeze(0) if td.batch_dims == 0 else td)
 
     def sample(self, batch_size: int | None = None, timeout: float | None = None):
-        """A TensorDict of ``batch_size`` frames (with ``index``, and ``_weight`` if prioritized)."""
+        """A TensorDict of ``batch_size`` frames (with ``index``, and ``priority_weight`` if
+        prioritized, as TorchRL's losses read it)."""
         n = batch_size or self.batch_size
         timeout = self.timeout_s if timeout is None else timeout
         if not n:
@@ -199,6 +213,15 @@ class RayReplayBuffer:
 
     def update_priority(self, index, priority) -> None:
         self._call("update_priority", index, priority)
+
+    def update_tensordict_priority(self, td, priority_key="td_error") -> None:
+        """TorchRL's: set the priorities of the frames of a sampled ``td`` (its ``"index"``)
+        from ``td[priority_key]``, reduced with ``max`` over any trailing dimensions."""
+        index = td.get("index")
+        priority = td.get(priority_key).detach()
+        while priority.ndim > index.ndim:
+            priority = priority.amax(-1)
+        self.update_priority(index.reshape(-1), priority.reshape(-1).to("cpu"))
 
     def __len__(self) -> int:
         return self._call("length")

@@ -65,7 +65,7 @@ def test_prioritized_tracks_priorities_and_weights():
     s = rb.sample(2000)
     share = (s["index"] == 9).float().mean().item()
     assert 0.85 < share < 0.95  # 91 / 100
-    w = s["_weight"]
+    w = s["priority_weight"]
     assert w.max() <= 1.0 + 1e-6
     assert w[s["index"] == 9].max() < w[s["index"] != 9].min()
 
