@@ -4,6 +4,8 @@ Made remote by the driver side with ``ray.remote(EnvWorker)``; usable in-process
 """
 from __future__ import annotations
 
+import copy
+import functools
 import gc
 import logging
 import os
@@ -15,13 +17,19 @@ import ray
 
 from actors.options import CollectorOptions
 from actors.rollout import Rollout
+from actors.td_rollout import TensorDictRollout, is_torchrl_env
 
 log = logging.getLogger("ray_collectors.worker")
 
 
 def make_env_fn(create_env_fn, create_env_kwargs: dict | None):
-    """A zero-argument factory from a gymnasium id or a callable."""
+    """A zero-argument factory from a gymnasium id, a callable, or a TorchRL env instance (each
+    call gives a copy of it)."""
     kwargs = dict(create_env_kwargs or {})
+    if is_torchrl_env(create_env_fn):
+        if kwargs:
+            raise TypeError("create_env_kwargs are for a factory; an env instance takes none.")
+        return functools.partial(copy.deepcopy, create_env_fn)
     if isinstance(create_env_fn, str):
         env_id = create_env_fn
 
@@ -81,10 +89,14 @@ class EnvWorker:
         if options.init_fn is not None:
             options.init_fn()
         env_fn = make_env_fn(plan.env_fns[worker_index], options.create_env_kwargs)
-        self.rollout = Rollout(
-            [env_fn] * options.num_envs, self._policy(plan), plan.policy_kind, plan.spec, plan.steps,
-            options, slot_offset=worker_index * options.num_envs, id_stride=options.num_workers,
-            id_offset=worker_index, id_counter=id_counter)
+        ids = dict(slot_offset=worker_index * options.num_envs, id_stride=options.num_workers,
+                   id_offset=worker_index, id_counter=id_counter)
+        if plan.spec.get("torchrl"):
+            self.rollout = TensorDictRollout(env_fn, self._policy(plan), plan.policy_kind,
+                                             plan.steps, options, **ids)
+        else:
+            self.rollout = Rollout([env_fn] * options.num_envs, self._policy(plan),
+                                   plan.policy_kind, plan.spec, plan.steps, options, **ids)
         if seed is not None and seed[1]:
             self.rollout.set_seed(seed[0], static_seed=True)
         if weights is not None:

@@ -37,6 +37,10 @@ def _module_names(obj, seen: set) -> set[str]:
         for value in obj.values():
             names |= _module_names(value, seen)
         return names
+    for attr in ("create_env_fn", "env_fn"):  # TorchRL's EnvCreator and similar wrappers
+        inner = getattr(obj, attr, None) if not isinstance(obj, type) else None
+        if callable(inner) and inner is not obj:
+            names |= _module_names(inner, seen)
     modules = getattr(obj, "modules", None)
     if callable(modules) and hasattr(obj, "parameters"):  # an nn.Module: every submodule's class
         try:
@@ -70,9 +74,17 @@ def ship_by_value(*objs) -> list[str]:
     for obj in objs:
         names |= _module_names(obj, set())
     shipped = sorted(n for n in names if _is_user_module(n))
+    picklers = [cloudpickle]
+    try:  # TorchRL's EnvCreator pickles its factory with the standalone cloudpickle
+        import cloudpickle as standalone
+
+        picklers.append(standalone)
+    except ImportError:
+        pass
     for name in shipped:
-        try:
-            cloudpickle.register_pickle_by_value(sys.modules[name])
-        except (ValueError, TypeError):
-            pass
+        for pickler in picklers:
+            try:
+                pickler.register_pickle_by_value(sys.modules[name])
+            except (ValueError, TypeError):
+                pass
     return shipped

@@ -8,6 +8,7 @@ from actors.env_worker import make_env_fn
 from actors.errors import EnvCreationError, PolicyOutputError
 from actors.policy_runner import ACTION_KEY, PolicyRunner, policy_kind
 from actors.spaces import leaf_spec, observation_spec
+from actors.td_rollout import is_torchrl_env
 
 ANY = object()  # every value changes nothing here
 # TorchRL 0.14.1 collector options that we know of but do not implement, with the values at
@@ -68,20 +69,71 @@ def make_probe_env(create_env_fn, create_env_kwargs):
         )
     try:
         env = make_env_fn(create_env_fn, create_env_kwargs)()
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] in ("torchrl", "tensordict"):
+            raise EnvCreationError(
+                f"creating the env from {create_env_fn!r} needs {exc.name}, which is not "
+                "installed: pip install 'ray-collectors[torchrl]'.") from exc
+        raise EnvCreationError(f"creating the env from {create_env_fn!r} raised {exc!r}") from exc
     except Exception as exc:
         raise EnvCreationError(f"creating the env from {create_env_fn!r} raised {exc!r}") from exc
+    if is_torchrl_env(env):
+        return env
     if isinstance(env, gymnasium.vector.VectorEnv) or not isinstance(env, gymnasium.Env):
         raise EnvCreationError(
-            f"create_env_fn must return a single gymnasium.Env; got {type(env).__name__}. "
-            "Use num_envs=N instead of a vector env."
+            f"create_env_fn must return a single gymnasium.Env or a TorchRL EnvBase; got "
+            f"{type(env).__name__}. Use num_envs=N instead of a vector env."
         )
     return env
+
+
+def torchrl_spec(env, policy, exploration_type: str) -> tuple[dict, str]:
+    """Check a TorchRL env and the policy on one reset: the policy must write ``"action"``."""
+    kind = policy_kind(policy)
+    if tuple(env.batch_size) != ():
+        raise EnvCreationError(
+            f"the TorchRL env has batch_size {tuple(env.batch_size)}; give a factory of a single "
+            "env (batch_size []) and set num_envs=N, which steps a SerialEnv of N of them.")
+    if kind != "random":
+        td = env.reset()
+        runner = PolicyRunner(policy, kind, (), 1, exploration_type)
+        try:
+            with runner.context():
+                if kind == "module":
+                    obs = list(env.observation_spec.keys(True, True))
+                    if len(obs) != 1:
+                        raise PolicyOutputError(
+                            f"a plain nn.Module policy takes one observation, but the env has "
+                            f"{obs}; wrap it in a TensorDictModule naming its in_keys.")
+                    td.set("action", policy(td.get(obs[0])))
+                else:
+                    out = policy(td)
+                    td = td if out is None else out
+        except PolicyOutputError:
+            raise
+        except Exception as exc:
+            raise PolicyOutputError(f"the policy raised on the env's first observation: {exc!r}") from exc
+        action = td.get("action", None)
+        if action is None:
+            raise PolicyOutputError(f"the policy's output has no 'action' entry (keys: "
+                                    f"{sorted(map(str, td.keys(True, True)))}).")
+        try:
+            env.action_spec.assert_is_in(action)
+        except AssertionError as exc:
+            raise PolicyOutputError(f"policy output 'action' does not fit the env's action spec "
+                                    f"{env.action_spec}: {exc}") from None
+    return {"torchrl": True, "obs": {}, "obs_is_dict": False, "outputs": {}}, kind
 
 
 def build_spec(create_env_fn, create_env_kwargs, policy, num_envs: int,
                exploration_type: str = "random") -> tuple[dict, str]:
     """The worker storage spec and the policy kind, after running the policy once here."""
     env = make_probe_env(create_env_fn, create_env_kwargs)
+    if is_torchrl_env(env):
+        try:
+            return torchrl_spec(env, policy, exploration_type)
+        finally:
+            env.close()
     try:
         obs_space, act_space = env.observation_space, env.action_space
         obs = observation_spec(obs_space)

@@ -1,0 +1,248 @@
+"""The rollout loop for TorchRL envs (``EnvBase``, transforms included), inside the env actor.
+
+TorchRL envs speak TensorDicts, so this loop carries one TensorDict from step to step as
+TorchRL's ``Collector`` does: the policy reads the carrier (observations, done flags,
+``is_init``, ``step_count``, recurrent states from primers...) and writes its outputs into it,
+``env.step_and_maybe_reset`` fills ``"next"`` and resets finished envs, and the step's snapshot
+is kept. A batch is the time-stack of the snapshots, handed on as the same flat
+``{key: ndarray[num_envs, T, ...]}`` dict as the gymnasium loop (:mod:`actors.rollout`), so
+everything downstream (assembly, buffers, accounting) is shared. ``num_envs > 1`` steps a
+``SerialEnv`` of the factory, like TorchRL's ``Collector`` over ``SerialEnv(N, fn)``.
+"""
+from __future__ import annotations
+
+import time
+import traceback
+
+from actors.errors import EnvRestartsExhausted, EnvStepError, PolicyError
+from actors.options import CollectorOptions
+from actors.policy_runner import PolicyRunner
+from actors.restarts import RestartBudget
+
+TRAJ_KEY = ("collector", "traj_ids")
+VERSION_KEY = ("collector", "policy_version")
+
+
+def is_torchrl_env(env) -> bool:
+    """True for a TorchRL ``EnvBase`` (checked without importing torchrl)."""
+    return any(c.__name__ == "EnvBase" and c.__module__.startswith("torchrl")
+               for c in type(env).__mro__)
+
+
+class TensorDictRollout:
+    """Owns one (possibly serial-batched) TorchRL env and the policy of one worker."""
+
+    def __init__(self, env_fn, policy, policy_kind: str, steps: int,
+                 options: CollectorOptions | None = None, *, slot_offset: int = 0,
+                 id_stride: int = 1, id_offset: int = 0, id_counter: int = 0):
+        import torch
+
+        options = options or CollectorOptions(frames_per_batch=steps)
+        self.torch = torch
+        self.options = options
+        self.env_fn = env_fn
+        self.num_envs = options.num_envs
+        self.steps = int(steps)
+        self.seed = options.seed
+        self.static_seed = False
+        self.slot_offset = slot_offset
+        self.id_stride, self.id_offset, self.id_counter = id_stride, id_offset, id_counter
+        self.policy_version = 0
+        self.episode_returns: list[float] = []
+        self.env_errors: list[dict] = []
+        self.stop_requested = False
+        self.last_valid_steps = steps
+        self.last_env_time = 0.0
+        self.dropped_frames = 0
+        self.env_restarts = 0
+        self.on_env_error = options.on_worker_error
+        self.budget = RestartBudget(options.max_restarts, options.restart_window_s,
+                                    options.restart_backoff_s)
+        self.runner = PolicyRunner(policy, policy_kind, (), self.num_envs,
+                                   options.exploration_type, options.policy_device)
+        self.env = None
+        self.carrier = None
+        self.returns = None
+        self._build()
+        self.policy = self._as_td_policy(policy, policy_kind)
+
+    # -- env ---------------------------------------------------------------------------------
+    def _build(self) -> None:
+        if self.num_envs == 1:
+            env = self.env_fn()
+        else:
+            from torchrl.envs import SerialEnv
+
+            env = SerialEnv(self.num_envs, self.env_fn)
+        if tuple(env.batch_size) not in ((), (self.num_envs,)) or (
+                self.num_envs == 1 and tuple(env.batch_size) != ()):
+            raise EnvStepError(0, self.seed, "init", ValueError(
+                f"the TorchRL env has batch_size {tuple(env.batch_size)}; give a factory of a "
+                "single env (batch_size []) and set num_envs for several"))
+        self.env = env
+        seed = self._seed()
+        if seed is not None:
+            env.set_seed(seed, static_seed=self.static_seed)
+        self._reset_all()
+
+    def _seed(self) -> int | None:
+        if self.seed is None:
+            return None
+        base = int(self.seed) + (0 if self.static_seed else self.slot_offset)
+        return base + 1_000_003 * self.env_restarts
+
+    def _new_ids(self, count: int):
+        ids = [(self.id_counter + k) * self.id_stride + self.id_offset for k in range(count)]
+        self.id_counter += count
+        return self.torch.tensor(ids, dtype=self.torch.int64)
+
+    def _reset_all(self) -> None:
+        carrier = self.env.reset()
+        shape = tuple(self.env.batch_size)
+        carrier.set(TRAJ_KEY, self._new_ids(max(1, self.num_envs if shape else 1)).reshape(shape))
+        self.carrier = carrier
+        self.returns = self.torch.zeros(shape)
+
+    def _as_td_policy(self, policy, kind):
+        """A plain ``nn.Module`` reads the observation and writes the action, as TorchRL's
+        ``Collector`` wraps it; a TensorDict policy is used as it is."""
+        if kind != "module":
+            return policy
+        from tensordict.nn import TensorDictModule
+
+        obs_keys = [k for k in self.env.observation_spec.keys(True, True)]
+        if len(obs_keys) != 1:
+            raise PolicyError(f"a plain nn.Module policy takes one observation, but the env has "
+                              f"{obs_keys}; wrap it in a TensorDictModule naming its in_keys.")
+        return TensorDictModule(policy, in_keys=obs_keys, out_keys=["action"])
+
+    def set_seed(self, seed, static_seed: bool = False) -> None:
+        self.seed, self.static_seed = seed, bool(static_seed)
+        if seed is not None:
+            self.env.set_seed(self._seed(), static_seed=self.static_seed)
+            if self.runner.kind != "random":
+                self.torch.manual_seed(int(seed) + self.slot_offset)
+        self._reset_all()
+
+    def reset(self, env_indices=None) -> None:
+        """Fresh episodes (and trajectory ids) in every env, or in those of ``env_indices``."""
+        if env_indices is None or self.num_envs == 1:
+            self._reset_all()
+            return
+        mask = self.torch.zeros(self.num_envs, dtype=self.torch.bool)
+        for i in env_indices:
+            if not 0 <= int(i) < self.num_envs:
+                raise IndexError(f"env index {i} is out of range for {self.num_envs} envs.")
+            mask[int(i)] = True
+        request = self.carrier.empty()
+        request.set("_reset", mask.unsqueeze(-1))
+        fresh = self.env.reset(request)
+        ids = self.carrier.get(TRAJ_KEY).clone()
+        ids[mask] = self._new_ids(int(mask.sum()))
+        self.carrier.update(fresh.exclude(*[k for k in fresh.keys() if k.startswith("_")]))
+        self.carrier.set(TRAJ_KEY, ids)
+        self.returns[mask] = 0.0
+
+    def close(self) -> None:
+        env, self.env = self.env, None
+        if env is not None and not env.is_closed:
+            try:
+                env.close()
+            except Exception as exc:  # noqa: BLE001 - reported to shutdown(raise_on_error)
+                raise EnvStepError(0, self._seed(), "close", exc) from exc
+
+    # -- the loop ----------------------------------------------------------------------------
+    def collect(self, random_actions: bool = False) -> dict:
+        """Step ``steps`` times; returns ``{key: ndarray[num_envs, T, ...]}`` (TorchRL's keys)."""
+        torch = self.torch
+        random_actions = random_actions or self.runner.kind == "random"
+        frames, t_env = [], 0.0
+        with self.runner.context():
+            while len(frames) < self.steps:  # a failed step adds no frame: the batch stays full
+                if self.stop_requested:
+                    break
+                carrier = self.carrier
+                carrier.set(VERSION_KEY, torch.full(carrier.batch_size, self.policy_version,
+                                                    dtype=torch.int64))
+                if random_actions:
+                    self.env.rand_action(carrier)
+                else:
+                    try:
+                        out = self.policy(carrier)
+                    except Exception as exc:  # noqa: BLE001
+                        raise PolicyError("the policy raised inside the env worker:\n"
+                                          + "".join(traceback.format_exception(exc))) from exc
+                    if out is not None and out is not carrier:
+                        carrier.update(out)
+                t0 = time.perf_counter()
+                try:
+                    step, following = self.env.step_and_maybe_reset(carrier)
+                except Exception as exc:  # noqa: BLE001 - the episode is cut, the env rebuilt
+                    t_env += time.perf_counter() - t0
+                    self._env_failed(exc, frames)
+                    continue
+                t_env += time.perf_counter() - t0
+                frames.append(step.exclude(*[k for k in step.keys() if k.startswith("_")]))
+                self._advance(step, following)
+        self.last_valid_steps = len(frames)
+        self.last_env_time = t_env
+        return self._arrays(frames)
+
+    def _advance(self, step, following) -> None:
+        """Carry on from the post-reset tensordict; new trajectory ids for finished envs."""
+        done = step.get(("next", "done")).reshape(self.returns.shape)
+        self.returns = self.returns + step.get(("next", "reward")).reshape(self.returns.shape)
+        ids = self.carrier.get(TRAJ_KEY)
+        if done.any():
+            for value in self.returns[done].reshape(-1).tolist():
+                self.episode_returns.append(float(value))
+            self.returns = self.returns.masked_fill(done, 0.0)
+            ids = ids.masked_scatter(done, self._new_ids(int(done.sum())).reshape(-1)) \
+                if ids.ndim else self._new_ids(1).reshape(())
+        following.set(TRAJ_KEY, ids)
+        self.carrier = following
+
+    def _arrays(self, frames: list) -> dict:
+        """Time-stacked frames as ``{key: ndarray[E, T, ...]}``; a preempted batch is padded with
+        zeros and traj id -1, as the gymnasium loop does."""
+        torch = self.torch
+        if len(frames) < self.steps:
+            template = frames[-1] if frames else self.carrier
+            filler = template.clone().zero_() if frames else None
+            if filler is None:
+                raise EnvStepError(0, self._seed(), "step", RuntimeError(
+                    "no step of this batch succeeded"))
+            filler.set(TRAJ_KEY, torch.full(filler.batch_size, -1, dtype=torch.int64))
+            frames = frames + [filler] * (self.steps - len(frames))
+        batch = torch.stack(frames, dim=-1)
+        if self.num_envs == 1:
+            batch = batch.unsqueeze(0)
+        return {key: value.detach().cpu().numpy()
+                for key, value in batch.items(include_nested=True, leaves_only=True)
+                if isinstance(value, torch.Tensor)}
+
+    def _env_failed(self, exc: BaseException, frames: list) -> None:
+        """Record the failure, spend the budget, rebuild the env and start new episodes; the
+        last stored frame of each env is marked truncated (its episode ends there)."""
+        err = EnvStepError(0, self._seed(), "step", exc)
+        if self.on_env_error == "raise":
+            raise err from exc
+        self.env_errors.append({"env": 0, "seed": err.seed, "phase": "step", "error": str(err),
+                                "traceback": err.tb})
+        wait = self.budget.failed()
+        if wait is None:
+            raise EnvRestartsExhausted(
+                f"the TorchRL env failed {self.budget.recent()} times within "
+                f"{self.budget.window_s:g}s (max_restarts={self.budget.max_restarts}); last "
+                f"error:\n{err.tb}") from exc
+        if frames:
+            for key in (("next", "truncated"), ("next", "done")):
+                frames[-1].get(key).fill_(True)
+        if wait:
+            time.sleep(wait)
+        try:
+            self.env.close()
+        except Exception:  # noqa: BLE001 - it is broken already
+            pass
+        self.env_restarts += 1
+        self._build()
