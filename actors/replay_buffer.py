@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import threading
 import time
-import uuid
 import warnings
 from collections import OrderedDict
 
@@ -16,13 +14,13 @@ import numpy as np
 import torch
 from tensordict import TensorDict
 
+from actors import checkpoints
 from actors.metrics import Metrics
 from actors.samplers import make_sampler
 from actors.shared_ring import SharedRing, remove_stale, shareable
 
 log = logging.getLogger("ray_collectors.buffer")
 
-MARKER = "COMPLETE"
 WEIGHT_KEY = "priority_weight"  # TorchRL's key for importance weights of prioritized samples
 SAMPLE_KEYS = ("index", WEIGHT_KEY, "_weight")  # added by sampling: dropped when written back
 SEEN_IDS = 50_000  # batch ids remembered to drop resends (a resend comes within seconds)
@@ -112,9 +110,13 @@ class ReplayBufferActor:
         self.metrics = Metrics(name, "replay-buffer")
         if share:
             remove_stale()
-        if checkpoint_dir and os.path.exists(os.path.join(checkpoint_dir, MARKER)):
-            self.load_checkpoint(checkpoint_dir)
-            self.restored_from = checkpoint_dir
+        self.checkpoint_lock = threading.Lock()
+        self.checkpoint_thread: threading.Thread | None = None
+        self.checkpoint_pending = False
+        if checkpoint_dir and checkpoints.is_checkpoint(checkpoint_dir):
+            self.load_checkpoint(checkpoint_dir)  # a damaged one raises: never silently empty
+        elif checkpoint_dir:
+            checkpoints.claim(checkpoint_dir)  # a foreign directory is refused now, not later
 
     # -- writes ------------------------------------------------------------------------------
     def _check(self, td: TensorDict) -> None:
@@ -180,7 +182,7 @@ class ReplayBufferActor:
             self.cond.notify_all()
             if self.checkpoint_every and self.checkpoint_dir and \
                     self.batches % self.checkpoint_every == 0:
-                self.checkpoint(self.checkpoint_dir)
+                self._checkpoint_soon()
         return n
 
     def _allocate(self, template: TensorDict) -> TensorDict:
@@ -346,53 +348,60 @@ class ReplayBufferActor:
         self.sampler.load(meta["sampler_state"], tensors, self.storage, self.size)
 
     def checkpoint(self, path: str) -> str:
-        """Write storage, sampler state and counters to ``path`` atomically.
+        """Write storage, sampler state and counters to the checkpoint directory ``path``.
 
-        Everything goes to a fresh sibling folder, a marker file is written last, and only then
-        does it replace ``path``; a write that fails half-way leaves the old checkpoint as it was.
+        The state is copied under the lock (a memory copy), then written outside it, so writers
+        wait for the copy only, never for the disk. See :mod:`actors.checkpoints` for the
+        atomic, durable format; a directory that is not a checkpoint of ours is refused.
         """
         path = os.path.abspath(path)
-        parent = os.path.dirname(path)
-        os.makedirs(parent, exist_ok=True)
-        tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+        checkpoints.claim(path)  # refuse a foreign directory before copying anything
         with self.cond:
-            try:
-                os.makedirs(tmp)
-                if self.storage is not None:
-                    self.storage.memmap(os.path.join(tmp, "storage"))
-                tensors = self.sampler.tensors()
-                if tensors:
-                    TensorDict(tensors, batch_size=[]).memmap(os.path.join(tmp, "sampler"))
-                with open(os.path.join(tmp, "meta.json"), "w") as fh:
-                    json.dump(self._meta(), fh)
-                with open(os.path.join(tmp, MARKER), "w") as fh:
-                    fh.write("ok\n")
-                old = None
-                if os.path.exists(path):
-                    old = f"{tmp}.old"
-                    os.rename(path, old)
-                os.rename(tmp, path)
-                if old:
-                    shutil.rmtree(old, ignore_errors=True)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
+            storage = None if self.storage is None else self.storage.clone()
+            tensors = {k: v.clone() for k, v in self.sampler.tensors().items()}
+            meta = self._meta()
+        with self.checkpoint_lock:  # one writer of the directory at a time
+            checkpoints.write(path, storage, tensors, meta)
         return path
 
+    def _checkpoint_soon(self) -> None:
+        """Periodic checkpoint on a thread of its own (called under the lock by ``extend``):
+        the writer gets its acknowledgement without waiting for the disk."""
+        if self.checkpoint_thread is not None and self.checkpoint_thread.is_alive():
+            self.checkpoint_pending = True  # the running one is followed by one more
+            return
+        self.checkpoint_pending = False
+        self.checkpoint_thread = threading.Thread(target=self._periodic_checkpoints, daemon=True)
+        self.checkpoint_thread.start()
+
+    def _periodic_checkpoints(self) -> None:
+        while True:
+            try:
+                self.checkpoint(self.checkpoint_dir)
+            except Exception:  # noqa: BLE001 - logged; the next one tries again
+                log.exception("periodic checkpoint into %s failed", self.checkpoint_dir)
+            with self.cond:
+                if not self.checkpoint_pending:
+                    return
+                self.checkpoint_pending = False
+
     def load_checkpoint(self, path: str) -> None:
-        """Restore from a complete checkpoint (JSON and memory-mapped tensors; no pickle)."""
-        if not os.path.exists(os.path.join(path, MARKER)):
-            raise FileNotFoundError(f"{path!r} holds no complete checkpoint (no {MARKER} marker).")
-        with open(os.path.join(path, "meta.json")) as fh:
-            meta = json.load(fh)
-        storage = None
-        if os.path.exists(os.path.join(path, "storage")):
-            storage = TensorDict.load_memmap(os.path.join(path, "storage")).clone()
-        tensors = {}
-        if os.path.exists(os.path.join(path, "sampler")):
-            tensors = TensorDict.load_memmap(os.path.join(path, "sampler")).clone().to_dict()
+        """Restore from the newest valid version in ``path`` (JSON and memory-mapped tensors,
+        validated; nothing is unpickled). Raises ``CheckpointError`` if none is valid."""
+        meta, storage, tensors, version = checkpoints.read(os.path.abspath(path), self.capacity)
+        self._check_restored(meta, storage)
         with self.cond:
             self._restore(meta, storage, tensors)
+        self.restored_from = version
+
+    def _check_restored(self, meta: dict, storage) -> None:
+        """The metadata must agree with what the storage holds."""
+        if storage is None:
+            return
+        for key, tensor in storage.items(include_nested=True, leaves_only=True):
+            if tensor.shape[0] != self.capacity:
+                raise checkpoints.CheckpointError(
+                    f"storage entry {key!r} has {tensor.shape[0]} slots, expected {self.capacity}")
 
     def ready(self) -> dict:
         return self.info()

@@ -170,17 +170,31 @@ class SliceSampler(Sampler):
             raise ValueError("SliceSampler needs exactly one of slice_len or num_slices.")
         self.slice_len, self.num_slices = slice_len, num_slices
         self.traj_key = tuple(traj_key) if isinstance(traj_key, (list, tuple)) else traj_key
+        self.cursor = 0  # the ring's next write position (the oldest frame once it wrapped)
         self._starts = None
         self._cache_key = None
 
     def on_write(self, idx, storage, size):
         self._starts = None
+        self.cursor = (int(idx[-1]) + 1) % self.capacity if len(idx) else self.cursor
+
+    def reset(self):
+        self.cursor, self._starts = 0, None
+
+    def state(self):
+        return {"cursor": self.cursor}
+
+    def load(self, state, tensors, storage, size):
+        super().load(state, tensors, storage, size)
+        self.cursor, self._starts = int(state.get("cursor", 0)), None
 
     def _valid_starts(self, storage, size, length):
         if self._starts is not None and self._cache_key == (size, length):
             return self._starts
         traj = storage.get(self.traj_key)[:size]
         same = traj[1:] == traj[:-1]
+        if size == self.capacity and 0 < self.cursor < size:
+            same[self.cursor - 1] = False  # newest | oldest: never one slice, even if ids match
         # run_end[i]: last index of the run of equal consecutive traj ids containing i
         idx = torch.arange(size)
         breaks = torch.cat([idx[:-1][~same], torch.tensor([size - 1])])

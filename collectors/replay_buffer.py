@@ -2,6 +2,7 @@
 share it."""
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from collections import deque
@@ -17,7 +18,7 @@ from collectors.local_sampler import LocalSampler
 from collectors.runtime import buffer_gone, ensure_ray, kill_quietly, near_caller, wait_dead
 
 # errors raised inside the buffer actor that are the caller's to handle, re-raised as themselves
-CALLER_ERRORS = (TimeoutError, ValueError, TypeError, FileNotFoundError)
+CALLER_ERRORS = (TimeoutError, ValueError, TypeError, FileNotFoundError)  # CheckpointError too
 
 
 class RayReplayBuffer:
@@ -105,6 +106,10 @@ class RayReplayBuffer:
         if timeout_s is None or timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive (nothing waits forever); got {timeout_s!r}.")
         buffer_body.RateLimiter(min_size, samples_per_insert, error_buffer)  # rejects deadlocking bands now
+        if checkpoint_dir is not None:
+            from actors.checkpoints import check_claimable
+
+            check_claimable(os.path.abspath(checkpoint_dir))  # a foreign directory: refused here
         if not isinstance(drop_last, bool):
             raise TypeError(f"drop_last must be a bool; got {drop_last!r}.")
         if drop_last and sampler != "without_replacement":
@@ -137,11 +142,9 @@ class RayReplayBuffer:
     @classmethod
     def from_checkpoint(cls, path: str, capacity: int | None = None, **kwargs) -> "RayReplayBuffer":
         """A new buffer restored from a checkpoint written by :meth:`checkpoint`."""
-        import json
-        import os
+        from actors.checkpoints import current_meta
 
-        with open(os.path.join(path, "meta.json")) as fh:
-            meta = json.load(fh)
+        meta = current_meta(path)
         kwargs.setdefault("sampler", meta["sampler"])
         rb = cls(capacity or meta["capacity"], **kwargs)
         rb._call("load_checkpoint", os.path.abspath(path))

@@ -366,7 +366,7 @@ def run_buffer(seconds: float) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["sync", "multi", "buffer", "all"], default="all")
+    parser.add_argument("--part", choices=["sync", "multi", "buffer", "torchrl", "all"], default="all")
     parser.add_argument("--frames", type=int, default=30_000)
     parser.add_argument("--quick", action="store_true", help="few frames: a smoke run")
     args = parser.parse_args(argv)
@@ -381,6 +381,10 @@ def main(argv=None) -> None:
         run_multi(frames)
     if args.part in ("buffer", "all"):
         run_buffer(1.0 if args.quick else 3.0)
+    if args.part in ("torchrl", "all"):
+        from bench_torchrl_env import run_torchrl_env
+
+        guarded(run_torchrl_env, min(frames, 10_000), row)
     sys.stdout.flush()
     # TorchRL's RayReplayBuffer and multiprocess collectors can leave non-daemon threads that
     # keep the interpreter from exiting; everything of ours is shut down at this point.

@@ -110,7 +110,8 @@ def test_checkpoint_round_trip_and_interrupted_write(tmp_path, monkeypatch):
     rb.extend(frames(0, 30), batch_id=(0, 0, 1))
     rb.update_priority(torch.tensor([3]), torch.tensor([7.0]))
     rb.checkpoint(path)
-    assert os.path.exists(os.path.join(path, "COMPLETE"))
+    assert os.path.exists(os.path.join(path, "RAY_COLLECTORS_CHECKPOINT"))
+    assert open(os.path.join(path, "CURRENT")).read().strip() == "v000001"
     restored = ReplayBufferActor(50, sampler="prioritized", checkpoint_dir=path)
     assert len(restored) == 30 and restored.write_count == 30
     assert restored.sampler.priority[3] == 7.0
@@ -128,7 +129,7 @@ def test_checkpoint_round_trip_and_interrupted_write(tmp_path, monkeypatch):
     monkeypatch.undo()
     again = ReplayBufferActor(50, sampler="prioritized", checkpoint_dir=path)
     assert len(again) == 30
-    assert not [p for p in os.listdir(tmp_path) if p.startswith(".ckpt.tmp")]
+    assert not [p for p in os.listdir(path) if ".tmp-" in p]
 
 
 def test_handle_round_trip_and_picklable(tmp_path):
@@ -291,3 +292,16 @@ def test_local_sampler_stays_off_for_storage_it_cannot_reach():
                "capacity": 1, "min_size": 0})
     assert s.reader is None and s.off  # another node: calls from now on, no more probes
     assert s.sample(4, timeout=1.0) is None
+
+
+def test_slices_never_cross_the_write_cursor():
+    """One long trajectory through a small ring: once it wraps, the newest frame sits next to
+    the oldest in storage with the same trajectory id; no slice may join them."""
+    rb = ReplayBufferActor(200, sampler="slice", sampler_kwargs={"slice_len": 8}, seed=0)
+    for start in range(0, 10_000, 50):
+        td = TensorDict({"t": torch.arange(start, start + 50, dtype=torch.float32)[:, None],
+                         ("collector", "traj_ids"): torch.zeros(50, dtype=torch.int64)}, [50])
+        rb.extend(td)
+        if start >= 200:
+            t = rb.sample(8 * 40)["t"].view(40, 8)
+            assert ((t[:, 1:] - t[:, :-1]) == 1).all(), t[((t[:, 1:] - t[:, :-1]) != 1).any(-1)]
