@@ -1,13 +1,18 @@
 """``BackgroundWriter``: collect on a thread of the driver and write each batch into the
 replay-buffer actor, resending (with the batch's id) until the buffer acknowledges it.
 
-The buffer ignores an id it already holds, so a resend after its restart stores the batch once.
+Batch ids are unique per collector instance (the collector's name plus a random instance id),
+and the buffer stores an id once, so a resend stores nothing twice. The writer keeps the
+batches the buffer acknowledged but has not yet put in a checkpoint (their object refs); when
+the buffer comes back from a restart (a new incarnation in its acknowledgement) they are sent
+again, so a restart loses nothing whatever ``checkpoint_every`` is.
 """
 from __future__ import annotations
 
 import logging
 import threading
 import time
+import uuid
 from collections import deque
 
 import ray
@@ -39,29 +44,54 @@ class BackgroundWriter:
         self.written_ids: deque = deque(maxlen=WRITTEN_IDS_KEPT)  # acknowledged, oldest first
         self.written_batches = 0
         self.resends = 0
+        self.instance = uuid.uuid4().hex[:12]  # two collectors of one name never share ids
+        self.incarnation = None  # of the buffer actor, from its last acknowledgement
+        self.undurable: deque = deque()  # (batch_id, refs, meta) not yet in a checkpoint
+        self.restart_resends = 0  # batches sent again after a buffer restart
 
     def batch_id(self, meta: dict) -> tuple:
-        """Unique across collectors sharing a buffer: (collector, worker, restarts, index)."""
-        return (self.name, meta["worker"], meta["restarts"], meta["batch_index"])
+        """Unique per collector instance: (name, instance, worker, restarts, batch index)."""
+        return (self.name, self.instance, meta["worker"], meta["restarts"], meta["batch_index"])
 
     def write(self, buffer, refs: list, meta: dict) -> int:
         """Write one batch into the buffer actor, resending until acknowledged; raises
-        :class:`ReplayBufferUnavailable` after ``write_timeout_s``."""
+        :class:`ReplayBufferUnavailable` after ``write_timeout_s``. Returns frames written."""
         batch_id = self.batch_id(meta)
+        ack = self._send(buffer, batch_id, refs, meta)
+        if ack is None:
+            return 0
+        if self.incarnation is not None and ack["incarnation"] != self.incarnation:
+            self._resend_undurable(buffer)  # the buffer restarted from its last checkpoint
+        self.incarnation = ack["incarnation"]
+        self.written_ids.append(batch_id)
+        self.written_batches += 1
+        self.undurable.append((batch_id, refs, meta))
+        while len(self.undurable) > ack["undurable"]:
+            self.undurable.popleft()
+        return ack["frames"]
+
+    def _resend_undurable(self, buffer) -> None:
+        """Send again what the restarted buffer may have lost; ids it holds are skipped."""
+        for batch_id, refs, meta in list(self.undurable):
+            self.restart_resends += 1
+            self._send(buffer, batch_id, refs, meta)
+        log.warning("replay buffer restarted: %d batches written since its last checkpoint were "
+                    "sent again", len(self.undurable))
+
+    def _send(self, buffer, batch_id, refs: list, meta: dict) -> dict | None:
+        """The acknowledgement of one batch, or ``None`` if its data died with its worker."""
         deadline = time.monotonic() + self.write_timeout_s
         while True:
             try:
-                n = ray.get(buffer.extend_ref.remote(refs, batch_id),
-                            timeout=max(0.1, deadline - time.monotonic()))
-                self.written_ids.append(batch_id)
-                self.written_batches += 1
-                return n
+                return ray.get(buffer.extend_ref.remote(refs, batch_id),
+                               timeout=max(0.1, deadline - time.monotonic()))
             except RayTaskError as exc:
                 if not isinstance(unwrap(exc), (ObjectLostError, OwnerDiedError)):
                     raise
                 # the worker that owned this batch died before the buffer fetched it
-                self.ledger.undeliver(meta, "lost_before_write")
-                return 0
+                if meta["frames"]:
+                    self.ledger.undeliver(meta, "lost_before_write")
+                return None
             except (RayActorError, GetTimeoutError) as exc:
                 if time.monotonic() >= deadline:
                     raise ReplayBufferUnavailable(

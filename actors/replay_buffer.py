@@ -7,6 +7,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 import warnings
 from collections import OrderedDict
 
@@ -110,6 +111,9 @@ class ReplayBufferActor:
         self.metrics = Metrics(name, "replay-buffer")
         if share:
             remove_stale()
+        self.reserved: set = set()  # batch ids being written right now
+        self.incarnation = uuid.uuid4().hex  # tells writers that this actor restarted
+        self.checkpointed_batches = 0  # value of ``batches`` in the last completed checkpoint
         self.checkpoint_lock = threading.Lock()
         self.checkpoint_thread: threading.Thread | None = None
         self.checkpoint_pending = False
@@ -155,10 +159,20 @@ class ReplayBufferActor:
         with self.cond:
             if batch_id is not None:
                 batch_id = tuple(batch_id) if isinstance(batch_id, list) else batch_id
+                # a send of the same id in progress (e.g. a resend while the first waits for
+                # the rate limiter): wait for its outcome, so the batch is stored exactly once
+                self._wait(lambda: batch_id not in self.reserved, timeout,
+                           f"an earlier send of batch {batch_id} to finish")
                 if batch_id in self.seen:
                     return 0
-            self._wait(lambda: self.limiter.can_insert(n), timeout,
-                       f"room to insert {n} frames under samples_per_insert={self.limiter.spi}")
+                self.reserved.add(batch_id)
+            try:
+                self._wait(lambda: self.limiter.can_insert(n), timeout,
+                           f"room to insert {n} frames under samples_per_insert={self.limiter.spi}")
+            except BaseException:
+                self.reserved.discard(batch_id)
+                self.cond.notify_all()
+                raise
             if self.storage is None:
                 self.storage = self._allocate(td[:1])
             idx = (torch.arange(n) + self.cursor) % self.capacity
@@ -174,6 +188,7 @@ class ReplayBufferActor:
             self.sampler.on_write(idx, self.storage, self.size)
             if batch_id is not None:
                 self.seen[batch_id] = None
+                self.reserved.discard(batch_id)
                 if len(self.seen) > SEEN_IDS:
                     self.seen.popitem(last=False)
             self.batches += 1
@@ -225,13 +240,22 @@ class ReplayBufferActor:
         if self.ring is not None:
             self.ring.close()
 
-    def extend_ref(self, refs: list, batch_id=None, timeout: float | None = None) -> int:
-        """Fetch worker arrays from the object store (``[ref]``) and write their valid frames."""
+    def extend_ref(self, refs: list, batch_id=None, timeout: float | None = None) -> dict:
+        """Fetch worker arrays from the object store (``[ref]``) and write their valid frames.
+
+        Returns the acknowledgement ``{"frames", "incarnation", "undurable"}``: frames written
+        (0 for a batch already stored), this actor's incarnation (new after a restart), and how
+        many of the batches written so far are not yet in a checkpoint, which the writer keeps
+        to resend should this actor restart from its checkpoint.
+        """
         import ray
 
-        if batch_id is not None and tuple(batch_id) in self.seen:
-            return 0
-        return self.extend(arrays_to_frames(ray.get(refs[0])), batch_id, timeout)
+        n = 0
+        if batch_id is None or tuple(batch_id) not in self.seen:
+            n = self.extend(arrays_to_frames(ray.get(refs[0])), batch_id, timeout)
+        with self.cond:
+            undurable = self.batches - self.checkpointed_batches if self.checkpoint_dir else 0
+        return {"frames": n, "incarnation": self.incarnation, "undurable": undurable}
 
     # -- reads -------------------------------------------------------------------------------
     def _wait(self, ready, timeout, what: str) -> None:
@@ -362,6 +386,9 @@ class ReplayBufferActor:
             meta = self._meta()
         with self.checkpoint_lock:  # one writer of the directory at a time
             checkpoints.write(path, storage, tensors, meta)
+        if path == os.path.abspath(self.checkpoint_dir or ""):
+            with self.cond:
+                self.checkpointed_batches = max(self.checkpointed_batches, meta["batches"])
         return path
 
     def _checkpoint_soon(self) -> None:
@@ -392,6 +419,7 @@ class ReplayBufferActor:
         self._check_restored(meta, storage)
         with self.cond:
             self._restore(meta, storage, tensors)
+            self.checkpointed_batches = self.batches
         self.restored_from = version
 
     def _check_restored(self, meta: dict, storage) -> None:

@@ -175,10 +175,12 @@ class RayReplayBuffer:
 
     # -- data --------------------------------------------------------------------------------
     def extend(self, td, batch_id=None) -> int:
-        return self._call("extend", td, batch_id)
+        """Write frames; returns how many were written. Each call carries a batch id (a fresh
+        one when none is given), so a retry while the actor restarts stores nothing twice."""
+        return self._call("extend", td, batch_id or (self.name, "extend", uuid.uuid4().hex))
 
     def add(self, td) -> int:
-        return self._call("extend", td.unsqueeze(0) if td.batch_dims == 0 else td)
+        return self.extend(td.unsqueeze(0) if td.batch_dims == 0 else td)
 
     def sample(self, batch_size: int | None = None, timeout: float | None = None):
         """A TensorDict of ``batch_size`` frames (with ``index``, and ``priority_weight`` if

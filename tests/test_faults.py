@@ -304,3 +304,42 @@ def test_observation_outside_its_space_when_checking():
     with pytest.raises(CollectorError, match="outside its space"):
         c.next()
     c.shutdown()
+
+
+def test_buffer_restart_with_sparse_checkpoints_loses_nothing(tmp_path):
+    """checkpoint_every=5: batches acknowledged after the last checkpoint are sent again."""
+    rb = RayReplayBuffer(1_000_000, checkpoint_dir=str(tmp_path / "rb"), checkpoint_every=5,
+                         name="rb-sparse")
+    c = MultiaSyncDataCollector(counting_env, num_workers=2, frames_per_batch=100,
+                                total_frames=20_000, replay_buffer=rb)
+    try:
+        c.start()
+        deadline = time.monotonic() + 60
+        while rb.write_count < 3_000 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(rb.info()["pid"], signal.SIGKILL)
+        while c.is_running() and time.monotonic() < deadline + 60:
+            time.sleep(0.1)
+        c.async_shutdown()
+        stats = c.stats()
+        ids = [tuple(i) for i in rb.batch_ids()]
+        assert rb.info()["restored_from"] is not None
+        assert stats["frames"] == 20_000
+        assert sorted(ids) == sorted(map(tuple, stats["written_batch_ids"]))  # each once
+        assert rb.write_count == len(rb) == stats["frames"]  # nothing lost, nothing twice
+        invariant(stats)
+    finally:
+        c.shutdown(raise_on_error=False)
+        rb.shutdown()
+
+
+def test_two_collectors_with_one_name_into_one_buffer_keep_every_batch():
+    rb = RayReplayBuffer(100_000)
+    try:
+        for _ in range(2):  # "a script run twice into one buffer"
+            with SyncDataCollector(counting_env, frames_per_batch=50, total_frames=500,
+                                   replay_buffer=rb, name="same-name") as c:
+                list(c)
+        assert rb.write_count == 1000 and len(rb.batch_ids()) == 20
+    finally:
+        rb.shutdown()
