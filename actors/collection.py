@@ -15,6 +15,12 @@ from actors.metrics import Metrics
 from actors.worker_pool import WorkerPool
 
 ENV_ERRORS_KEPT = 50
+# hang detection when sample_timeout_s is None (the default): a worker is hung once it spends
+# HANG_FACTOR times its slowest batch so far, never less than HANG_FLOOR_S; before its first
+# batch (envs warming up, a policy compiling) FIRST_BATCH_S
+HANG_FACTOR = 10.0
+HANG_FLOOR_S = 60.0
+FIRST_BATCH_S = 600.0
 
 
 class Ledger:
@@ -77,6 +83,15 @@ class Collection:
         self.prefetch = prefetch
         self.on_error = on_error
         self.inflight: dict = {}  # async: collect ref -> (worker index, handle)
+        self.slowest = [None] * pool.count  # slowest batch (s) of each worker so far
+        self.active_since: dict = {}  # async: worker -> when its oldest call in flight began
+
+    def timeout(self, i: int) -> float:
+        """How long worker ``i`` may take for one batch before it counts as hung."""
+        if self.sample_timeout_s is not None:
+            return self.sample_timeout_s
+        slowest = self.slowest[i]
+        return FIRST_BATCH_S if slowest is None else max(HANG_FLOOR_S, HANG_FACTOR * slowest)
 
     def _call(self, i: int, handle, random_actions: bool):
         return handle.collect_ref.remote(random_actions)
@@ -101,14 +116,16 @@ class Collection:
             return None
         self.pool.note_id_counter(i, out[1]["id_counter"])
         self.ledger.account(out[1], self.pool.version)
+        took = out[1].get("collect_time", 0.0)
+        self.slowest[i] = took if self.slowest[i] is None else max(self.slowest[i], took)
         return out
 
     def _timed_out(self, i: int, handle, drop: bool = True) -> None:
         self.ledger.per_worker[i]["timeouts"] += 1
         if drop:  # (async: the in-flight requests are dropped when resubmitted)
             self.ledger.drop(i, "timeout", self.frames_per_worker_batch)
-        self.pool.replace(i, "timeout", f"no batch within sample_timeout_s={self.sample_timeout_s}",
-                          handle=handle)
+        self.pool.replace(i, "timeout", f"no batch within {self.timeout(i):g}s (sample_timeout_s="
+                          f"{self.sample_timeout_s}; None: adaptive)", handle=handle)
 
     # -- synchronous -------------------------------------------------------------------------
     def collect_sync(self, random_actions: bool = False, preempt: float | None = None) -> list:
@@ -117,22 +134,24 @@ class Collection:
         ``preempt=p``: once a fraction ``p`` of the workers delivered, the others are told to
         stop early; their partial batches (unfilled frames have traj id -1) are delivered too.
         """
-        pending = {self._call(i, h, random_actions): (i, h) for i, h in self.pool.alive()}
+        pending = {}  # ref -> (worker, handle, deadline)
+        for i, h in self.pool.alive():
+            pending[self._call(i, h, random_actions)] = (i, h, time.monotonic() + self.timeout(i))
         quorum = None if preempt is None else max(1, int(-(-preempt * len(pending) // 1)))
         preempted = False
         results = {}
-        deadline = None if self.sample_timeout_s is None else time.monotonic() + self.sample_timeout_s
         while pending:
-            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=timeout)
-            if not ready:  # hung workers: kill, replace, ask again
-                for ref, (i, h) in list(pending.items()):
-                    del pending[ref]
-                    self._timed_out(i, h)
-                    self._ask_again(pending, i, random_actions)
-                deadline = time.monotonic() + self.sample_timeout_s
+            wait = max(0.0, min(d for _, _, d in pending.values()) - time.monotonic())
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=wait)
+            if not ready:  # past its deadline: kill, replace, ask the replacement
+                now = time.monotonic()
+                for ref, (i, h, deadline) in list(pending.items()):
+                    if deadline <= now:
+                        del pending[ref]
+                        self._timed_out(i, h)
+                        self._ask_again(pending, i, random_actions)
                 continue
-            i, h = pending.pop(ready[0])
+            i, h, _ = pending.pop(ready[0])
             out = self._resolve(ready[0], i, h)
             if out is None:
                 self._ask_again(pending, i, random_actions)
@@ -140,17 +159,19 @@ class Collection:
             results[i] = out
             if quorum is not None and not preempted and len(results) >= quorum and pending:
                 preempted = True
-                for j, hj in pending.values():
+                for _, hj, _ in pending.values():
                     hj.preempt.remote()
         return [results[i] for i in sorted(results)]
 
     def _ask_again(self, pending: dict, i: int, random_actions: bool) -> None:
         if self.pool.is_alive(i):
             h = self.pool.handle(i)
-            pending[self._call(i, h, random_actions)] = (i, h)
+            pending[self._call(i, h, random_actions)] = (i, h, time.monotonic() + self.timeout(i))
 
     # -- asynchronous ------------------------------------------------------------------------
     def _submit(self, i: int, handle, random_actions: bool = False) -> None:
+        if not any(j == i for j, _ in self.inflight.values()):
+            self.active_since[i] = time.monotonic()
         self.inflight[self._call(i, handle, random_actions)] = (i, handle)
 
     def next_ready(self, random_actions: bool = False):
@@ -162,11 +183,15 @@ class Collection:
         while True:
             if not self.inflight:
                 raise CollectorError(f"no worker of {self.pool.name!r} is left to collect from.")
-            ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=self.sample_timeout_s)
+            workers = {i for i, _ in self.inflight.values()}
+            deadline = min(self.active_since[i] + self.timeout(i) for i in workers)
+            ready, _ = ray.wait(list(self.inflight), num_returns=1,
+                                timeout=max(0.0, deadline - time.monotonic()))
             if not ready:
                 self._timeout_inflight(random_actions)
                 continue
             i, h = self.inflight.pop(ready[0])
+            self.active_since[i] = time.monotonic()  # its next call in flight starts now
             out = self._resolve(ready[0], i, h)
             if out is None:
                 self._resubmit_after_replace(i, random_actions)
@@ -184,10 +209,12 @@ class Collection:
                 self._submit(i, h, random_actions)
 
     def _timeout_inflight(self, random_actions: bool) -> None:
-        """No worker answered within the timeout: replace those whose oldest call is stuck."""
-        stuck = {}
+        """Replace exactly the workers whose call in flight is past its deadline; the others
+        keep delivering."""
+        now, stuck = time.monotonic(), {}
         for i, h in self.inflight.values():
-            stuck.setdefault(i, h)
+            if self.active_since[i] + self.timeout(i) <= now:
+                stuck.setdefault(i, h)
         for i, h in sorted(stuck.items(), key=lambda kv: kv[0]):
             self._timed_out(i, h, drop=False)
             self._resubmit_after_replace(i, random_actions)

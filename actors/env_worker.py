@@ -9,6 +9,7 @@ import functools
 import gc
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -74,6 +75,8 @@ class EnvWorker:
         self.restarts = restarts
         self.batches = 0
         self._collecting = None
+        self._lock = threading.Lock()  # guards _collecting and _deferred
+        self._deferred: list = []  # control calls that arrived mid-batch: applied before the next
         self.frames = 0
         self.episodes = 0
         if options.worker_nice:
@@ -125,16 +128,20 @@ class EnvWorker:
     def collect(self, random_actions: bool = False) -> tuple[dict, dict]:
         """Collect one batch; returns ``(arrays, meta)``. ``arrays`` are reused next call."""
         t0 = time.perf_counter()
+        with self._lock:
+            self._run_deferred()
+            self._collecting = self.batches + 1
         gc.disable()  # the loop makes no cycles; a full collection of Ray's heap mid-batch costs
         self.rollout.stop_requested = False
-        self._collecting = self.batches + 1
         self.rollout.episode_returns = []
         self.rollout.env_errors = []
         try:
             batch = self.rollout.collect(random_actions)
         finally:
             gc.enable()
-        self._collecting = None
+            with self._lock:
+                self._collecting = None
+                self._run_deferred()
         frames = self.rollout.num_envs * self.rollout.last_valid_steps - self.rollout.dropped_frames
         self.batches += 1
         self.frames += frames
@@ -170,19 +177,42 @@ class EnvWorker:
         batch, meta = self.collect(random_actions)
         return [ray.put(batch)], meta
 
+    # -- control: a thread of its own, never queued behind a batch in flight ------------------
+    def _run_deferred(self) -> None:
+        deferred, self._deferred = self._deferred, []
+        for fn in deferred:
+            fn()
+
+    def _apply(self, fn) -> None:
+        """Run ``fn`` now if no batch is being collected, else right after the current one
+        (before the next): control calls return at once and never change a batch midway."""
+        with self._lock:
+            if self._collecting is None:
+                fn()
+            else:
+                self._deferred.append(fn)
+
+    @ray.method(concurrency_group="control")
     def set_weights(self, weights, version: int) -> int:
         if isinstance(weights, list):  # a wrapped ObjectRef, resolved here and only here
             weights = ray.get(weights[0])
-        self.rollout.runner.load_weights(weights)
-        self.rollout.policy_version = int(version)
+
+        def load():
+            self.rollout.runner.load_weights(weights)
+            self.rollout.policy_version = int(version)
+
+        self._apply(load)
         return int(version)
 
+    @ray.method(concurrency_group="control")
     def set_seed(self, seed: int | None, static_seed: bool = False) -> None:
-        self.rollout.set_seed(seed, static_seed)
+        self._apply(lambda: self.rollout.set_seed(seed, static_seed))
 
+    @ray.method(concurrency_group="control")
     def reset(self, env_indices=None) -> None:
-        self.rollout.reset(env_indices)
+        self._apply(lambda: self.rollout.reset(env_indices))
 
+    @ray.method(concurrency_group="control")
     def state_dict(self) -> dict:
         r = self.rollout
         out = {"id_counter": r.id_counter, "policy_version": r.policy_version,
@@ -192,12 +222,16 @@ class EnvWorker:
                                         r.runner.module.state_dict().items()}
         return out
 
+    @ray.method(concurrency_group="control")
     def load_state_dict(self, state: dict) -> None:
-        r = self.rollout
-        r.id_counter = max(r.id_counter, int(state.get("id_counter", 0)))
-        r.policy_version = int(state.get("policy_version", r.policy_version))
-        if "policy_state_dict" in state:
-            r.runner.load_weights(state["policy_state_dict"])
+        def load():
+            r = self.rollout
+            r.id_counter = max(r.id_counter, int(state.get("id_counter", 0)))
+            r.policy_version = int(state.get("policy_version", r.policy_version))
+            if "policy_state_dict" in state:
+                r.runner.load_weights(state["policy_state_dict"])
+
+        self._apply(load)
 
     def close(self) -> None:
         self.rollout.close()

@@ -133,8 +133,9 @@ class CollectorOptions(BaseModel):
                                             "trainer on the same cores keeps its share")
     # -- faults and waits --------------------------------------------------------------------
     sample_timeout_s: Optional[float] = Field(
-        None, description="a worker that delivers no batch within this is killed and replaced "
-                          "(None: no limit)")
+        None, description="a worker that delivers no batch within this is killed and replaced; "
+                          "None (default): adaptive, 10x its slowest batch so far, at least 60 s "
+                          "(600 s for its first batch)")
     startup_timeout_s: float = Field(60.0, description="bound on building the envs in a new "
                                                        "worker (and on placing it)")
     max_restarts: int = Field(3, description="failures (worker or env) allowed within "

@@ -24,6 +24,7 @@ from collectors.runtime import wait_dead as _wait_dead
 from collectors.shipping import ship_by_value
 from collectors.weight_sync import WeightWatcher
 
+CONTROL_TIMEOUT_S = 30.0  # bound of control calls (they never wait behind a batch in flight)
 AUTO_SYNC_POLL_S = 0.05  # during start(): how often the trainer's policy is checked for changes
 
 
@@ -176,9 +177,11 @@ class DataCollectorBase:
             self.name, [self._plan_ref], options.for_workers(), actor_options,
             steps_per_worker=steps, placement=self.config.placement_options())
         self._finalizer = weakref.finalize(self, _kill_quietly, self._driver)
-        try:
-            self.worker_info = _ray_get(self._driver.ready.remote())
-            self._worker_handles = ray.get(self._driver.worker_handles.remote())
+        startup = options.startup_timeout_s + (self.config.placement.timeout_s
+                                               if self.config.placement.strategy else 0.0)
+        try:  # the driver bounds each step; this bounds the whole, should the driver hang
+            self.worker_info = _ray_get(self._driver.ready.remote(), timeout=startup + 30.0)
+            self._worker_handles = ray.get(self._driver.worker_handles.remote(), timeout=30.0)
         except BaseException:
             self.shutdown(timeout=5.0, raise_on_error=False)
             raise
@@ -221,7 +224,7 @@ class DataCollectorBase:
         else:
             self._sync_if_changed()
         if self.options.reset_at_each_iter:
-            _ray_get(self._driver.broadcast.remote("reset"))
+            _ray_get(self._driver.broadcast.remote("reset"), timeout=CONTROL_TIMEOUT_S)
         random_actions = self._random_now()
         if self.replay_buffer is not None and hasattr(self.replay_buffer, "actor"):
             metas = _ray_get(self._driver.collect_into.remote(
@@ -240,7 +243,7 @@ class DataCollectorBase:
                 break
             except ObjectLostError:
                 # a worker died after handing its batch over: count it lost, collect again
-                _ray_get(self._driver.lost.remote([m for _, m in results]))
+                _ray_get(self._driver.lost.remote([m for _, m in results]), timeout=CONTROL_TIMEOUT_S)
         else:
             raise CollectorError("three batches in a row were lost with their env workers.")
         workers = [m["worker"] for _, m in results] if self._multi else None
@@ -283,7 +286,7 @@ class DataCollectorBase:
         seed = CollectorOptions.build(type(self).__name__, frames_per_batch=1, seed=seed).seed
         if not isinstance(static_seed, bool):
             raise TypeError(f"static_seed must be a bool; got {static_seed!r}.")
-        _ray_get(self._driver.set_seed.remote(seed, static_seed))
+        _ray_get(self._driver.set_seed.remote(seed, static_seed), timeout=CONTROL_TIMEOUT_S)
         return int(seed) if static_seed else int(seed) + self.num_workers * self.num_envs - 1
 
     def reset(self, reset_idx=None, *, index=None) -> None:
@@ -298,7 +301,7 @@ class DataCollectorBase:
             raise TypeError("reset() takes reset_idx or index, not both.")
         mask = reset_idx if reset_idx is not None else index
         if mask is None:
-            _ray_get(self._driver.broadcast.remote("reset"))
+            _ray_get(self._driver.broadcast.remote("reset"), timeout=CONTROL_TIMEOUT_S)
             return
         flags = [bool(x) for x in (mask.tolist() if hasattr(mask, "tolist") else mask)]
         if self._multi:
@@ -311,7 +314,7 @@ class DataCollectorBase:
                 raise ValueError(f"reset index has {len(flags)} entries; expected one per env "
                                  f"({self.num_envs}).")
             calls = {0: ("reset", ([e for e, f in enumerate(flags) if f],))}
-        _ray_get(self._driver.call_workers.remote(calls))
+        _ray_get(self._driver.call_workers.remote(calls), timeout=CONTROL_TIMEOUT_S)
 
     def update_policy_weights_(self, policy_or_weights=None, *, worker_ids=None,
                                weights_dict=None, model_id=None) -> None:
@@ -346,7 +349,7 @@ class DataCollectorBase:
                 self._watcher.mark_current()
             ref = ray.put(weights)
             self.policy_version += 1
-            _ray_get(self._driver.set_weights.remote([ref], self.policy_version, worker_ids))
+            _ray_get(self._driver.set_weights.remote([ref], self.policy_version, worker_ids), timeout=CONTROL_TIMEOUT_S)
 
     def _sync_if_changed(self) -> None:
         """Automatic weight sync: send the policy's weights if the trainer changed them."""
@@ -398,7 +401,7 @@ class DataCollectorBase:
     def state_dict(self) -> dict:
         self._check_open()
         out = {"frames": self._frames, "iter": self._iter, "policy_version": self.policy_version,
-               "worker_states": _ray_get(self._driver.broadcast.remote("state_dict"))}
+               "worker_states": _ray_get(self._driver.broadcast.remote("state_dict"), timeout=CONTROL_TIMEOUT_S)}
         if isinstance(self.policy, torch.nn.Module):
             out["policy_state_dict"] = {k: v.detach().clone() for k, v in self.policy.state_dict().items()}
         return out
@@ -413,8 +416,9 @@ class DataCollectorBase:
         self.policy_version = max(self.policy_version, int(state.get("policy_version", 0)))
         workers = state.get("worker_states") or []
         if workers:
-            ray.get([h.load_state_dict.remote(s) for h, s in zip(
-                ray.get(self._driver.worker_handles.remote()), workers)])
+            handles = ray.get(self._driver.worker_handles.remote(), timeout=CONTROL_TIMEOUT_S)
+            ray.get([h.load_state_dict.remote(s) for h, s in zip(handles, workers)],
+                    timeout=CONTROL_TIMEOUT_S)
 
     # -- background collection ---------------------------------------------------------------
     def start(self) -> None:
@@ -438,7 +442,7 @@ class DataCollectorBase:
             return
         remaining = -1 if self.total_frames < 0 else max(0, self.total_frames - self._frames)
         self._sync_if_changed()
-        _ray_get(self._driver.start.remote(self.replay_buffer.actor, remaining))
+        _ray_get(self._driver.start.remote(self.replay_buffer.actor, remaining), timeout=CONTROL_TIMEOUT_S)
         if self._watcher is not None and self._sync_thread is None:
             self._sync_thread = threading.Thread(target=self._sync_loop, daemon=True,
                                                  name=f"{self.name}-weight-sync")
@@ -450,7 +454,7 @@ class DataCollectorBase:
             return False
         if self._filler is not None:
             return self._filler.is_running()
-        return bool(ray.get(self._driver.is_running.remote(), timeout=10))
+        return bool(ray.get(self._driver.is_running.remote(), timeout=CONTROL_TIMEOUT_S))
 
     @contextlib.contextmanager
     def pause(self):
@@ -463,12 +467,12 @@ class DataCollectorBase:
             finally:
                 self._filler.pause(False)
             return
-        ray.get(self._driver.pause.remote(True))
+        ray.get(self._driver.pause.remote(True), timeout=self.options.write_timeout_s + CONTROL_TIMEOUT_S)
         try:
             yield self
         finally:
             if not self._closed:
-                ray.get(self._driver.pause.remote(False))
+                ray.get(self._driver.pause.remote(False), timeout=CONTROL_TIMEOUT_S)
 
     def async_shutdown(self, timeout: float | None = None, close_env: bool = True) -> None:
         """Stop background collection (no write reaches the buffer once this returns), then
@@ -488,7 +492,8 @@ class DataCollectorBase:
         """The error that stopped background collection, if any."""
         if self._filler is not None:
             return None if self._filler.error is None else repr(self._filler.error)
-        return None if self._closed else ray.get(self._driver.background_error.remote(), timeout=10)
+        return None if self._closed else ray.get(self._driver.background_error.remote(),
+                                                 timeout=CONTROL_TIMEOUT_S)
 
     # -- figures -----------------------------------------------------------------------------
     def stats(self) -> dict:

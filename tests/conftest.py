@@ -31,5 +31,6 @@ def ray_session():
 def alive_actor_names(prefix: str) -> list[str]:
     from ray.util.state import list_actors
 
-    return [a.name for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+    address = ray.get_runtime_context().gcs_address  # this session's Ray, even if others run
+    return [a.name for a in list_actors(address=address, filters=[("state", "=", "ALIVE")], limit=1000)
             if a.name and a.name.startswith(prefix)]

@@ -343,3 +343,45 @@ def test_two_collectors_with_one_name_into_one_buffer_keep_every_batch():
         assert rb.write_count == 1000 and len(rb.batch_ids()) == 20
     finally:
         rb.shutdown()
+
+
+def test_async_replaces_only_the_hung_worker_while_the_other_delivers():
+    env = functools.partial(faulty_counting_env, "hang_step", [1], 30, 1)
+    with MultiaSyncDataCollector(env, num_workers=2, frames_per_batch=20, sample_timeout_s=3.0,
+                                 name="async-hang") as c:
+        from_worker = {0: 0, 1: 0}
+        deadline = time.monotonic() + 60
+        while c.stats()["restarts"] == 0 and time.monotonic() < deadline:
+            b = c.next()
+            from_worker[int(b["collector", "worker_id"][0])] += 1
+        stats = c.stats()
+        assert stats["per_worker"][1]["restarts"] == 1 and stats["per_worker"][0]["restarts"] == 0
+        assert stats["per_worker"][1]["timeouts"] == 1
+        assert from_worker[0] > 5  # worker 0 kept delivering while worker 1 hung
+        for _ in range(6):  # and the replacement delivers too
+            b = c.next()
+            from_worker[int(b["collector", "worker_id"][0])] += 1
+        deadline = time.monotonic() + 30
+        while from_worker[1] < 3 and time.monotonic() < deadline:
+            b = c.next()
+            from_worker[int(b["collector", "worker_id"][0])] += 1
+        assert from_worker[1] >= 3
+        invariant(c.stats())
+
+
+def test_adaptive_hang_timeout():
+    from actors.collection import Collection, Ledger
+    from actors.metrics import Metrics
+
+    class Pool:
+        count = 2
+
+    col = Collection(Pool(), Ledger(2, Metrics("t", "driver")), frames_per_worker_batch=1,
+                     sample_timeout_s=None, prefetch=1, on_error="restart")
+    assert col.timeout(0) == 600.0  # before the first batch
+    col.slowest[0] = 0.5
+    assert col.timeout(0) == 60.0  # never under the floor
+    col.slowest[0] = 20.0
+    assert col.timeout(0) == 200.0  # 10x the slowest batch
+    col.sample_timeout_s = 2.0
+    assert col.timeout(1) == 2.0

@@ -170,7 +170,10 @@ def test_config_driver_num_cpus_is_applied():
 
     config = {"resources": {"driver": {"num_cpus": 0.5}}}
     with SyncDataCollector(counting_env, frames_per_batch=4, config=config, name="driver-cpus"):
-        (actor,) = [a for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True)
+        import ray
+
+        (actor,) = [a for a in list_actors(address=ray.get_runtime_context().gcs_address,
+                                           filters=[("state", "=", "ALIVE")], detail=True)
                     if a.name == "driver-cpus/driver"]
         assert actor.required_resources.get("CPU") == 0.5
 
