@@ -24,6 +24,7 @@ from actors.errors import ReplayBufferUnavailable, unwrap
 log = logging.getLogger("ray_collectors.writer")
 
 WRITTEN_IDS_KEPT = 50_000
+RATE_WAIT_S = 5.0  # a write held by the buffer's rate limiter is retried after this
 
 
 class BackgroundWriter:
@@ -48,16 +49,21 @@ class BackgroundWriter:
         self.incarnation = None  # of the buffer actor, from its last acknowledgement
         self.undurable: deque = deque()  # (batch_id, refs, meta) not yet in a checkpoint
         self.restart_resends = 0  # batches sent again after a buffer restart
+        self.rate_waits = 0  # sends the buffer's rate limiter held back (retried)
+        self.epoch: str | None = None  # of the current start(): the buffer fences it at stop()
+        self.buffer = None
 
     def batch_id(self, meta: dict) -> tuple:
         """Unique per collector instance: (name, instance, worker, restarts, batch index)."""
         return (self.name, self.instance, meta["worker"], meta["restarts"], meta["batch_index"])
 
-    def write(self, buffer, refs: list, meta: dict) -> int:
+    def write(self, buffer, refs: list, meta: dict, epoch: str | None = None) -> int:
         """Write one batch into the buffer actor, resending until acknowledged; raises
-        :class:`ReplayBufferUnavailable` after ``write_timeout_s``. Returns frames written."""
+        :class:`ReplayBufferUnavailable` after ``write_timeout_s`` without an answer. A buffer
+        that answers but holds writers back (``samples_per_insert``) is waited for, as long as
+        it takes, until :meth:`stop`. Returns frames written."""
         batch_id = self.batch_id(meta)
-        ack = self._send(buffer, batch_id, refs, meta)
+        ack = self._send(buffer, batch_id, refs, meta, epoch)
         if ack is None:
             return 0
         if self.incarnation is not None and ack["incarnation"] != self.incarnation:
@@ -78,14 +84,29 @@ class BackgroundWriter:
         log.warning("replay buffer restarted: %d batches written since its last checkpoint were "
                     "sent again", len(self.undurable))
 
-    def _send(self, buffer, batch_id, refs: list, meta: dict) -> dict | None:
-        """The acknowledgement of one batch, or ``None`` if its data died with its worker."""
+    def _send(self, buffer, batch_id, refs: list, meta: dict, epoch=None) -> dict | None:
+        """The acknowledgement of one batch, or ``None`` if it was not stored: its data died with
+        its worker, or collection was stopped (fenced) before the buffer took it."""
         deadline = time.monotonic() + self.write_timeout_s
+        wait = max(0.1, min(RATE_WAIT_S, self.write_timeout_s / 2))
         while True:
             try:
-                return ray.get(buffer.extend_ref.remote(refs, batch_id),
-                               timeout=max(0.1, deadline - time.monotonic()))
+                ack = ray.get(buffer.extend_ref.remote(refs, batch_id, wait, epoch),
+                              timeout=max(0.1, deadline - time.monotonic()) + wait)
+                if ack.get("fenced"):
+                    if meta["frames"]:
+                        self.ledger.undeliver(meta, "stopped")
+                    return None
+                return ack
             except RayTaskError as exc:
+                if isinstance(unwrap(exc), TimeoutError):  # alive, but the rate limiter holds us
+                    if self.stop_event.is_set():
+                        if meta["frames"]:
+                            self.ledger.undeliver(meta, "stopped")
+                        return None
+                    self.rate_waits += 1
+                    deadline = time.monotonic() + self.write_timeout_s
+                    continue
                 if not isinstance(unwrap(exc), (ObjectLostError, OwnerDiedError)):
                     raise
                 # the worker that owned this batch died before the buffer fetched it
@@ -105,12 +126,13 @@ class BackgroundWriter:
             return False
         self.stop_event.clear()
         self.total = total_frames
-        self.thread = threading.Thread(target=self._run, args=(buffer,), daemon=True,
+        self.epoch, self.buffer = uuid.uuid4().hex, buffer
+        self.thread = threading.Thread(target=self._run, args=(buffer, self.epoch), daemon=True,
                                        name=f"{self.name}-writer")
         self.thread.start()
         return True
 
-    def _run(self, buffer) -> None:
+    def _run(self, buffer, epoch: str) -> None:
         try:
             while not self.stop_event.is_set():
                 if self.total > 0 and self.frames >= self.total:
@@ -119,7 +141,7 @@ class BackgroundWriter:
                 while not self.stop_event.is_set():
                     with self.write_lock:
                         if not self.paused.is_set():
-                            self.write(buffer, refs, meta)
+                            self.write(buffer, refs, meta, epoch)
                             self.frames += meta["frames"]
                             break
                     time.sleep(0.005)
@@ -132,11 +154,19 @@ class BackgroundWriter:
             self.collection.cancel_inflight()
 
     def stop(self, timeout: float = 10.0) -> bool:
+        """Stop, and fence this start's writes in the buffer: once this returns, none lands,
+        even if the thread is still inside a write (its batch is then counted as stopped)."""
         self.stop_event.set()
+        stopped = True
         if self.thread is not None:
             self.thread.join(timeout)
-            return not self.thread.is_alive()
-        return True
+            stopped = not self.thread.is_alive()
+        if self.epoch is not None and self.buffer is not None:
+            try:
+                ray.get(self.buffer.fence.remote(self.epoch), timeout=max(1.0, timeout))
+            except Exception:  # noqa: BLE001 - a dead buffer takes no writes anyway
+                log.warning("could not fence the writes of %s in the replay buffer", self.name)
+        return stopped
 
     def pause(self, paused: bool) -> None:
         """Stop (or resume) writes; returns once no write is in progress."""

@@ -112,6 +112,8 @@ class ReplayBufferActor:
         if share:
             remove_stale()
         self.reserved: set = set()  # batch ids being written right now
+        self.fenced: set = set()  # epochs of stopped background collections: writes refused
+        self.writing: dict = {}  # epoch -> writes in progress
         self.incarnation = uuid.uuid4().hex  # tells writers that this actor restarted
         self.checkpointed_batches = 0  # value of ``batches`` in the last completed checkpoint
         self.checkpoint_lock = threading.Lock()
@@ -156,6 +158,8 @@ class ReplayBufferActor:
         self._check(td)
         t0 = time.perf_counter()
         n = td.shape[0]
+        if n == 0:  # e.g. a batch whose every frame was dropped: nothing to store
+            return 0
         with self.cond:
             if batch_id is not None:
                 batch_id = tuple(batch_id) if isinstance(batch_id, list) else batch_id
@@ -240,7 +244,15 @@ class ReplayBufferActor:
         if self.ring is not None:
             self.ring.close()
 
-    def extend_ref(self, refs: list, batch_id=None, timeout: float | None = None) -> dict:
+    def fence(self, epoch: str) -> None:
+        """Refuse writes of ``epoch`` from now on, and return once none is in progress."""
+        with self.cond:
+            self.fenced.add(epoch)
+            self._wait(lambda: not self.writing.get(epoch), None,
+                       f"writes of the stopped collection {epoch} to finish")
+
+    def extend_ref(self, refs: list, batch_id=None, timeout: float | None = None,
+                   epoch: str | None = None) -> dict:
         """Fetch worker arrays from the object store (``[ref]``) and write their valid frames.
 
         Returns the acknowledgement ``{"frames", "incarnation", "undurable"}``: frames written
@@ -250,9 +262,20 @@ class ReplayBufferActor:
         """
         import ray
 
-        n = 0
-        if batch_id is None or tuple(batch_id) not in self.seen:
-            n = self.extend(arrays_to_frames(ray.get(refs[0])), batch_id, timeout)
+        with self.cond:
+            if epoch is not None and epoch in self.fenced:
+                return {"frames": 0, "fenced": True, "incarnation": self.incarnation, "undurable": 0}
+            if epoch is not None:
+                self.writing[epoch] = self.writing.get(epoch, 0) + 1
+        try:
+            n = 0
+            if batch_id is None or tuple(batch_id) not in self.seen:
+                n = self.extend(arrays_to_frames(ray.get(refs[0])), batch_id, timeout)
+        finally:
+            if epoch is not None:
+                with self.cond:
+                    self.writing[epoch] -= 1
+                    self.cond.notify_all()
         with self.cond:
             undurable = self.batches - self.checkpointed_batches if self.checkpoint_dir else 0
         return {"frames": n, "incarnation": self.incarnation, "undurable": undurable}

@@ -13,7 +13,8 @@ import traceback
 
 import numpy as np
 
-from actors.errors import EnvRestartsExhausted, EnvSpecError, EnvStepError, PolicyError
+from actors.errors import (EnvRestartsExhausted, EnvSpecError, EnvStepError, PolicyError,
+                           PolicyOutputError)
 from actors.options import CollectorOptions
 from actors.policy_runner import ACTION_KEY, PolicyRunner
 from actors.restarts import RestartBudget
@@ -239,6 +240,8 @@ class Rollout:
                             "the policy raised inside the env worker:\n"
                             + "".join(traceback.format_exception(exc))
                         ) from exc
+                    if t == 0:  # once per batch: a wrong output is the policy's error
+                        self._check_policy_output(out)
                     for key in out_keys:
                         out_steps[key].append(out[key])
                     action = out[ACTION_KEY]
@@ -332,6 +335,22 @@ class Rollout:
         if self.check_finite == "raise":
             _check_finite(buf)
         return buf
+
+    def _check_policy_output(self, out: dict) -> None:
+        """The policy's outputs fit the spec found at construction (shape, dtype; finite when
+        ``check_finite`` is on); else :class:`PolicyOutputError` naming the policy."""
+        name = type(self.runner.policy).__name__
+        for key, (shape, dtype) in self.spec["outputs"].items():
+            value = out.get(key)
+            want = (self.num_envs, *shape)
+            if value is None or tuple(value.shape) != want or value.dtype.name != dtype:
+                got = "nothing" if value is None else f"shape {tuple(value.shape)} dtype {value.dtype.name}"
+                raise PolicyOutputError(
+                    f"policy {name} returned {got} for {key!r} on a batch of {self.num_envs} envs; "
+                    f"expected shape {want} and dtype {dtype} (as at construction). Fix the "
+                    "policy's output shape or dtype.")
+            if self.check_finite != "off" and value.dtype.kind == "f" and not np.isfinite(value).all():
+                raise PolicyOutputError(f"policy {name} returned non-finite values for {key!r}.")
 
     def _bad_output(self, i: int, obs, reward) -> bool:
         """Per-step checks that are on only when asked for; True means drop the episode."""

@@ -1,8 +1,19 @@
 """Replay-buffer storage in shared memory, so a trainer on the same node samples without a call.
 
-The buffer actor (the only writer) keeps its ring of frames in files under ``/dev/shm``; a
-trainer on the same node maps them and draws uniform samples itself, so sampling costs neither
-a round trip nor CPU time of the buffer actor while collectors write.
+The buffer actor (the only writer) keeps its ring of frames in files under a per-user folder of
+``/dev/shm``; a trainer on the same node maps them read-only and draws uniform samples itself,
+so sampling costs neither a round trip nor CPU time of the buffer actor while collectors write.
+
+Safety:
+- The root ``/dev/shm/ray-collectors-<uid>`` is created 0700; its owner, mode and type (a real
+  directory, not a symlink) are checked by writer and reader, and anything else means "no shared
+  storage" (sampling falls back to calls, said once in the log).
+- Space is reserved when the ring is made (``posix_fallocate``), so a short ``/dev/shm`` is
+  found then, not by a SIGBUS at a later write.
+- The writer holds an exclusive ``flock`` on its ring's lock file for as long as it lives; a
+  ring whose lock can be taken has no writer (the kernel drops the lock with the process, in
+  any pid namespace), which is how readers notice a dead buffer and how stale rings are found.
+- Readers open every file read-only and never create one.
 
 Torn reads are ruled out per slot, seqlock style: the writer sets a slot's stamp to -1, writes
 the frame, then sets the stamp to a new, larger value; a reader copies stamps, frames, stamps
@@ -11,72 +22,147 @@ their program order on x86 (TSO), which is what this relies on; elsewhere it is 
 """
 from __future__ import annotations
 
+import fcntl
+import logging
 import os
 import platform
 import shutil
+import stat
 import uuid
+import warnings
 
+import numpy as np
 import torch
 
-SHM_ROOT = "/dev/shm/ray-collectors"
+log = logging.getLogger("ray_collectors.shared_ring")
+
+SHM = "/dev/shm"
 HEADER = 2  # [size, closed]
+LOCK = "writer.lock"
+
+
+def shm_root() -> str:
+    return os.path.join(SHM, f"ray-collectors-{os.getuid()}")
+
+
+def _check_private(path: str) -> None:
+    """``path`` is a real directory of ours that nobody else can enter; else ``OSError``."""
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise OSError(f"{path} is not a plain directory")
+    if st.st_uid != os.getuid():
+        raise OSError(f"{path} belongs to uid {st.st_uid}, not {os.getuid()}")
+    if st.st_mode & 0o077:
+        raise OSError(f"{path} has mode {oct(st.st_mode & 0o777)}; expected 0700")
+
+
+def private_root() -> str:
+    """The per-user root, created 0700 if missing and verified either way."""
+    root = shm_root()
+    try:
+        os.mkdir(root, 0o700)
+    except FileExistsError:
+        pass
+    _check_private(root)
+    return root
 
 
 def shareable(nbytes: int) -> bool:
     """True when ``nbytes`` of storage fits comfortably in ``/dev/shm`` on an x86 machine."""
-    if platform.machine().lower() not in ("x86_64", "amd64") or not os.path.isdir("/dev/shm"):
+    if platform.machine().lower() not in ("x86_64", "amd64") or not os.path.isdir(SHM):
         return False
     try:
-        stat = os.statvfs("/dev/shm")
+        st = os.statvfs(SHM)
     except OSError:
         return False
-    return nbytes * 2 < stat.f_bavail * stat.f_frsize
+    return nbytes * 2 < st.f_bavail * st.f_frsize
+
+
+def _writer_gone(lock_path: str) -> bool:
+    """True when nobody holds the writer's exclusive lock (its process ended)."""
+    try:
+        fd = os.open(lock_path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)  # also releases a shared lock we may have taken
+    return True
 
 
 def remove_stale() -> None:
-    """Delete ring folders whose writer process is gone (a buffer actor that was killed)."""
+    """Delete ring folders whose writer is gone (a buffer actor that was killed)."""
     try:
-        names = os.listdir(SHM_ROOT)
+        root = private_root()
+        names = os.listdir(root)
     except OSError:
         return
     for name in names:
-        pid = name.split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(os.path.join(SHM_ROOT, name), ignore_errors=True)
+        folder = os.path.join(root, name)
+        if os.path.isdir(folder) and not os.path.islink(folder) and _writer_gone(os.path.join(folder, LOCK)):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
+def _reserve(path: str, nbytes: int) -> None:
+    """Create ``path`` (0600, new) with ``nbytes`` reserved: ENOSPC here, not SIGBUS later."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is gone too
-    except (OSError, IndexError):
-        return False
+        if nbytes:
+            os.posix_fallocate(fd, 0, nbytes)
+    finally:
+        os.close(fd)
 
 
-def _mapped(path: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
-    numel = 1
-    for d in shape:
-        numel *= d
+def _writable(path: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    numel = int(np.prod(shape)) if shape else 1
+    _reserve(path, numel * torch.empty((), dtype=dtype).element_size())
     return torch.from_file(path, shared=True, size=numel, dtype=dtype).view(shape)
+
+
+def _read_only(path: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """A read-only shared mapping (``PROT_READ``) of an existing regular file: never created,
+    never written (a write through it would fault, so the reader only indexes, which copies)."""
+    st = os.lstat(path)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+        raise OSError(f"{path} is not a regular file of ours")
+    np_dtype = torch.empty((), dtype=dtype).numpy().dtype
+    array = np.memmap(path, dtype=np_dtype, mode="r", shape=tuple(shape))
+    with warnings.catch_warnings():  # torch warns that the memory is not writable: intended
+        warnings.simplefilter("ignore", UserWarning)
+        tensor = torch.from_numpy(array)
+    tensor.mapped = array  # keeps the mapping visible (and checkable) for the tensor's life
+    return tensor
 
 
 class SharedRing:
     """The writer side: ``tensors`` (key -> ``[capacity, ...]`` tensor) live in shared files."""
 
     def __init__(self, template: dict, capacity: int):
-        self.dir = os.path.join(SHM_ROOT, f"{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        os.makedirs(self.dir)
-        self.layout = []  # (key, file, per-frame shape, dtype name)
-        self.tensors = {}
-        for i, (key, value) in enumerate(template.items()):
-            shape = (capacity, *value.shape[1:])
-            path = os.path.join(self.dir, f"{i}.bin")
-            self.tensors[key] = _mapped(path, shape, value.dtype)
-            self.layout.append((key, path, list(shape), str(value.dtype).split(".")[-1]))
-        self.stamps = _mapped(os.path.join(self.dir, "stamps.bin"), (capacity,), torch.int64)
-        self.stamps.fill_(-1)
-        self.header = _mapped(os.path.join(self.dir, "header.bin"), (HEADER,), torch.int64)
-        self.header.zero_()
+        self.dir = os.path.join(private_root(), uuid.uuid4().hex)
+        os.mkdir(self.dir, 0o700)
+        self._lock_fd = None
+        try:
+            self._lock_fd = os.open(os.path.join(self.dir, LOCK), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)  # held for this process's life
+            self.layout = []  # (key, file, per-frame shape, dtype name)
+            self.tensors = {}
+            for i, (key, value) in enumerate(template.items()):
+                shape = (capacity, *value.shape[1:])
+                path = os.path.join(self.dir, f"{i}.bin")
+                self.tensors[key] = _writable(path, shape, value.dtype)
+                self.layout.append((key, path, list(shape), str(value.dtype).split(".")[-1]))
+            self.stamps = _writable(os.path.join(self.dir, "stamps.bin"), (capacity,), torch.int64)
+            self.stamps.fill_(-1)
+            self.header = _writable(os.path.join(self.dir, "header.bin"), (HEADER,), torch.int64)
+            self.header.zero_()
+        except BaseException:
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise
         self.version = 0
 
     def location(self) -> dict:
@@ -102,6 +188,9 @@ class SharedRing:
         if os.path.isdir(self.dir):
             self.header[1] = 1
             shutil.rmtree(self.dir, ignore_errors=True)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
 
 class RingReader:
@@ -109,18 +198,25 @@ class RingReader:
 
     def __init__(self, location: dict, seed: int | None = None):
         self.dir = location["dir"]
-        self.pid = location["pid"]
-        self.tensors = {key: _mapped(path, tuple(shape), getattr(torch, dtype))
-                        for key, path, shape, dtype in location["layout"]}
+        if os.path.dirname(self.dir) != shm_root():
+            raise OSError(f"{self.dir} is not under this user's {shm_root()}")
+        _check_private(shm_root())
+        _check_private(self.dir)
+        self.tensors = {key: _read_only(path, tuple(shape), getattr(torch, dtype))
+                        for key, path, shape, dtype in location["layout"]
+                        if os.path.dirname(path) == self.dir}
+        if len(self.tensors) != len(location["layout"]):
+            raise OSError("the ring's files are not all in its folder")
         capacity = location["capacity"]
-        self.stamps = _mapped(os.path.join(self.dir, "stamps.bin"), (capacity,), torch.int64)
-        self.header = _mapped(os.path.join(self.dir, "header.bin"), (HEADER,), torch.int64)
+        self.stamps = _read_only(os.path.join(self.dir, "stamps.bin"), (capacity,), torch.int64)
+        self.header = _read_only(os.path.join(self.dir, "header.bin"), (HEADER,), torch.int64)
+        self.lock_path = os.path.join(self.dir, LOCK)
         self.gen = torch.Generator()
         self.gen.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
 
     def usable(self) -> bool:
         """False once the writer closed the ring or its process is gone."""
-        return int(self.header[1]) == 0 and _alive(self.pid)
+        return int(self.header[1]) == 0 and not _writer_gone(self.lock_path)
 
     def size(self) -> int:
         return int(self.header[0])

@@ -7,6 +7,7 @@ import math
 import threading
 import time
 import uuid
+import warnings
 import weakref
 
 import ray
@@ -77,7 +78,26 @@ class DataCollectorBase:
         spec, kind = validate.build_spec(env_fns[0], options.create_env_kwargs,
                                          self._reference_policy, options.num_envs,
                                          options.exploration_type)
+        for other in {id(f): f for f in env_fns[1:] if f is not env_fns[0]}.values():
+            other_spec, _ = validate.build_spec(other, options.create_env_kwargs,
+                                                self._reference_policy, options.num_envs,
+                                                options.exploration_type)
+            if other_spec != spec:
+                raise ValueError(f"{cls_name}: the env factories of the workers make different "
+                                 f"envs (spaces {other_spec} vs {spec}); their batches could not "
+                                 "be stacked. Give every worker the same kind of env.")
         steps, self.requested_frames_per_batch = self._batch_geometry(options)
+        if self.requested_frames_per_batch != options.frames_per_batch:
+            warnings.warn(
+                f"{cls_name}: frames_per_batch={options.frames_per_batch} is rounded up to "
+                f"{self.requested_frames_per_batch} (a multiple of num_envs"
+                f"{'' if self._async else ' x num_workers'}), as TorchRL does; "
+                "stats()['requested_frames_per_batch'] says so too.", stacklevel=3)
+        capacity = getattr(options.replay_buffer, "capacity", None)
+        if isinstance(capacity, int) and capacity < steps * options.num_envs:
+            raise ValueError(
+                f"{cls_name}: the replay buffer holds {capacity} frames, less than one worker "
+                f"batch of {steps * options.num_envs}; raise its capacity or lower frames_per_batch.")
         self.options = options
         self.frames_per_batch = self.requested_frames_per_batch
         self.total_frames = options.total_frames
@@ -516,6 +536,7 @@ class DataCollectorBase:
             if driver.get("background_frames") else self._iter, "total_frames": self.total_frames,
             "completed": self.total_frames > 0 and frames >= self.total_frames,
             "requested_frames_per_batch": self.requested_frames_per_batch,
+            "frames_per_batch_asked": self.options.frames_per_batch,
             "frames_per_s": frames / elapsed if elapsed > 0 else 0.0,
             "running": driver.get("running", False),
             "written_batch_ids": driver.get("written_batch_ids", []),

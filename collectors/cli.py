@@ -7,7 +7,7 @@ import math
 import sys
 import time
 
-from collectors.errors import CollectorError, ConfigError, EnvCreationError
+from collectors.errors import ConfigError, RayCollectorsError
 
 KINDS = {
     "sync": "SyncDataCollector",
@@ -58,7 +58,19 @@ def build_collector(config, total_frames: int | None = None):
                   create_env_kwargs=job.get("env_kwargs"), name=job.get("name"))
     if kind in ("multisync", "multiasync"):
         kwargs["num_workers"] = job.get("num_workers", 2)
-    return cls(job["env"], _policy(job.get("policy", "random"), job["env"], job.get("hidden", 64)), **kwargs)
+    buffer = job.get("replay_buffer")
+    if buffer is not None:  # batches go to a buffer actor: {capacity: N, ...RayReplayBuffer args}
+        if not isinstance(buffer, dict) or "capacity" not in buffer:
+            raise ConfigError("job.replay_buffer must be a mapping of RayReplayBuffer arguments "
+                              f"with a capacity, e.g. {{capacity: 100000}}; got {buffer!r}.")
+        kwargs["replay_buffer"] = collectors.RayReplayBuffer(**buffer, config=config)
+    policy = _policy(job.get("policy", "random"), job["env"], job.get("hidden", 64))
+    try:
+        return cls(job["env"], policy, **kwargs)
+    except BaseException:
+        if buffer is not None:
+            kwargs["replay_buffer"].shutdown()
+        raise
 
 
 def cmd_run(args) -> int:
@@ -86,6 +98,11 @@ def cmd_run(args) -> int:
         stats = collector.stats()
     finally:
         collector.shutdown()
+        if collector.replay_buffer is not None:
+            stats_buffer = collector.replay_buffer.info()
+            collector.replay_buffer.shutdown()
+            print(f"replay buffer: {stats_buffer['size']:,} frames held, "
+                  f"{stats_buffer['write_count']:,} written")
     elapsed = time.perf_counter() - t0
     rows = [("frames", f"{stats['frames']:,}"), ("seconds", f"{elapsed:.2f}"),
             ("frames/s", f"{stats['frames'] / elapsed:,.0f}"), ("episodes", f"{stats['episodes']:,}"),
@@ -107,9 +124,12 @@ def main(argv=None) -> int:
     run.add_argument("--deploy", default=None, help="deployment config to use (e.g. configs/cluster.yaml)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    import gymnasium
+
     try:
         return cmd_run(args)
-    except (ConfigError, EnvCreationError, ValueError, TypeError, CollectorError,
-            NotImplementedError, TimeoutError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (RayCollectorsError, ValueError, TypeError, NotImplementedError, TimeoutError,
+            OSError, gymnasium.error.Error) as exc:
+        text = str(exc).strip().splitlines()
+        print(f"error: {text[0] if text else type(exc).__name__}", file=sys.stderr)
         return 2

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from collectors.errors import ConfigError
 
@@ -22,12 +22,25 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
 class RayInit(_Strict):
     address: Optional[str] = None  # None/"local": start or reuse a local Ray; "auto"; host:port; ray://
     num_cpus: Optional[float] = Field(default=None, ge=0)
-    dashboard_host: str = "127.0.0.1"
+    dashboard_host: str = "127.0.0.1"  # where a local Ray's dashboard listens
+    allow_public_dashboard: bool = False  # required for a dashboard_host beyond this machine
     dashboard_port: Optional[int] = None
     runtime_env: Optional[dict] = None
+
+    @model_validator(mode="after")
+    def _dashboard(self):
+        if self.dashboard_host not in LOOPBACK and not self.allow_public_dashboard:
+            raise ValueError(
+                f"dashboard_host {self.dashboard_host!r} would expose the Ray dashboard (and its "
+                "job API) beyond this machine; keep 127.0.0.1, or set "
+                "ray.allow_public_dashboard: true to mean it")
+        return self
 
 
 class ActorResources(_Strict):
@@ -87,7 +100,8 @@ class DeploymentConfig(_Strict):
         address = os.environ.get("RAY_COLLECTORS_ADDRESS") or self.ray.address
         return {"address": address, "num_cpus": self.ray.num_cpus,
                 "runtime_env": _resolve_runtime_env(self.ray.runtime_env),
-                "dashboard_port": self.ray.dashboard_port}
+                "dashboard_port": self.ray.dashboard_port,
+                "dashboard_host": self.ray.dashboard_host}
 
     def worker_options(self, num_cpus=None, num_gpus=None, resources=None) -> dict:
         opts = self.resources.env_worker.options()

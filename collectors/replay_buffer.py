@@ -67,6 +67,7 @@ class RayReplayBuffer:
                  seed: int | None = None, local_sampling: bool | None = None,
                  name: str | None = None, config=None, _actor=None):
         self.name = name or f"ReplayBuffer-{uuid.uuid4().hex[:6]}"
+        self.capacity = capacity
         self.batch_size = batch_size
         if not isinstance(prefetch, int) or prefetch < 0:  # bool is an int: True means 1
             raise ValueError(f"prefetch must be a bool or an int >= 0 (batches per call); "
@@ -76,6 +77,17 @@ class RayReplayBuffer:
         self._ready: deque = deque()  # prefetched batches (arrays), oldest first
         self._pending = None  # the call in flight for the next ``prefetch`` batches
         self._pending_n = None
+        torchrl_kwargs = {}
+        if not isinstance(sampler, str):  # a TorchRL sampler object: its settings become ours
+            from collectors.torchrl_samplers import from_torchrl
+
+            sampler, torchrl_kwargs = from_torchrl(sampler, capacity)
+            alpha = torchrl_kwargs.get("alpha", alpha)
+            beta = torchrl_kwargs.get("beta", beta)
+            eps = torchrl_kwargs.get("eps", eps)
+            slice_len = torchrl_kwargs.get("slice_len", slice_len)
+            num_slices = torchrl_kwargs.get("num_slices", num_slices)
+            drop_last = torchrl_kwargs.get("drop_last", drop_last)
         can_share = sampler == "random" and samples_per_insert is None
         if local_sampling and not can_share:
             raise ValueError(
@@ -90,17 +102,6 @@ class RayReplayBuffer:
             return
         if not isinstance(capacity, int) or capacity <= 0:
             raise ValueError(f"capacity must be a positive int; got {capacity!r}.")
-        torchrl_kwargs = {}
-        if not isinstance(sampler, str):  # a TorchRL sampler object: its settings become ours
-            from collectors.torchrl_samplers import from_torchrl
-
-            sampler, torchrl_kwargs = from_torchrl(sampler, capacity)
-            alpha = torchrl_kwargs.get("alpha", alpha)
-            beta = torchrl_kwargs.get("beta", beta)
-            eps = torchrl_kwargs.get("eps", eps)
-            slice_len = torchrl_kwargs.get("slice_len", slice_len)
-            num_slices = torchrl_kwargs.get("num_slices", num_slices)
-            drop_last = torchrl_kwargs.get("drop_last", drop_last)
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}; got {sampler!r}.")
         if timeout_s is None or timeout_s <= 0:
@@ -151,7 +152,8 @@ class RayReplayBuffer:
         return rb
 
     def __reduce__(self):
-        return (_rebuild, (self.actor, self.name, self.batch_size, self.timeout_s, self._share))
+        return (_rebuild, (self.actor, self.name, self.batch_size, self.timeout_s, self._share,
+                           self.capacity))
 
     def _call(self, method: str, *args, timeout: float | None = None, **kwargs):
         """Call the actor; while it restarts (from its checkpoint), retry until the timeout."""
@@ -290,6 +292,6 @@ def _to_tensordict(arrays: dict, n: int):
     return frames_tensordict(arrays, [n])
 
 
-def _rebuild(actor, name, batch_size, timeout_s, share=False):
-    return RayReplayBuffer(0, name=name, batch_size=batch_size, timeout_s=timeout_s,
+def _rebuild(actor, name, batch_size, timeout_s, share=False, capacity=0):
+    return RayReplayBuffer(capacity, name=name, batch_size=batch_size, timeout_s=timeout_s,
                            local_sampling=share, _actor=actor)

@@ -1,6 +1,7 @@
 """Starting or reusing Ray."""
 from __future__ import annotations
 
+import logging
 import time
 
 import ray
@@ -10,8 +11,10 @@ from actors.errors import ReplayBufferUnavailable
 
 
 def ensure_ray(address: str | None = None, num_cpus: float | None = None,
-               runtime_env: dict | None = None, dashboard_port: int | None = None) -> bool:
-    """Connect to Ray, starting a local instance (dashboard on 127.0.0.1) if none runs.
+               runtime_env: dict | None = None, dashboard_port: int | None = None,
+               dashboard_host: str = "127.0.0.1") -> bool:
+    """Connect to Ray, starting a local instance (dashboard on ``dashboard_host``, 127.0.0.1
+    unless the config opted in to another) if none runs.
 
     Returns ``True`` when this call started Ray. An existing session is reused and never shut
     down by the collectors.
@@ -20,7 +23,11 @@ def ensure_ray(address: str | None = None, num_cpus: float | None = None,
         return False
     kwargs = {"include_dashboard": True, "log_to_driver": True}
     if address in (None, "", "local"):
-        kwargs["dashboard_host"] = "127.0.0.1"
+        kwargs["dashboard_host"] = dashboard_host
+        if dashboard_host not in ("127.0.0.1", "localhost", "::1"):
+            logging.getLogger("ray_collectors").warning(
+                "the Ray dashboard listens on %s: reachable beyond this machine (token "
+                "authentication stays on)", dashboard_host)
         if num_cpus is not None:
             kwargs["num_cpus"] = num_cpus
         if dashboard_port is not None:

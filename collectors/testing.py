@@ -134,6 +134,11 @@ class FaultyEnv(gym.Wrapper):
         return self.env.step(action)
 
 
+# registered on import, so "collectors.testing:CountingEnv-v0" works as a gymnasium id anywhere
+if "CountingEnv-v0" not in gym.registry:
+    gym.register("CountingEnv-v0", entry_point="collectors.testing:CountingEnv")
+
+
 def counting_env(episode_length: int = 5, **kwargs) -> CountingEnv:
     return CountingEnv(episode_length, **kwargs)
 

@@ -1,6 +1,8 @@
 """Everything checked before any actor starts: env, spaces, policy outputs, options."""
 from __future__ import annotations
 
+import importlib
+
 import gymnasium
 import numpy as np
 
@@ -55,12 +57,22 @@ def split_torchrl_options(kwargs: dict, cls_name: str) -> dict:
 def make_probe_env(create_env_fn, create_env_kwargs):
     """Build one env in this process to read its spaces; named errors on failure."""
     if isinstance(create_env_fn, str):
-        if create_env_fn not in gymnasium.registry:
-            close = gymnasium.envs.registration.find_highest_version(None, create_env_fn.split("-v")[0])
-            hint = f" Did you mean '{create_env_fn.split('-v')[0]}-v{close}'?" if close is not None else ""
+        module, _, env_id = create_env_fn.rpartition(":")
+        if module:  # "package.module:EnvId": the module registers the id (here and in workers)
+            try:
+                importlib.import_module(module)
+            except ImportError as exc:
+                raise EnvCreationError(
+                    f"env id {create_env_fn!r}: importing {module!r} (which should register "
+                    f"{env_id!r}) failed: {exc}. Install it or fix the module name.") from None
+        if env_id not in gymnasium.registry:
+            base = env_id.split("-v")[0]
+            close = gymnasium.envs.registration.find_highest_version(None, base)
+            hint = f" Did you mean '{base}-v{close}'?" if close is not None else ""
             raise EnvCreationError(
-                f"unknown gymnasium env id {create_env_fn!r}: it is not in gymnasium.registry."
-                f"{hint} Register it, import the package that registers it, or pass a callable."
+                f"unknown gymnasium env id {create_env_fn!r}: {env_id!r} is not in "
+                f"gymnasium.registry.{hint} Register it, name the module that registers it "
+                "('module:EnvId', so the env actors import it too), or pass a callable."
             )
     elif not callable(create_env_fn):
         raise TypeError(

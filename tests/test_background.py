@@ -124,3 +124,35 @@ def test_start_needs_a_buffer():
     with SyncDataCollector(counting_env, frames_per_batch=10) as c:
         with pytest.raises(RuntimeError, match="replay_buffer"):
             c.start()
+
+
+def test_a_pausing_trainer_holds_background_collection_without_killing_it():
+    """samples_per_insert: while the trainer does not sample, writers wait (longer than
+    write_timeout_s) and resume when it samples again; every frame stays counted."""
+    rb = RayReplayBuffer(100_000, batch_size=50, samples_per_insert=1.0, min_size=100,
+                         error_buffer=200.0)
+    c = SyncDataCollector(counting_env, frames_per_batch=50, replay_buffer=rb, write_timeout_s=2.0)
+    try:
+        c.start()
+        for _ in range(10):
+            rb.sample(timeout=30)
+        time.sleep(6.0)  # the pause: three times write_timeout_s without a sample
+        assert c.is_running() and c.background_error() is None
+        held = rb.write_count
+        for _ in range(20):
+            rb.sample(timeout=30)
+        deadline = time.monotonic() + 30
+        while rb.write_count <= held and time.monotonic() < deadline:
+            rb.sample(timeout=30)
+        assert rb.write_count > held and c.is_running()
+        c.async_shutdown(timeout=0.01)  # a join that times out: the fence still holds
+        stored = rb.write_count
+        time.sleep(1.5)  # a window in which nothing may land
+        assert rb.write_count == stored
+        stats = c.stats()
+        per = stats["per_worker"][0]
+        assert per["frames"] == per["delivered"] + sum(per["dropped"].values())
+        assert stored == per["delivered"]
+    finally:
+        c.shutdown(raise_on_error=False)
+        rb.shutdown()
