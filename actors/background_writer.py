@@ -80,7 +80,12 @@ class BackgroundWriter:
         """Send again what the restarted buffer may have lost; ids it holds are skipped."""
         for batch_id, refs, meta in list(self.undurable):
             self.restart_resends += 1
-            self._send(buffer, batch_id, refs, meta)
+            if self._send(buffer, batch_id, refs, meta) is None:  # its data died with its worker:
+                try:                                            # counted dropped, not written
+                    self.written_ids.remove(batch_id)
+                    self.written_batches -= 1
+                except ValueError:
+                    pass
         log.warning("replay buffer restarted: %d batches written since its last checkpoint were "
                     "sent again", len(self.undurable))
 

@@ -70,6 +70,14 @@ def check_claimable(path: str) -> None:
                 f"(no {MARKER} file); refusing to write into it. Choose a new or empty directory.")
 
 
+def has_versions(path: str) -> bool:
+    """Whether ``path`` holds anything to restore (a claimed directory may hold no version yet:
+    the buffer died before its first checkpoint, and its writers resend what it had)."""
+    if os.path.isfile(os.path.join(path, LEGACY_MARKER)):
+        return True
+    return os.path.isfile(os.path.join(path, MARKER)) and bool(_versions(path))
+
+
 def claim(path: str) -> None:
     """Make ``path`` a checkpoint directory, or refuse: an existing non-empty directory (or a
     file) that is not one of ours is never written into."""

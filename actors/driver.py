@@ -20,7 +20,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from actors.background_writer import BackgroundWriter
 from actors.collection import Collection, Ledger
 from actors.env_worker import EnvWorker
-from actors.errors import EnvCreationError, StartupTimeout
+from actors.errors import EnvCreationError, StartupTimeout, unwrap
 from actors.metrics import Metrics
 from actors.restarts import RestartBudget
 from actors.worker_pool import WorkerPool
@@ -249,8 +249,10 @@ class Driver:
             for ref in done:
                 try:
                     ray.get(ref)
-                except Exception as exc:  # noqa: BLE001 - reported to shutdown(raise_on_error)
-                    problems.append(f"closing envs raised {exc!r}")
+                except RayActorError:
+                    pass  # a worker that died meanwhile has no env left to close
+                except RayTaskError as exc:  # an env's close() raised: reported to the caller
+                    problems.append(f"closing envs raised {unwrap(exc)!r}")
         for h in self.pool.close():
             _kill(h)
         if self.pg is not None:

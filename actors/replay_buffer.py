@@ -119,7 +119,7 @@ class ReplayBufferActor:
         self.checkpoint_lock = threading.Lock()
         self.checkpoint_thread: threading.Thread | None = None
         self.checkpoint_pending = False
-        if checkpoint_dir and checkpoints.is_checkpoint(checkpoint_dir):
+        if checkpoint_dir and checkpoints.has_versions(checkpoint_dir):
             self.load_checkpoint(checkpoint_dir)  # a damaged one raises: never silently empty
         elif checkpoint_dir:
             checkpoints.claim(checkpoint_dir)  # a foreign directory is refused now, not later

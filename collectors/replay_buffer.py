@@ -197,7 +197,7 @@ class RayReplayBuffer:
                 return out
         try:
             if not self.prefetch:
-                arrays = ray.get(self.actor.sample_arrays.remote(n, timeout), timeout=timeout + 5)[0]
+                arrays = self._call("sample_arrays", n, timeout, timeout=timeout + 5)[0]
                 return _to_tensordict(arrays, n)
             if self._pending_n != n:  # another batch size: drop what was drawn ahead
                 self._drop_prefetched()

@@ -27,6 +27,7 @@ def soak(minutes: float, seed: int = 0, out=print) -> dict:
     folder = tempfile.mkdtemp(prefix="soak-")
     rb = RayReplayBuffer(2_000_000, batch_size=64, checkpoint_dir=os.path.join(folder, "rb"),
                          checkpoint_every=5, samples_per_insert=0.5, min_size=200,
+                         error_buffer=20_000,
                          name="soak-buffer", timeout_s=60)
     c = MultiaSyncDataCollector(counting_env, num_workers=2, frames_per_batch=100,
                                 replay_buffer=rb, name="soak", write_timeout_s=60)
@@ -79,7 +80,7 @@ def soak(minutes: float, seed: int = 0, out=print) -> dict:
 
 
 def ok(report: dict) -> bool:
-    return (report["produced"] == report["delivered"] + report["dropped"]
+    return (report["produced"] == report["delivered"] + report["dropped"] and report["delivered"] > 0
             and report["stored"] == report["delivered"] and report["duplicated"] == 0
             and not report["written but not stored"] and report["error"] is None)
 
