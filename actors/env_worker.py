@@ -230,6 +230,7 @@ class EnvWorker:
             r.policy_version = int(state.get("policy_version", r.policy_version))
             if "policy_state_dict" in state:
                 r.runner.load_weights(state["policy_state_dict"])
+            r.reset()  # fresh episodes: their ids continue after the restored counter
 
         self._apply(load)
 

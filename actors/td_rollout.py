@@ -62,12 +62,13 @@ class TensorDictRollout:
                                    options.exploration_type, options.policy_device)
         self.env = None
         self.carrier = None
-        self.returns = None
+        self.traj_ids = None  # [E]: the trajectory id of each env's ongoing episode
+        self.returns = [0.0] * self.num_envs  # each env's return so far in that episode
         self._build()
         self.policy = self._as_td_policy(policy, policy_kind)
 
     # -- env ---------------------------------------------------------------------------------
-    def _build(self) -> None:
+    def _build(self, fresh_ids: bool = True) -> None:
         if self.num_envs == 1:
             env = self.env_fn()
         else:
@@ -83,7 +84,7 @@ class TensorDictRollout:
         seed = self._seed()
         if seed is not None:
             env.set_seed(seed, static_seed=self.static_seed)
-        self._reset_all()
+        self._reset_all(fresh_ids)
 
     def _seed(self) -> int | None:
         if self.seed is None:
@@ -96,12 +97,13 @@ class TensorDictRollout:
         self.id_counter += count
         return self.torch.tensor(ids, dtype=self.torch.int64)
 
-    def _reset_all(self) -> None:
-        carrier = self.env.reset()
-        shape = tuple(self.env.batch_size)
-        carrier.set(TRAJ_KEY, self._new_ids(max(1, self.num_envs if shape else 1)).reshape(shape))
-        self.carrier = carrier
-        self.returns = self.torch.zeros(shape)
+    def _reset_all(self, fresh_ids: bool = True) -> None:
+        """Reset every env; their next frames start new trajectories (new ids unless the
+        batch in progress marks the cut itself, see ``_env_failed``)."""
+        self.carrier = self.env.reset()
+        if fresh_ids or self.traj_ids is None:
+            self.traj_ids = self._new_ids(self.num_envs)
+            self.returns = [0.0] * self.num_envs
 
     def _as_td_policy(self, policy, kind):
         """A plain ``nn.Module`` reads the observation and writes the action, as TorchRL's
@@ -137,11 +139,10 @@ class TensorDictRollout:
         request = self.carrier.empty()
         request.set("_reset", mask.unsqueeze(-1))
         fresh = self.env.reset(request)
-        ids = self.carrier.get(TRAJ_KEY).clone()
-        ids[mask] = self._new_ids(int(mask.sum()))
+        self.traj_ids[mask] = self._new_ids(int(mask.sum()))
         self.carrier.update(fresh.exclude(*[k for k in fresh.keys() if k.startswith("_")]))
-        self.carrier.set(TRAJ_KEY, ids)
-        self.returns[mask] = 0.0
+        for i in mask.nonzero().flatten().tolist():
+            self.returns[i] = 0.0
 
     def close(self) -> None:
         env, self.env = self.env, None
@@ -153,70 +154,97 @@ class TensorDictRollout:
 
     # -- the loop ----------------------------------------------------------------------------
     def collect(self, random_actions: bool = False) -> dict:
-        """Step ``steps`` times; returns ``{key: ndarray[num_envs, T, ...]}`` (TorchRL's keys)."""
-        torch = self.torch
+        """Step ``steps`` times; returns ``{key: ndarray[num_envs, T, ...]}`` (TorchRL's keys).
+
+        The per-step work is the policy, the env step and keeping the step's TensorDict; the
+        bookkeeping (trajectory ids, episode returns, policy version, private keys) is done once
+        per batch on the stacked result, vectorized over envs and steps.
+        """
         random_actions = random_actions or self.runner.kind == "random"
         frames, t_env = [], 0.0
+        env, policy, clock = self.env, self.policy, time.perf_counter
         with self.runner.context():
             while len(frames) < self.steps:  # a failed step adds no frame: the batch stays full
                 if self.stop_requested:
                     break
                 carrier = self.carrier
-                carrier.set(VERSION_KEY, torch.full(carrier.batch_size, self.policy_version,
-                                                    dtype=torch.int64))
                 if random_actions:
-                    self.env.rand_action(carrier)
+                    env.rand_action(carrier)
                 else:
                     try:
-                        out = self.policy(carrier)
+                        out = policy(carrier)
                     except Exception as exc:  # noqa: BLE001
                         raise PolicyError("the policy raised inside the env worker:\n"
                                           + "".join(traceback.format_exception(exc))) from exc
                     if out is not None and out is not carrier:
                         carrier.update(out)
-                t0 = time.perf_counter()
+                t0 = clock()
                 try:
-                    step, following = self.env.step_and_maybe_reset(carrier)
+                    step, self.carrier = env.step_and_maybe_reset(carrier)
                 except Exception as exc:  # noqa: BLE001 - the episode is cut, the env rebuilt
-                    t_env += time.perf_counter() - t0
+                    t_env += clock() - t0
                     self._env_failed(exc, frames)
+                    env = self.env
                     continue
-                t_env += time.perf_counter() - t0
-                frames.append(step.exclude(*[k for k in step.keys() if k.startswith("_")]))
-                self._advance(step, following)
+                t_env += clock() - t0
+                frames.append(step)
         self.last_valid_steps = len(frames)
         self.last_env_time = t_env
         return self._arrays(frames)
 
-    def _advance(self, step, following) -> None:
-        """Carry on from the post-reset tensordict; new trajectory ids for finished envs."""
-        done = step.get(("next", "done")).reshape(self.returns.shape)
-        self.returns = self.returns + step.get(("next", "reward")).reshape(self.returns.shape)
-        ids = self.carrier.get(TRAJ_KEY)
-        if done.any():
-            for value in self.returns[done].reshape(-1).tolist():
-                self.episode_returns.append(float(value))
-            self.returns = self.returns.masked_fill(done, 0.0)
-            ids = ids.masked_scatter(done, self._new_ids(int(done.sum())).reshape(-1)) \
-                if ids.ndim else self._new_ids(1).reshape(())
-        following.set(TRAJ_KEY, ids)
-        self.carrier = following
+    def _stamp(self, done, reward):
+        """Trajectory ids ``[E, T]`` and episode returns of a batch, from its done flags.
+
+        A trajectory continues from the previous batch until its env's first done; each done
+        starts a new id, handed out in step order then env order (as TorchRL's id pool does).
+        """
+        torch = self.torch
+        done = done.reshape(self.num_envs, -1)
+        reward = reward.reshape(self.num_envs, -1).double()
+        order = done.T.reshape(-1)  # step-major: the order in which ids are handed out
+        count = int(order.sum())
+        rank = torch.zeros_like(order, dtype=torch.int64)
+        rank[order] = torch.arange(count)
+        rank = rank.reshape(done.shape[1], self.num_envs).T  # [E, T]
+        first = self.id_counter
+        self.id_counter += count
+        ids = torch.empty(done.shape, dtype=torch.int64)
+        for e in range(self.num_envs):
+            ends = done[e].nonzero().flatten().tolist()
+            start, current = 0, int(self.traj_ids[e])
+            sums = reward[e]
+            for t in ends:
+                ids[e, start:t + 1] = current
+                self.episode_returns.append(float(self.returns[e] + sums[start:t + 1].sum()))
+                self.returns[e] = 0.0
+                current = (first + int(rank[e, t])) * self.id_stride + self.id_offset
+                start = t + 1
+            ids[e, start:] = current
+            self.returns[e] += float(sums[start:].sum())
+            self.traj_ids[e] = current
+        return ids
 
     def _arrays(self, frames: list) -> dict:
         """Time-stacked frames as ``{key: ndarray[E, T, ...]}``; a preempted batch is padded with
         zeros and traj id -1, as the gymnasium loop does."""
         torch = self.torch
-        if len(frames) < self.steps:
-            template = frames[-1] if frames else self.carrier
-            filler = template.clone().zero_() if frames else None
-            if filler is None:
-                raise EnvStepError(0, self._seed(), "step", RuntimeError(
-                    "no step of this batch succeeded"))
-            filler.set(TRAJ_KEY, torch.full(filler.batch_size, -1, dtype=torch.int64))
-            frames = frames + [filler] * (self.steps - len(frames))
+        valid = len(frames)
+        if not frames:
+            raise EnvStepError(0, self._seed(), "step", RuntimeError("no step of this batch "
+                                                                     "succeeded"))
+        if valid < self.steps:
+            frames = frames + [frames[-1].clone().zero_()] * (self.steps - valid)
         batch = torch.stack(frames, dim=-1)
         if self.num_envs == 1:
             batch = batch.unsqueeze(0)
+        private = [k for k in batch.keys() if isinstance(k, str) and k.startswith("_")]
+        if private:
+            batch = batch.exclude(*private)
+        ids = torch.full(batch.batch_size, -1, dtype=torch.int64)  # -1: never filled
+        ids[:, :valid] = self._stamp(batch.get(("next", "done"))[:, :valid],
+                                     batch.get(("next", "reward"))[:, :valid])
+        batch.set(TRAJ_KEY, ids)
+        batch.set(VERSION_KEY, torch.full(batch.batch_size, self.policy_version, dtype=torch.int64))
         return {key: value.detach().cpu().numpy()
                 for key, value in batch.items(include_nested=True, leaves_only=True)
                 if isinstance(value, torch.Tensor)}
@@ -235,7 +263,7 @@ class TensorDictRollout:
                 f"the TorchRL env failed {self.budget.recent()} times within "
                 f"{self.budget.window_s:g}s (max_restarts={self.budget.max_restarts}); last "
                 f"error:\n{err.tb}") from exc
-        if frames:
+        if frames:  # the cut: the last stored frame ends every env's episode (new ids follow)
             for key in (("next", "truncated"), ("next", "done")):
                 frames[-1].get(key).fill_(True)
         if wait:
@@ -245,4 +273,4 @@ class TensorDictRollout:
         except Exception:  # noqa: BLE001 - it is broken already
             pass
         self.env_restarts += 1
-        self._build()
+        self._build(fresh_ids=not frames)

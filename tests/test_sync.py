@@ -109,7 +109,7 @@ def test_seed_reproducible_first_batch():
 def test_set_seed_returns_int_and_reproduces():
     with SyncDataCollector("CartPole-v1", frames_per_batch=40, num_envs=2) as c:
         out = c.set_seed(7)
-        assert isinstance(out, int)
+        assert type(out) is int and out == 8  # the last seed used: 7 + 2 envs - 1
         first = c.next()
         c.set_seed(7)
         again = c.next()
@@ -262,19 +262,25 @@ def test_bad_input_fails_before_actors():
 
 
 def test_state_dict_round_trip():
-    policy = cartpole_module()
-    with SyncDataCollector("CartPole-v1", policy, frames_per_batch=10, total_frames=100) as c:
+    policy = nn.Sequential(nn.Linear(1, 2), ArgmaxLayer())
+    with SyncDataCollector(counting_env, policy, frames_per_batch=10, total_frames=100) as c:
         it = iter(c)
-        next(it), next(it)
+        first = torch.cat([next(it), next(it)])
         state = c.state_dict()
+    assert first["collector", "traj_ids"].tolist() == [0] * 5 + [1] * 5 + [2] * 5 + [3] * 5
     assert state["frames"] == 20 and state["iter"] == 2
-    assert "policy_state_dict" in state
-    with SyncDataCollector("CartPole-v1", cartpole_module(), frames_per_batch=10, total_frames=100) as d:
+    assert state["worker_states"][0]["id_counter"] == 5  # id 4 went to the episode just begun
+    fresh = nn.Sequential(nn.Linear(1, 2), ArgmaxLayer())
+    with SyncDataCollector(counting_env, fresh, frames_per_batch=10, total_frames=100) as d:
         d.load_state_dict(state)
         assert d.state_dict()["frames"] == 20
-        assert len(list(d)) == 8
-        ids = d.state_dict()["worker_states"][0]["id_counter"]
-        assert ids >= state["worker_states"][0]["id_counter"]
+        for name, value in fresh.state_dict().items():  # the policy's weights came back
+            assert torch.equal(value, policy.state_dict()[name])
+        batches = list(d)
+        assert len(batches) == 8
+        # restored workers start fresh episodes whose ids continue after the saved ones
+        assert batches[0]["collector", "traj_ids"].tolist() == [5] * 5 + [6] * 5
+        assert batches[0]["observation"][:, 0].tolist() == [0, 1, 2, 3, 4] * 2
 
 
 def test_shutdown_is_idempotent_and_leaves_no_actor():
