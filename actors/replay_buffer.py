@@ -151,6 +151,8 @@ class ReplayBufferActor:
             td = td.to_tensordict()
         if td.batch_dims == 0:
             td = td.unsqueeze(0)
+        if td.batch_size.numel() == 0:  # e.g. a batch whose every frame was dropped
+            return 0
         td = td.reshape(-1)
         for key in [k for k in td.keys(include_nested=True, leaves_only=True)
                     if (k if isinstance(k, str) else k[-1]) in SAMPLE_KEYS]:
@@ -158,8 +160,6 @@ class ReplayBufferActor:
         self._check(td)
         t0 = time.perf_counter()
         n = td.shape[0]
-        if n == 0:  # e.g. a batch whose every frame was dropped: nothing to store
-            return 0
         with self.cond:
             if batch_id is not None:
                 batch_id = tuple(batch_id) if isinstance(batch_id, list) else batch_id
