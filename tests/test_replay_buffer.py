@@ -305,3 +305,27 @@ def test_slices_never_cross_the_write_cursor():
         if start >= 200:
             t = rb.sample(8 * 40)["t"].view(40, 8)
             assert ((t[:, 1:] - t[:, :-1]) == 1).all(), t[((t[:, 1:] - t[:, :-1]) != 1).any(-1)]
+
+
+def test_two_concurrent_sends_of_one_batch_store_it_once():
+    """Both sends wait on the rate limiter; the id is reserved before waiting, so the second
+    send waits for the first and then finds it stored."""
+    import threading
+
+    rb = ReplayBufferActor(1000, samples_per_insert=1.0, min_size=10, error_buffer=1.0,
+                           default_timeout_s=10)
+    rb.extend(frames(0, 10), batch_id=("c", 0))
+    rb.extend(frames(10, 10), batch_id=("c", 1))  # now the limiter holds writers back
+    results = []
+    sends = [threading.Thread(target=lambda: results.append(
+        rb.extend(frames(20, 10), batch_id=("c", 2)))) for _ in range(2)]
+    for t in sends:
+        t.start()
+    time.sleep(0.3)  # a window in which both sends are blocked
+    assert rb.write_count == 20
+    for _ in range(2):
+        rb.sample(5)  # frees room for one insert
+    for t in sends:
+        t.join(10)
+    assert sorted(results) == [0, 10] and rb.write_count == 30
+    assert list(rb.batch_ids()).count(("c", 2)) == 1
