@@ -30,7 +30,8 @@ def soak(minutes: float, seed: int = 0, out=print) -> dict:
                          error_buffer=20_000,
                          name="soak-buffer", timeout_s=60)
     c = MultiaSyncDataCollector(counting_env, num_workers=2, frames_per_batch=100,
-                                replay_buffer=rb, name="soak", write_timeout_s=60)
+                                replay_buffer=rb, name="soak", write_timeout_s=60,
+                                max_restarts=100_000)  # the kills are on purpose
     end = time.monotonic() + minutes * 60
     buffer_kill_at = time.monotonic() + minutes * 60 * rng.uniform(0.3, 0.6)
     next_worker_kill = time.monotonic() + rng.uniform(5, 15)

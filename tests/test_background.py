@@ -87,16 +87,22 @@ def test_start_sample_async_shutdown_exact_counts(rb):
     assert sorted(map(tuple, stats["written_batch_ids"])) == sorted(map(tuple, rb.batch_ids()))
 
 
+def wait_until(condition, seconds=30.0, what="the condition"):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} did not happen within {seconds:g}s"
+        time.sleep(0.05)
+
+
 def test_pause_stops_writes(rb):
     c = aSyncDataCollector(counting_env, frames_per_batch=20, replay_buffer=rb)
     c.start()
-    time.sleep(0.5)
+    wait_until(lambda: rb.write_count > 0, what="a first write")
     with c.pause():
         before = rb.write_count
-        time.sleep(0.5)
+        time.sleep(0.5)  # a window in which nothing may be written
         assert rb.write_count == before
-    time.sleep(0.5)
-    assert rb.write_count > before
+    wait_until(lambda: rb.write_count > before, what="a write after resuming")
     c.async_shutdown()
 
 
@@ -105,18 +111,20 @@ def test_weight_updates_while_running(rb):
     c = MultiaSyncDataCollector(counting_env, policy, num_workers=2, frames_per_batch=20,
                                 replay_buffer=rb)
     c.start()
-    time.sleep(0.5)
+    wait_until(lambda: rb.write_count > 0, what="a first write")
     with torch.no_grad():
         policy[0].weight.zero_()
         policy[0].bias.copy_(torch.tensor([0.0, 9.0]))
     c.update_policy_weights_()
-    time.sleep(1.0)
+
+    def newest():
+        state = rb.state_dict()
+        storage = state["storage"][:len(rb)]
+        return storage[storage["collector", "policy_version"] >= 1]
+
+    wait_until(lambda: newest().numel() > 0, what="a frame collected with the new weights")
     c.async_shutdown()
-    state = rb.state_dict()
-    n = len(rb)
-    storage = state["storage"][:n]
-    newest = storage[storage["collector", "policy_version"] == 1]
-    assert newest.numel() > 0 and (newest["action"] == 1).all()
+    assert (newest()["action"] == 1).all()
 
 
 def test_start_needs_a_buffer():

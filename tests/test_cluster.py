@@ -97,7 +97,15 @@ def test_cluster_started_with_ray_start():
             ["ray", "start", "--block", f"--address={address}", "--node-ip-address=127.0.0.1",
              "--num-cpus=2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         started.append(worker)
-        time.sleep(5)
+        deadline = time.time() + 60
+        while True:  # until the worker node has joined (two nodes alive), not a fixed sleep
+            probe = subprocess.run(["ray", "status", f"--address={address}"], capture_output=True,
+                                   text=True, env=env)
+            active = probe.stdout.split("Pending:")[0] if probe.returncode == 0 else ""
+            if active.count("node_") >= 2:
+                break
+            assert time.time() < deadline, "the worker node did not join within 60 s"
+            time.sleep(0.5)
         out = subprocess.run(
             [sys.executable, "-m", "collectors", "run", "configs/cartpole.yaml", "--deploy",
              "configs/cluster.yaml", "--address", address, "--total-frames", "8000", "--quiet"],

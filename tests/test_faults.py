@@ -177,10 +177,15 @@ def test_buffer_restart_from_checkpoint_no_duplicates(tmp_path):
     c = MultiaSyncDataCollector(counting_env, num_workers=2, frames_per_batch=100,
                                 replay_buffer=rb)
     c.start()
-    time.sleep(1.0)
-    pid = rb.info()["pid"]
-    os.kill(pid, signal.SIGKILL)
-    time.sleep(2.0)
+    deadline = time.monotonic() + 30
+    while rb.write_count < 500 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(rb.info()["pid"], signal.SIGKILL)
+    while rb.info()["restored_from"] is None and time.monotonic() < deadline + 30:
+        time.sleep(0.1)  # info() itself waits out the restart
+    written = rb.write_count
+    while rb.write_count < written + 500 and time.monotonic() < deadline + 60:
+        time.sleep(0.05)  # collection goes on into the restored buffer
     c.async_shutdown()
     stats = c.stats()
     ids = rb.batch_ids()

@@ -89,12 +89,17 @@ def test_async_batch_shape():
 def test_async_workers_run_ahead_but_are_bounded():
     with MultiaSyncDataCollector(counting_env, num_workers=2, frames_per_batch=50) as c:
         c.next()
-        time.sleep(1.0)
         handles = ray.get(c._driver.worker_handles.remote())
-        produced = sum(s["frames"] for s in ray.get([h.state_dict.remote() for h in handles]))
-        # one batch consumed, and each worker one batch ahead: progress while the consumer slept
-        assert produced == 150
-        time.sleep(0.5)
+
+        def produced():
+            return sum(s["frames"] for s in ray.get([h.state_dict.remote() for h in handles]))
+
+        deadline = time.monotonic() + 30
+        while produced() < 150 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # one batch consumed, and each worker one batch ahead: progress while the consumer waits
+        assert produced() == 150
+        time.sleep(0.5)  # a window in which no worker may run further ahead
         assert sum(s["frames"] for s in ray.get([h.state_dict.remote() for h in handles])) == 150
 
 
