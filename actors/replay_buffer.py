@@ -70,10 +70,7 @@ def arrays_to_frames(arrays: dict) -> TensorDict:
         for key, value in arrays.items():
             t = torch.as_tensor(np.ascontiguousarray(value))
             flat[key] = t.reshape(-1, *t.shape[2:])
-    n = flat[("collector", "traj_ids")].shape[0]
-    td = TensorDict(batch_size=[n])
-    for key, value in flat.items():
-        td.set(key, value)
+    td = TensorDict(flat, batch_size=[flat[("collector", "traj_ids")].shape[0]])
     keep = td.get(("collector", "traj_ids")) >= 0
     return td if bool(keep.all()) else td[keep]
 

@@ -366,7 +366,8 @@ def run_buffer(seconds: float) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["sync", "multi", "buffer", "torchrl", "all"], default="all")
+    parser.add_argument("--part", choices=["sync", "multi", "buffer", "torchrl", "workloads", "all"],
+                        default="all")
     parser.add_argument("--frames", type=int, default=30_000)
     parser.add_argument("--quick", action="store_true", help="few frames: a smoke run")
     args = parser.parse_args(argv)
@@ -385,6 +386,10 @@ def main(argv=None) -> None:
         from bench_torchrl_env import run_torchrl_env
 
         guarded(run_torchrl_env, min(frames, 10_000), row)
+    if args.part in ("workloads", "all"):
+        from bench_workloads import run_workloads
+
+        guarded(run_workloads, min(frames, 2_000), row)
     sys.stdout.flush()
     # TorchRL's RayReplayBuffer and multiprocess collectors can leave non-daemon threads that
     # keep the interpreter from exiting; everything of ours is shut down at this point.

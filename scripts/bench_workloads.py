@@ -1,0 +1,115 @@
+"""Benchmark part ``--part workloads`` of scripts/bench.py: Atari Pong (uint8 [4, 84, 84]
+stacks, Nature-DQN conv net) and MuJoCo HalfCheetah (256-256 MLP), side by side: the raw
+loop, gymnasium's ``SyncVectorEnv(8)`` with the batched policy, TorchRL's ``Collector`` on the
+same gymnasium env (``GymWrapper``), and ours with 1 and 8 envs per actor and with 2 workers."""
+from __future__ import annotations
+
+import time
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from collectors.workloads import CheetahMLP, NatureDQN, half_cheetah, pong
+
+
+def raw_loop(make, policy, frames: int) -> float:
+    env = make()
+    obs, _ = env.reset(seed=0)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for _ in range(frames):
+            action = policy(torch.as_tensor(obs)[None])[0].numpy()
+            obs, _, term, trunc, _ = env.step(action.item() if action.ndim == 0 else action)
+            if term or trunc:
+                obs, _ = env.reset()
+    return frames / (time.perf_counter() - t0)
+
+
+def vector_loop(make, policy, frames: int, n: int = 8) -> float:
+    """``SyncVectorEnv(n)`` with the batched policy, storing obs/next obs/action/reward/flags."""
+    env = gym.vector.SyncVectorEnv([make] * n)
+    obs, _ = env.reset(seed=0)
+    store = []
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for _ in range(frames // n):
+            action = policy(torch.as_tensor(obs)).numpy()
+            nxt, reward, term, trunc, _ = env.step(action)
+            store.append((obs, action, reward, term, trunc, nxt))
+            obs = nxt
+    env.close()
+    return (frames // n) * n / (time.perf_counter() - t0)
+
+
+def torchrl_loop(make, policy, frames: int, fpb: int) -> float:
+    from tensordict.nn import TensorDictModule
+    from torchrl.collectors import Collector
+    from torchrl.envs import GymWrapper
+
+    class Index(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, obs):
+            return self.net(obs)
+
+    module = TensorDictModule(Index(policy), in_keys=["observation"], out_keys=["action"])
+    c = Collector(lambda: GymWrapper(make(), categorical_action_encoding=True), module,
+                  frames_per_batch=fpb, total_frames=-1)
+    try:
+        return timed(c, frames)
+    finally:
+        c.shutdown()
+
+
+def timed(collector, frames: int) -> float:
+    it = iter(collector)
+    next(it)
+    n, t0 = 0, time.perf_counter()
+    while n < frames:
+        n += next(it).numel()
+    return n / (time.perf_counter() - t0)
+
+
+def ours(make, policy, frames: int, fpb: int, num_envs: int = 1, workers: int = 1) -> tuple:
+    from collectors import MultiSyncDataCollector, SyncDataCollector
+
+    if workers == 1:
+        c = SyncDataCollector(make, policy, frames_per_batch=fpb, num_envs=num_envs)
+    else:
+        c = MultiSyncDataCollector(make, policy, num_workers=workers, frames_per_batch=fpb * workers,
+                                   num_envs=num_envs)
+    try:
+        batch = c.next()
+        nbytes = sum(v.numel() * v.element_size() for v in batch.values(True, True))
+        rate = timed(c, frames)
+        return rate, rate * nbytes / batch.numel()
+    finally:
+        c.shutdown()
+
+
+def run_workloads(frames: int, row) -> None:
+    for name, make, policy, fpb in (("Pong (ALE/Pong-v5, uint8 [4, 84, 84], Nature-DQN)", pong, NatureDQN, 256),
+                                    ("HalfCheetah-v5 (256-256 MLP)", half_cheetah, CheetahMLP, 1000)):
+        net = policy()
+        print(f"\n## {name}, fpb {fpb}\n")
+        print("| row | frames/s | ratio |\n|---|---:|---|")
+        raw = raw_loop(make, net, frames)
+        row("raw loop", raw)
+        vec = vector_loop(make, net, frames)
+        row("gymnasium SyncVectorEnv(8), batched policy", vec)
+        try:
+            trl = torchrl_loop(make, net, frames, fpb)
+            row("TorchRL Collector (GymWrapper)", trl)
+        except ImportError as exc:
+            trl = None
+            print(f"  (TorchRL skipped: {exc})")
+        one, bps = ours(make, net, frames, fpb)
+        row("ours, num_envs=1", one, f"{one / raw:.2f}x raw" + (f", {one / trl:.2f}x TorchRL" if trl else "")
+            + f", {bps / 1e6:.1f} MB/s through the object store")
+        eight, _ = ours(make, net, frames, fpb, num_envs=8)
+        row("ours, num_envs=8", eight, f"{eight / vec:.2f}x SyncVectorEnv(8)")
+        two, _ = ours(make, net, frames, fpb, workers=2)
+        row("ours, 2 workers (num_envs=1)", two, f"{two / one:.2f}x our 1 worker")
