@@ -52,8 +52,8 @@ def torchrl_loop(make, policy, frames: int, fpb: int) -> float:
             super().__init__()
             self.net = net
 
-        def forward(self, obs):
-            return self.net(obs)
+        def forward(self, obs):  # TorchRL calls an unbatched env's policy without a batch dim
+            return self.net(obs.unsqueeze(0))[0]
 
     module = TensorDictModule(Index(policy), in_keys=["observation"], out_keys=["action"])
     c = Collector(lambda: GymWrapper(make(), categorical_action_encoding=True), module,
