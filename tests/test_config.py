@@ -72,34 +72,59 @@ def scrape() -> str:
 
 
 def test_metrics_are_exported_with_tags():
+    """All twelve metrics of the README, with values that follow the run: frames grow to what
+    was delivered, a kill counts a restart, the policy version follows an update."""
+    import torch
+    from torch import nn
+
+    from collectors.policies import ArgmaxLayer
+    from collectors.testing import kill_worker
+
     rb = RayReplayBuffer(10_000, name="metrics-rb")
-    with MultiSyncDataCollector(counting_env, num_workers=2, frames_per_batch=40, total_frames=200,
-                                name="metrics-check", replay_buffer=rb) as c:
-        list(c)
+    policy = nn.Sequential(nn.Linear(1, 2), ArgmaxLayer())
+    with MultiSyncDataCollector(counting_env, policy, num_workers=2, frames_per_batch=40,
+                                total_frames=200, name="metrics-check", replay_buffer=rb) as c:
+        it = iter(c)
+        next(it)
+        kill_worker(c, 0)  # replaced during the next batch: one restart
+        next(it)
+        with torch.no_grad():
+            policy[0].bias.add_(1.0)  # sent before the next batch: policy version 1
+        list(it)
     rb.sample(8)
-    wanted = {
-        'ray_collectors_frames_total': 'collector="metrics-check"',
-        'ray_collectors_episodes_total': 'collector="metrics-check"',
-        'ray_collectors_env_step_time_s': 'role="env-worker"',
-        'ray_collectors_policy_version': 'worker="1"',
-        'ray_collectors_buffer_size': 'collector="metrics-rb"',
-        'ray_collectors_buffer_inserts_total': 'role="replay-buffer"',
-    }
-    deadline = time.time() + 45
-    found = {}
-    while time.time() < deadline and len(found) < len(wanted):
+    mine = ('collector="metrics-check"', 'collector="metrics-rb"')
+    names = ["frames_total", "episodes_total", "restarts_total", "frames_per_s", "episode_return",
+             "env_step_time_s", "batch_latency_s", "policy_version", "policy_lag", "buffer_size",
+             "buffer_inserts_total", "buffer_samples_total"]
+
+    def values():
+        out = {}
         for line in scrape().splitlines():
-            for name, tag in wanted.items():
-                if line.startswith(name + "{") and tag in line:
-                    found[name] = line
-        time.sleep(1)
-    assert set(found) == set(wanted), sorted(set(wanted) - set(found))
-    frames = [l for l in scrape().splitlines() if l.startswith("ray_collectors_frames_total{")
-              and 'collector="metrics-check"' in l]
-    assert sum(float(l.rsplit(" ", 1)[1]) for l in frames) == 200
-    size = [l for l in scrape().splitlines() if l.startswith("ray_collectors_buffer_size{")
-            and 'collector="metrics-rb"' in l]
-    assert float(size[0].rsplit(" ", 1)[1]) == 200
+            for name in names:
+                if line.startswith(f"ray_collectors_{name}{{") and any(t in line for t in mine):
+                    out.setdefault(name, []).append((line, float(line.rsplit(" ", 1)[1])))
+        return out
+
+    deadline = time.time() + 45
+    found = values()
+    while time.time() < deadline and (len(found) < len(names) or
+                                      sum(v for _, v in found["frames_total"]) < 200 or
+                                      sum(v for _, v in found.get("buffer_samples_total", [])) < 8):
+        time.sleep(0.5)
+        found = values()
+    assert set(found) == set(names), sorted(set(names) - set(found))
+    assert sum(v for _, v in found["frames_total"]) == 200  # 5 batches of 40 delivered
+    assert sum(v for _, v in found["restarts_total"]) == 1
+    assert [v for l, v in found["restarts_total"] if 'worker="0"' in l] == [1.0]
+    assert all(v == 1.0 for _, v in found["policy_version"])  # the last batches: version 1
+    assert all(v == 0.0 for _, v in found["policy_lag"])
+    assert all(v == 5.0 for _, v in found["episode_return"])  # counting env: 5 steps of reward 1
+    assert sum(v for _, v in found["episodes_total"]) >= 30
+    assert all(v > 0 for name in ("frames_per_s", "env_step_time_s", "batch_latency_s")
+               for _, v in found[name])
+    assert [v for _, v in found["buffer_size"]] == [200.0]
+    assert sum(v for _, v in found["buffer_inserts_total"]) == 200
+    assert sum(v for _, v in found["buffer_samples_total"]) == 8
     rb.shutdown()
 
 
