@@ -306,3 +306,50 @@ def test_iteration_error_shuts_down():
         for _ in c:
             pass
     assert alive_actor_names("raising-iter/") == []
+
+
+def test_stats_episodes_mean_return_and_rate():
+    with SyncDataCollector(counting_env, frames_per_batch=10, total_frames=20,
+                           create_env_kwargs={"episode_length": 4}) as c:
+        list(c)
+        stats = c.stats()
+    assert stats["episodes"] == 5 and stats["mean_return"] == 4.0  # 20 frames, 4-step episodes
+    assert stats["recent_returns"] == [4.0] * 5 and stats["frames_per_s"] > 0
+
+
+def test_set_truncated_rollout_and_worker_nice():
+    import os
+
+    import ray
+
+    with SyncDataCollector(counting_env, frames_per_batch=6, num_envs=2, set_truncated=True,
+                           create_env_kwargs={"episode_length": 100}, worker_nice=5) as c:
+        b = c.rollout()  # a batch, counted like an iteration step
+        assert c.stats()["frames"] == 6
+        handle = ray.get(c._driver.worker_handles.remote())[0]
+        nice = ray.get(handle.__ray_call__.remote(lambda self: os.nice(0)))
+    assert b["next", "truncated"][:, -1].all() and b["next", "done"][:, -1].all()
+    assert not b["next", "truncated"][:, :-1].any()  # only the last step of each row
+    assert nice >= 5  # the env actor runs at a lower OS priority
+
+
+def test_async_prefetch_runs_further_ahead():
+    import time
+
+    import ray
+
+    from collectors import MultiaSyncDataCollector
+
+    with MultiaSyncDataCollector(counting_env, num_workers=2, frames_per_batch=50, prefetch=3) as c:
+        c.next()
+        handles = ray.get(c._driver.worker_handles.remote())
+
+        def produced():
+            return sum(s["frames"] for s in ray.get([h.state_dict.remote() for h in handles]))
+
+        deadline = time.monotonic() + 30
+        while produced() < 350 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert produced() == 350  # one worker: 1 consumed + 3 ahead; the other: 3 ahead
+        time.sleep(0.5)  # and no further
+        assert produced() == 350
