@@ -41,3 +41,13 @@ def test_ppo_improves_on_cartpole(tmp_path):
     rows = read_curve(tmp_path)
     first, last = float(rows[0]["mean_return"]), float(rows[-1]["mean_return"])
     assert last > 200 and last > 3 * first
+
+
+@pytest.mark.slow
+def test_sac_improves_on_pendulum(tmp_path):
+    """Background collection into the buffer actor while the learner samples: the policy the
+    workers run (pushed every 10 updates) must actually get better."""
+    run(["scripts/train_sac.py", "--out", str(tmp_path), "--updates", "5000"], timeout=900)
+    rows = read_curve(tmp_path)
+    first, last = float(rows[0]["mean_return"]), float(rows[-1]["mean_return"])
+    assert last > -400 and last > first + 300, (first, last)
