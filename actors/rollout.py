@@ -123,7 +123,7 @@ class Rollout:
         try:
             obs, _ = self.envs[i].reset(seed=seed)
         except Exception as exc:  # noqa: BLE001 - reported with context
-            raise EnvStepError(i, seed, "reset", exc) from exc
+            raise EnvStepError(i, self._seed_of(i), "reset", exc) from exc  # the env's seed
         for k, v in split_observation(obs, self.obs_keys, self.obs_is_dict).items():
             self._obs[k][i] = v
         self._traj[i] = self._new_traj_id()

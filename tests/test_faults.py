@@ -390,3 +390,29 @@ def test_adaptive_hang_timeout():
     assert col.timeout(0) == 200.0  # 10x the slowest batch
     col.sample_timeout_s = 2.0
     assert col.timeout(1) == 2.0
+
+
+def test_env_reset_raising_is_rebuilt_and_logged():
+    env = functools.partial(faulty_counting_env, "raise_reset", [0], 5, 1, 5)
+    with SyncDataCollector(env, frames_per_batch=20, seed=7) as c:
+        b = c.next()
+        stats = c.stats()
+    assert b.numel() == 20 and stats["env_errors"] == 1
+    (entry,) = stats["env_error_log"]
+    assert entry["phase"] == "reset" and entry["worker"] == 0 and entry["seed"] is not None
+    assert "injected fault: reset raises" in entry["error"] and "Traceback" in entry["traceback"]
+    invariant(stats)
+
+
+def test_a_worker_hanging_at_start_is_a_bounded_startup_error():
+    from collectors import StartupTimeout
+
+    env = functools.partial(faulty_counting_env, "hang_init", [0], 5, 1)  # not in the trainer
+    t0 = time.monotonic()
+    with pytest.raises(StartupTimeout, match="did not start within 3s"):
+        SyncDataCollector(env, frames_per_batch=10, startup_timeout_s=3.0, name="hang-start")
+    assert time.monotonic() - t0 < 30
+    deadline = time.monotonic() + 30
+    while alive_actor_names("hang-start/") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert alive_actor_names("hang-start/") == []
