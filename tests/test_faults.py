@@ -178,8 +178,9 @@ def test_buffer_restart_from_checkpoint_no_duplicates(tmp_path):
                                 replay_buffer=rb)
     c.start()
     deadline = time.monotonic() + 30
-    while rb.write_count < 500 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    current = tmp_path / "rb" / "CURRENT"
+    while (rb.write_count < 500 or not current.exists()) and time.monotonic() < deadline:
+        time.sleep(0.05)  # until a checkpoint exists to restart from
     os.kill(rb.info()["pid"], signal.SIGKILL)
     while rb.info()["restored_from"] is None and time.monotonic() < deadline + 30:
         time.sleep(0.1)  # info() itself waits out the restart

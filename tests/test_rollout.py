@@ -22,7 +22,12 @@ def test_rollout_loop_in_process():
     assert buf[("collector", "traj_ids")][:, 0].tolist() == [12, 17]
 
 
-def test_env_worker_in_process():
+def test_env_worker_in_process(monkeypatch):
+    # an in-process worker sets RAY_COLLECTORS_WORKER_ID in this process: set it here first so
+    # monkeypatch puts it back afterwards, or FaultyEnv in later tests would think the trainer
+    # is worker 0
+    monkeypatch.setenv("RAY_COLLECTORS_WORKER_ID", "0")
+    monkeypatch.setenv("RAY_COLLECTORS_WORKER_RESTARTS", "0")
     spec, kind = build_spec("CartPole-v1", None, None, 1)
     plan = WorkerPlan(env_fns=("CartPole-v1",), policy=None, policy_kind=kind, spec=spec, steps=50,
                       options=CollectorOptions(frames_per_batch=50, seed=3))
