@@ -12,7 +12,6 @@ import time
 
 
 import ray
-import torch
 from torch import nn
 
 from collectors import CollectorError, MultiaSyncDataCollector, MultiSyncDataCollector

@@ -14,7 +14,6 @@ import time
 
 
 import ray
-import torch
 from torch import nn
 
 from collectors import MultiaSyncDataCollector, MultiSyncDataCollector

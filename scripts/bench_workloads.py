@@ -7,7 +7,6 @@ from __future__ import annotations
 import time
 
 import gymnasium as gym
-import numpy as np
 import torch
 
 from collectors.workloads import CheetahMLP, NatureDQN, half_cheetah, pong

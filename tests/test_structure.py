@@ -295,7 +295,7 @@ def test_errors_pickle_with_their_attributes():
 
 
 def test_replay_buffer_is_a_context_manager():
-    with RayReplayBuffer(100, batch_size=4, name="rb-ctx") as rb:
+    with RayReplayBuffer(100, batch_size=4, name="rb-ctx"):
         assert alive_actor_names("rb-ctx/") == ["rb-ctx/replay-buffer"]
     assert alive_actor_names("rb-ctx/") == []
 

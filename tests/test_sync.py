@@ -1,7 +1,5 @@
 """SyncDataCollector: layout, boundaries, ids, seeding, options, errors, lifecycle."""
-import math
 
-import numpy as np
 import pytest
 import torch
 from tensordict import TensorDict
