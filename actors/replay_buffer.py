@@ -224,9 +224,8 @@ class ReplayBufferActor:
         self._count_samples(sampled)
         if self.ring is None:
             return None
-        import ray
 
-        return {**self.ring.location(), "node_id": ray.get_runtime_context().get_node_id(),
+        return {**self.ring.location(), "node_id": _node_id(),
                 "min_size": self.limiter.min_size}
 
     def _count_samples(self, n: int) -> None:
@@ -338,7 +337,7 @@ class ReplayBufferActor:
                 "batches": self.batches, "inserts": self.limiter.inserts,
                 "samples": self.limiter.samples, "insert_time": self.insert_time,
                 "sample_time": self.sample_time, "restored_from": self.restored_from,
-                "pid": os.getpid()}
+                "pid": os.getpid(), "node_id": _node_id()}
 
     def batch_ids(self) -> list:
         """Ids of the last ``SEEN_IDS`` batches written with one, oldest first."""
@@ -453,3 +452,10 @@ class ReplayBufferActor:
 
     def ready(self) -> dict:
         return self.info()
+
+
+def _node_id() -> str | None:
+    """The Ray node this actor runs on (``None`` when used as a plain object, outside Ray)."""
+    import ray  # late, as elsewhere here: the body is usable without Ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None

@@ -118,6 +118,8 @@ class DataCollectorBase:
         self._closed = False
         self._final_stats = None
         self._worker_handles: list = []
+        self.config = None  # the DeploymentConfig, loaded when the driver starts
+        self.worker_info: list[dict] = []  # per env worker at start: pid, node_id
         self._weights_lock = threading.RLock()
         self._watcher = (WeightWatcher(policy) if options.auto_sync_weights
                          and isinstance(policy, torch.nn.Module) else None)
@@ -552,6 +554,9 @@ class DataCollectorBase:
             "lost_frames": sum(sum(p.get("dropped", {}).values()) for p in per),
             "env_error_log": driver.get("env_error_log", []),  # the last env errors, with tracebacks
             "per_worker": per,
+            # the node each env worker started on (``ray.get_runtime_context().get_node_id()``)
+            "worker_nodes": [info.get("node_id") for info in self.worker_info],
+            "placement": (self.config.placement.strategy if self.config else None) or "none",
         }
         for i, p in enumerate(per):
             for key in ("frames", "delivered", "policy_version", "restarts", "env_errors", "timeouts"):

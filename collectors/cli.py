@@ -107,7 +107,8 @@ def cmd_run(args) -> int:
     rows = [("frames", f"{stats['frames']:,}"), ("seconds", f"{elapsed:.2f}"),
             ("frames/s", f"{stats['frames'] / elapsed:,.0f}"), ("episodes", f"{stats['episodes']:,}"),
             ("mean return", "n/a" if math.isnan(stats["mean_return"]) else f"{stats['mean_return']:.2f}"),
-            ("restarts", str(stats["restarts"])), ("lost frames", str(stats["lost_frames"]))]
+            ("restarts", str(stats["restarts"])), ("lost frames", str(stats["lost_frames"])),
+            ("nodes", str(len(set(stats["worker_nodes"])))), ("placement", stats["placement"])]
     width = max(len(k) for k, _ in rows)
     print("\n" + "\n".join(f"{k:<{width}}  {v:>12}" for k, v in rows))
     return 0

@@ -144,9 +144,11 @@ def counting_env(episode_length: int = 5, **kwargs) -> CountingEnv:
 
 
 def faulty_counting_env(mode: str, worker_ids=None, at_step: int = 5, times: float = 1,
-                        episode_length: int = 1000) -> FaultyEnv:
-    """A module-level factory (picklable) for a :class:`FaultyEnv` around a counting env."""
-    return FaultyEnv(CountingEnv(episode_length), mode, worker_ids, at_step, times)
+                        episode_length: int = 1000, delay_s: float = 0.0) -> FaultyEnv:
+    """A module-level factory (picklable) for a :class:`FaultyEnv` around a counting env
+    (sleeping ``delay_s`` per step when given)."""
+    env = CountingEnv(episode_length)
+    return FaultyEnv(SlowEnv(env, delay_s) if delay_s else env, mode, worker_ids, at_step, times)
 
 
 def kill_worker(collector, index: int) -> None:

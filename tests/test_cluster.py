@@ -1,6 +1,7 @@
 """Laptop to cluster: a multi-node ray.cluster_utils.Cluster, and a cluster started with
 `ray start`. Each runs in its own process so the test session's Ray is left alone."""
 import os
+import re
 import shutil
 import tempfile
 import signal
@@ -16,13 +17,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 CLUSTER = """
-import ray, torch
+import os, ray, torch, yaml
 from ray.cluster_utils import Cluster
 from collectors import MultiSyncDataCollector
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0,
     "dashboard_host": "127.0.0.1", "dashboard_port": DASH_PORT})
-nodes = [cluster.add_node(num_cpus=1), cluster.add_node(num_cpus=1)]
-ray.init(address=cluster.address)
+nodes = [cluster.add_node(num_cpus=NODE_CPUS), cluster.add_node(num_cpus=NODE_CPUS)]
+cluster.wait_for_nodes()
+CONNECT
 try:
 %s
 finally:
@@ -31,10 +33,14 @@ finally:
 """
 
 
-def run_in_cluster(body: str) -> str:
-    """Run ``body`` against a head (no CPUs) plus two 1-CPU nodes, in its own process."""
+def run_in_cluster(body: str, node_cpus: int = 1, connect: bool = True) -> str:
+    """Run ``body`` against a head (no CPUs) plus two nodes, in its own process. With
+    ``connect=False`` the script does not call ``ray.init``: the collectors connect as the
+    config (and ``RAY_COLLECTORS_ADDRESS``) say."""
     body = textwrap.indent(textwrap.dedent(body), "    ")
-    return run_script(CLUSTER.replace("DASH_PORT", str(free_port())) % body)
+    script = (CLUSTER.replace("DASH_PORT", str(free_port())).replace("NODE_CPUS", str(node_cpus))
+              .replace("CONNECT", "ray.init(address=cluster.address)" if connect else ""))
+    return run_script(script % body)
 
 
 def free_port() -> int:
@@ -51,27 +57,76 @@ def run_script(body: str, timeout: float = 240) -> str:
     return out.stdout
 
 
-def test_cluster_config_spreads_workers_over_nodes():
+def test_cluster_config_connects_ships_code_and_spreads_workers():
+    """configs/cluster.yaml as is, reached through RAY_COLLECTORS_ADDRESS (nothing calls
+    ray.init first): its runtime_env is the job's, and SPREAD puts 2 workers x 0.5 CPU on two
+    2-CPU nodes, which PACK (the same config otherwise) puts on one."""
     out = run_in_cluster("""
         from ray.util.state import list_actors
-        c = MultiSyncDataCollector("CartPole-v1", num_workers=4, frames_per_batch=40,
+        os.environ["RAY_COLLECTORS_ADDRESS"] = cluster.address
+        assert not ray.is_initialized()
+
+        def nodes_of(prefix):
+            actors = [a for a in list_actors(address=cluster.address,
+                                             filters=[("state", "=", "ALIVE")], limit=1000)
+                      if a.name and a.name.startswith(prefix + "/env-worker")]
+            assert len(actors) == 2, actors
+            return {a.node_id for a in actors}
+
+        c = MultiSyncDataCollector("CartPole-v1", num_workers=2, frames_per_batch=40,
                                    config="configs/cluster.yaml", name="spread")
-        b = c.next()
-        assert b.batch_size == torch.Size([4, 10]), b.batch_size
-        actors = [a for a in list_actors(filters=[("state", "=", "ALIVE")])
-                  if a.name and a.name.startswith("spread/env-worker")]
-        node_ids = {a.node_id for a in actors}
-        print("NODES", len(node_ids), len(actors))
-        assert len(node_ids) == 2 and len(actors) == 4
+        assert c.next().batch_size == torch.Size([2, 20])
+        assert ray.get_runtime_context().gcs_address == cluster.address
+        modules = ray.get_runtime_context().runtime_env.get("py_modules") or []
+        print("MODULES", len(modules))
+        print("SPREAD", len(nodes_of("spread")), len(set(c.stats()["worker_nodes"])))
         c.shutdown(timeout=5)
-        # a node is lost: the same script still runs on what is left
-        cluster.remove_node(nodes[1])
-        c2 = MultiSyncDataCollector("CartPole-v1", num_workers=2, frames_per_batch=20,
-                                    num_cpus=0.25, name="after-loss")
-        print("AFTER", c2.next().numel())
-        c2.shutdown()
+        with open("configs/cluster.yaml") as fh:
+            packed = yaml.safe_load(fh)
+        packed["placement"]["strategy"] = "PACK"
+        c = MultiSyncDataCollector("CartPole-v1", num_workers=2, frames_per_batch=40,
+                                   config=packed, name="pack")
+        assert c.next().batch_size == torch.Size([2, 20])
+        print("PACK", len(nodes_of("pack")))
+        c.shutdown(timeout=5)
+    """, node_cpus=2, connect=False)
+    assert "MODULES 2" in out, out
+    assert "SPREAD 2 2" in out and "PACK 1" in out, out
+
+
+def test_buffer_pinned_to_another_node_samples_through_the_actor():
+    """resources.replay_buffer.node pins the buffer; the trainer (on the head) is on another
+    node, so sampling falls back to actor calls instead of mapping shared memory."""
+    out = run_in_cluster("""
+        from collectors import RayReplayBuffer
+        from collectors.testing import counting_env
+        with open("configs/cluster.yaml") as fh:
+            config = yaml.safe_load(fh)
+        config["ray"]["address"] = None  # connected above
+        target = nodes[1].node_id
+        config["resources"]["replay_buffer"]["node"] = target
+        rb = RayReplayBuffer(1000, batch_size=32, config=config, seed=0)
+        c = MultiSyncDataCollector(counting_env, num_workers=2, frames_per_batch=100,
+                                   total_frames=400, replay_buffer=rb, name="pinned")
+        for _ in c:
+            pass
+        c.shutdown(timeout=5)
+        info = rb.info()
+        assert info["node_id"] == target, (info["node_id"], target)
+        assert ray.get_runtime_context().get_node_id() != target
+        import time
+        deadline = time.monotonic() + 30  # the sampler learns where the storage is from a probe
+        while True:
+            s = rb.sample()
+            obs = s["observation"]
+            assert s.batch_size == torch.Size([32]) and ((obs >= 0) & (obs < 5)).all()
+            assert (s["next", "observation"] == obs + 1).all()  # counting env: next = obs + 1
+            if rb._local.off or time.monotonic() > deadline:
+                break
+        print("FALLBACK", rb._local is not None and rb._local.off, rb._local.reader is None, len(rb))
+        rb.shutdown()
     """)
-    assert "NODES 2 4" in out and "AFTER 20" in out
+    assert "FALLBACK True True 400" in out, out
 
 
 def test_cluster_started_with_ray_start():
@@ -111,6 +166,10 @@ def test_cluster_started_with_ray_start():
             capture_output=True, text=True, timeout=240, cwd=ROOT, env=env)
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
         assert "8,000" in out.stdout
+        # --deploy applied (its placement strategy), and the workers ran on both nodes: the
+        # joined worker node included
+        assert re.search(r"^placement\s+SPREAD$", out.stdout, re.M), out.stdout
+        assert re.search(r"^nodes\s+2$", out.stdout, re.M), out.stdout
     finally:
         pids = []
         for proc in started:
@@ -151,3 +210,19 @@ def test_node_loss_recreates_or_degrades():
         c.shutdown(timeout=5)
     """)
     assert "AFTER (1, 20) 1 1" in out
+
+
+def test_node_loss_recreates_workers_on_the_remaining_node():
+    out = run_in_cluster("""
+        # two 2-CPU nodes, two workers of 1 CPU: the node that is left can hold both
+        c = MultiSyncDataCollector("CartPole-v1", num_workers=2, frames_per_batch=40,
+                                   num_cpus=1, startup_timeout_s=30, name="recreate")
+        assert c.next().batch_size == torch.Size([2, 20])
+        lost = c.stats()["worker_nodes"][0]
+        cluster.remove_node(next(n for n in nodes if n.node_id == lost))
+        b = c.next()
+        stats = c.stats()
+        print("AFTER", tuple(b.batch_size), stats["workers_alive"], stats["restarts"] >= 1)
+        c.shutdown(timeout=5)
+    """, node_cpus=2)
+    assert "AFTER (2, 20) 2 True" in out, out

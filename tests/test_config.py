@@ -130,14 +130,21 @@ def test_metrics_are_exported_with_tags():
 
 def test_cli_runs_a_job_and_rejects_bad_input(tmp_path):
     job = tmp_path / "job.yaml"
-    job.write_text(yaml.safe_dump({"job": {"env": "CartPole-v1", "collector": "multisync",
-                                           "num_workers": 2, "frames_per_batch": 200,
-                                           "total_frames": 1000}}))
+    # the counting env: episodes of 5 steps, reward 1 each; 2 workers x 300 steps = 120 episodes
+    job.write_text(yaml.safe_dump({"job": {"env": "collectors.testing:CountingEnv-v0",
+                                           "collector": "multisync", "num_workers": 2,
+                                           "frames_per_batch": 200, "total_frames": 1000}}))
     out = subprocess.run([sys.executable, "-m", "collectors", "run", str(job), "--quiet",
                           "--total-frames", "600"], capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "Ray dashboard: http://127.0.0.1:" in out.stdout
-    assert "frames/s" in out.stdout and "600" in out.stdout
+    rows = dict(line.rsplit(None, 1) for line in out.stdout.split("\n\n")[-1].splitlines())
+    rows = {k.strip(): v for k, v in rows.items()}
+    assert float(rows["frames/s"].replace(",", "")) > 0 and float(rows["seconds"]) > 0
+    assert {k: rows[k] for k in ("frames", "episodes", "mean return", "restarts", "lost frames",
+                                 "nodes", "placement")} == {
+        "frames": "600", "episodes": "120", "mean return": "5.00", "restarts": "0",
+        "lost frames": "0", "nodes": "1", "placement": "none"}, rows
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"job": {"env": "NoSuchEnv-v0"}}))
     out = subprocess.run([sys.executable, "-m", "collectors", "run", str(bad)],

@@ -105,6 +105,42 @@ def test_persistent_env_failure_raises_within_bound():
     c.shutdown()
 
 
+def test_restart_backoff_doubles_end_to_end():
+    """max_restarts=3 with a 0.3 s backoff: the error comes after 0.3 + 0.6 + 1.2 s of waits
+    (a constant backoff would take 0.9 s), and within the documented bound."""
+    env = functools.partial(faulty_counting_env, "raise_step", None, 1, float("inf"))
+    c = SyncDataCollector(env, frames_per_batch=20, max_restarts=3, restart_backoff_s=0.3,
+                          name="backoff")
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(CollectorError, match="max_restarts=3"):
+            c.next()
+        elapsed = time.monotonic() - t0
+    finally:
+        c.shutdown()
+    assert 2.1 <= elapsed < 2.1 + 20, elapsed
+
+
+def test_restart_window_lets_old_failures_age_out():
+    """An env that fails every 5 steps, 5 x 20 ms of working time apart: with
+    restart_window_s=0.05 each failure has left the window before the next, so max_restarts=1
+    never trips; with a 60 s window the second failure ends the run."""
+    env = functools.partial(faulty_counting_env, "raise_step", None, 5, float("inf"), 1000, 0.02)
+    with SyncDataCollector(env, frames_per_batch=40, total_frames=40, max_restarts=1,
+                           restart_window_s=0.05, name="window-short") as c:
+        batches = list(c)
+        stats = c.stats()
+    assert [b.numel() for b in batches] == [40]
+    assert stats["env_errors"] >= 7  # every failure was rebuilt, none tripped the budget
+    c = SyncDataCollector(env, frames_per_batch=40, max_restarts=1, restart_window_s=60,
+                          name="window-long")
+    try:
+        with pytest.raises(CollectorError, match="failed 2 times within 60s"):
+            c.next()
+    finally:
+        c.shutdown()
+
+
 def test_persistent_crash_raises_collector_error():
     env = functools.partial(faulty_counting_env, "exit", [1], 2, float("inf"))
     c = MultiSyncDataCollector(env, num_workers=2, frames_per_batch=20, max_restarts=1)
@@ -241,17 +277,22 @@ def test_chaos_kills_workers_and_buffer(tmp_path):
     c = MultiaSyncDataCollector(counting_env, num_workers=4, frames_per_batch=50, replay_buffer=rb,
                                 max_restarts=10)
     c.start()
-    for k in (0, 2, 3):
-        time.sleep(0.7)
+
+    def wait_for(condition, what):
+        deadline = time.time() + 30
+        while not condition():
+            assert time.time() < deadline, f"not within 30 s: {what}"
+            time.sleep(0.05)
+
+    for k in (0, 2, 3):  # each kill lands in a running collection: 200 more frames written first
+        written = rb.write_count
+        wait_for(lambda: rb.write_count >= written + 200, "200 frames written")
         kill_worker(c, k)
-    deadline = time.time() + 30  # every killed worker is noticed and replaced
-    while time.time() < deadline and c.stats()["restarts"] < 3:
-        time.sleep(0.2)
+    wait_for(lambda: c.stats()["restarts"] >= 3, "every killed worker replaced")
     os.kill(rb.info()["pid"], signal.SIGKILL)  # restarts from its checkpoint in a few seconds
-    deadline = time.time() + 30
-    while time.time() < deadline and rb.info()["restored_from"] is None:
-        time.sleep(0.5)
-    time.sleep(1.0)
+    wait_for(lambda: rb.info()["restored_from"] is not None, "the buffer restored")
+    restored = rb.write_count
+    wait_for(lambda: rb.write_count >= restored + 200, "collection going on into the restored buffer")
     assert c.background_error() is None, c.background_error()
     c.async_shutdown()
     stats = c.stats()
