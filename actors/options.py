@@ -94,6 +94,11 @@ class CollectorOptions(BaseModel):
         "random", description="tensordict interaction type set around every policy call "
                               "('random', 'deterministic', 'mode', 'mean', 'median'; "
                               "ExplorationType members too); TorchRL's default is random")
+    compact_obs: StrictBool = Field(
+        False, description="store each observation once (TorchRL's option): yielded batches "
+                           "leave out the ('next', obs) copies of observation and state keys; "
+                           "with a RayReplayBuffer, that buffer must have compact_obs=True and "
+                           "keeps episode-final observations apart")
     track_traj_ids: StrictBool = Field(
         True, description="record ('collector', 'traj_ids'); False leaves the key out of the "
                           "yielded batches (TorchRL's option)")

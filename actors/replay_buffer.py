@@ -16,6 +16,7 @@ import torch
 from tensordict import TensorDict
 
 from actors import checkpoints
+from actors.compact import CompactNext
 from actors.metrics import Metrics
 from actors.samplers import make_sampler
 from actors.shared_ring import SharedRing, remove_stale, shareable
@@ -83,14 +84,16 @@ class ReplayBufferActor:
                  samples_per_insert: float | None = None, error_buffer: float | None = None,
                  checkpoint_dir: str | None = None, checkpoint_every: int = 0,
                  seed: int | None = None, default_timeout_s: float = 30.0, name: str = "buffer",
-                 share: bool = False):
+                 share: bool = False, compact_obs: bool = False):
         self.capacity = int(capacity)
         self.batch_size = batch_size
         self.sampler_name = sampler
         self.sampler = make_sampler(sampler, self.capacity, seed=seed, **(sampler_kwargs or {}))
         self.limiter = RateLimiter(min_size, samples_per_insert, error_buffer)
         self.storage: TensorDict | None = None
-        self.share = share  # keep the storage in shared memory for same-node samplers
+        # compact_obs: each observation stored once, ("next", obs) rebuilt at sample time
+        self.compact = CompactNext(self.capacity) if compact_obs else None
+        self.share = share and not compact_obs  # shared memory for same-node samplers
         self.ring: SharedRing | None = None
         self.cursor = 0
         self.size = 0
@@ -132,6 +135,9 @@ class ReplayBufferActor:
         want = {k: (tuple(v.shape[1:]), v.dtype) for k, v in
                 self.storage.items(include_nested=True, leaves_only=True)}
         got = {k: (tuple(v.shape[1:]), v.dtype) for k, v in td.items(include_nested=True, leaves_only=True)}
+        if self.compact is not None and self.compact.keys:  # their next values are not stored
+            got = {k: v for k, v in got.items()
+                   if not (isinstance(k, tuple) and k[0] == "next" and k[1:] in self.compact.keys)}
         if set(want) != set(got):
             raise ValueError(
                 f"keys do not match the storage: missing {sorted(map(str, set(want) - set(got)))}, "
@@ -167,16 +173,18 @@ class ReplayBufferActor:
                 if batch_id in self.seen:
                     return 0
                 self.reserved.add(batch_id)
+            idx = (torch.arange(n) + self.cursor) % self.capacity
             try:
                 self._wait(lambda: self.limiter.can_insert(n), timeout,
                            f"room to insert {n} frames under samples_per_insert={self.limiter.spi}")
+                if self.compact is not None:
+                    td = self.compact.strip(td, idx)
             except BaseException:
                 self.reserved.discard(batch_id)
                 self.cond.notify_all()
                 raise
             if self.storage is None:
                 self.storage = self._allocate(td[:1])
-            idx = (torch.arange(n) + self.cursor) % self.capacity
             if self.ring is not None:
                 self.ring.begin(idx)
             self.storage[idx] = td
@@ -301,6 +309,8 @@ class ReplayBufferActor:
             while True:
                 index, weight = self.sampler.sample(n, self.storage, self.size)
                 out = self.storage[index].clone()
+                if self.compact is not None:
+                    self.compact.rebuild(out, index, self.storage)
                 self.limiter.samples += n
                 out.set("index", index)
                 if weight is not None:
@@ -337,7 +347,13 @@ class ReplayBufferActor:
                 "batches": self.batches, "inserts": self.limiter.inserts,
                 "samples": self.limiter.samples, "insert_time": self.insert_time,
                 "sample_time": self.sample_time, "restored_from": self.restored_from,
-                "pid": os.getpid(), "node_id": _node_id()}
+                "pid": os.getpid(), "node_id": _node_id(), "storage_bytes": self.storage_bytes()}
+
+    def storage_bytes(self) -> int:
+        """Bytes the stored frames take: the ring, plus what compact_obs keeps apart."""
+        ring = 0 if self.storage is None else sum(
+            v.numel() * v.element_size() for v in self.storage.values(include_nested=True, leaves_only=True))
+        return ring + (self.compact.nbytes() if self.compact is not None else 0)
 
     def batch_ids(self) -> list:
         """Ids of the last ``SEEN_IDS`` batches written with one, oldest first."""
@@ -348,6 +364,9 @@ class ReplayBufferActor:
             self.cursor = self.size = 0
             self.sampler.reset()
             self.seen.clear()
+            if self.compact is not None:  # same stored keys, no side rows
+                keys, self.compact = self.compact.keys, CompactNext(self.capacity)
+                self.compact.keys = keys
             if self.ring is not None:
                 self.ring.stamp_all(0)
 
@@ -357,21 +376,36 @@ class ReplayBufferActor:
                 "write_count": self.write_count, "limiter": self.limiter.state(),
                 "sampler": self.sampler_name, "sampler_state": self.sampler.state(),
                 "batches": self.batches,
-                "seen": [list(b) if isinstance(b, tuple) else b for b in self.seen]}
+                "seen": [list(b) if isinstance(b, tuple) else b for b in self.seen],
+                "compact": None if self.compact is None else self.compact.meta()}
 
     def state_dict(self) -> dict:
         with self.cond:
             return {"storage": None if self.storage is None else self.storage.clone(),
                     "meta": json.loads(json.dumps(self._meta())),
-                    "priorities": self.sampler.tensors()}
+                    "priorities": self._tensors()}
 
     def load_state_dict(self, state: dict) -> None:
         with self.cond:
             self._restore(state["meta"], state["storage"], state.get("priorities") or {})
 
+    def _tensors(self) -> dict:
+        """Sampler state (and the compact side store) as tensors: copies, safe to write out."""
+        out = {k: v.clone() for k, v in self.sampler.tensors().items()}
+        if self.compact is not None:
+            out["compact"] = self.compact.tensors()
+        return out
+
     def _restore(self, meta: dict, storage, tensors: dict) -> None:
         if meta["capacity"] != self.capacity:
             raise ValueError(f"state has capacity {meta['capacity']}, this buffer {self.capacity}.")
+        was_compact = meta.get("compact") is not None
+        if was_compact != (self.compact is not None):
+            raise ValueError(
+                f"the state was written by a buffer with compact_obs={was_compact}, this one has "
+                f"compact_obs={self.compact is not None}; open it with compact_obs={was_compact}.")
+        if self.compact is not None:
+            self.compact.load(meta["compact"], tensors.get("compact") or {})
         if self.ring is not None:  # samplers that mapped it move to the new one
             self.ring.close()
             self.ring = None
@@ -401,7 +435,7 @@ class ReplayBufferActor:
         checkpoints.claim(path)  # refuse a foreign directory before copying anything
         with self.cond:
             storage = None if self.storage is None else self.storage.clone()
-            tensors = {k: v.clone() for k, v in self.sampler.tensors().items()}
+            tensors = self._tensors()
             meta = self._meta()
         with self.checkpoint_lock:  # one writer of the directory at a time
             checkpoints.write(path, storage, tensors, meta)

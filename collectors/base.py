@@ -148,6 +148,12 @@ class DataCollectorBase:
                     f"{cls_name}: {skipped} act on batches in the trainer, but with a "
                     "RayReplayBuffer batches go from the env actors straight to the buffer actor. "
                     "Remove them, or transform the samples you draw from the buffer.")
+        if options.compact_obs and hasattr(options.replay_buffer, "actor") and \
+                not getattr(options.replay_buffer, "compact_obs", False):
+            raise ValueError(
+                f"{cls_name}: compact_obs=True with a RayReplayBuffer that stores ('next', obs) "
+                "copies; create the buffer with compact_obs=True (it keeps episode-final "
+                "observations apart), or drop compact_obs here.")
         if options.num_workers > 1 and not self._multi:
             raise TypeError(f"{cls_name} has one env actor; got num_workers="
                             f"{options.num_workers}. Use a multi collector for several.")
@@ -270,7 +276,7 @@ class DataCollectorBase:
             raise CollectorError("three batches in a row were lost with their env workers.")
         workers = [m["worker"] for _, m in results] if self._multi else None
         layout = "single" if self._async else self._layout
-        batch = assemble(parts, workers, layout)
+        batch = assemble(parts, workers, layout, self.options.compact_obs)
         valid = sum(m["frames"] for _, m in results)
         if self.options.preemptive_threshold is not None or self._masked:
             batch.set(("collector", "mask"), batch.get(("collector", "traj_ids")) >= 0)

@@ -5,6 +5,8 @@ import numpy as np
 import torch
 from tensordict import TensorDict
 
+from actors.compact import compacted_keys
+
 
 def frames_tensordict(flat: dict, batch_size) -> TensorDict:
     """A TensorDict from ``{key or nested key tuple: array or tensor}`` (arrays are copied)."""
@@ -12,15 +14,20 @@ def frames_tensordict(flat: dict, batch_size) -> TensorDict:
                        for k, v in flat.items()}, batch_size=batch_size)
 
 
-def assemble(parts: list[dict], worker_ids: list[int] | None, layout: str) -> TensorDict:
+def assemble(parts: list[dict], worker_ids: list[int] | None, layout: str,
+             compact_obs: bool = False) -> TensorDict:
     """Build one batch from per-worker arrays shaped ``[num_envs, T, ...]``.
 
     ``layout``: ``"single"`` (one worker: ``[T]`` or ``[E, T]``), ``"stack"`` (``[W, T]`` or
     ``[W, E, T]``) or ``"cat"`` (workers concatenated along time). ``worker_ids`` adds
-    ``("collector", "worker_id")``.
+    ``("collector", "worker_id")``. ``compact_obs`` leaves out the ``("next", ...)`` copies of
+    observation and state keys, as TorchRL's ``compact_obs=True`` does.
     """
     num_envs, steps = next(iter(parts[0].values())).shape[:2]
     keys = list(parts[0])
+    if compact_obs:
+        dropped = {("next", *k) for k in compacted_keys(keys)}
+        keys = [k for k in keys if ((k,) if isinstance(k, str) else tuple(k)) not in dropped]
     flat = {}
     for key in keys:
         if layout == "single":

@@ -46,6 +46,11 @@ class RayReplayBuffer:
         local_sampling: with the uniform sampler and no ``samples_per_insert``, the storage
             lives in shared memory and a process on the buffer's node samples it directly,
             without a call to the actor (``None``: whenever possible; ``False``: always call).
+        compact_obs: store each observation once (TorchRL's name). ``("next", obs)`` is rebuilt
+            at sample time from the following slot of the same trajectory; the next
+            observations that slot does not hold (episode ends, the last frame of each write)
+            are kept apart, so samples equal those of the plain storage. Halves the memory of
+            pixel observations. Samples are drawn by the actor (no local sampling).
 
     Example:
         >>> rb = RayReplayBuffer(10_000, batch_size=256)
@@ -65,7 +70,7 @@ class RayReplayBuffer:
                  checkpoint_dir: str | None = None, checkpoint_every: int = 0,
                  prefetch: bool | int = False, timeout_s: float = 30.0, max_restarts: int | None = None,
                  seed: int | None = None, local_sampling: bool | None = None,
-                 name: str | None = None, config=None, _actor=None):
+                 compact_obs: bool = False, name: str | None = None, config=None, _actor=None):
         self.name = name or f"ReplayBuffer-{uuid.uuid4().hex[:6]}"
         self.capacity = capacity
         self.batch_size = batch_size
@@ -88,12 +93,16 @@ class RayReplayBuffer:
             slice_len = torchrl_kwargs.get("slice_len", slice_len)
             num_slices = torchrl_kwargs.get("num_slices", num_slices)
             drop_last = torchrl_kwargs.get("drop_last", drop_last)
-        can_share = sampler == "random" and samples_per_insert is None
+        if not isinstance(compact_obs, bool):
+            raise TypeError(f"compact_obs must be a bool; got {compact_obs!r}.")
+        self.compact_obs = compact_obs
+        can_share = sampler == "random" and samples_per_insert is None and not compact_obs
         if local_sampling and not can_share:
             raise ValueError(
-                "local_sampling=True needs sampler='random' and no samples_per_insert (the actor "
-                f"decides those samples); got sampler={sampler!r}, samples_per_insert="
-                f"{samples_per_insert!r}. Leave local_sampling=None to pick automatically.")
+                "local_sampling=True needs sampler='random', no samples_per_insert and "
+                "compact_obs=False (the actor decides or rebuilds those samples); got sampler="
+                f"{sampler!r}, samples_per_insert={samples_per_insert!r}, compact_obs="
+                f"{compact_obs!r}. Leave local_sampling=None to pick automatically.")
         self._share = can_share if local_sampling is None else bool(local_sampling)
         self._local = None
         if _actor is not None:
@@ -136,7 +145,8 @@ class RayReplayBuffer:
             capacity, sampler=sampler, batch_size=batch_size, sampler_kwargs=kwargs,
             min_size=min_size, samples_per_insert=samples_per_insert, error_buffer=error_buffer,
             checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, seed=seed,
-            default_timeout_s=timeout_s, name=self.name, share=self._share)
+            default_timeout_s=timeout_s, name=self.name, share=self._share,
+            compact_obs=compact_obs)
         self._local = LocalSampler(self.actor, self.name, seed) if self._share else None
         self._call("ready")
 
@@ -147,13 +157,14 @@ class RayReplayBuffer:
 
         meta = current_meta(path)
         kwargs.setdefault("sampler", meta["sampler"])
+        kwargs.setdefault("compact_obs", meta.get("compact") is not None)
         rb = cls(capacity or meta["capacity"], **kwargs)
         rb._call("load_checkpoint", os.path.abspath(path))
         return rb
 
     def __reduce__(self):
         return (_rebuild, (self.actor, self.name, self.batch_size, self.timeout_s, self._share,
-                           self.capacity))
+                           self.capacity, self.compact_obs))
 
     def _call(self, method: str, *args, timeout: float | None = None, **kwargs):
         """Call the actor; while it restarts (from its checkpoint), retry until the timeout."""
@@ -292,6 +303,6 @@ def _to_tensordict(arrays: dict, n: int):
     return frames_tensordict(arrays, [n])
 
 
-def _rebuild(actor, name, batch_size, timeout_s, share=False, capacity=0):
+def _rebuild(actor, name, batch_size, timeout_s, share=False, capacity=0, compact_obs=False):
     return RayReplayBuffer(capacity, name=name, batch_size=batch_size, timeout_s=timeout_s,
-                           local_sampling=share, _actor=actor)
+                           local_sampling=share, compact_obs=compact_obs, _actor=actor)

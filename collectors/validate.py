@@ -25,7 +25,7 @@ NO_OP_VALUES = {
     "track_policy_version": ANY,  # ("collector", "policy_version") is always recorded
     "worker_idx": (None,), "trajs_per_batch": (None,), "trajs_per_write": (None,),
     "traj_format": (None,), "auto_register_policy_transforms": (None, False),
-    "compact_obs": (False,), "num_threads": (None,), "num_sub_threads": (1,),
+    "num_threads": (None,), "num_sub_threads": (1,),
     "mp_start_method": (None,), "collector_class": (None,), "local_init_rb": (None, False),
 }
 UNSUPPORTED = tuple(NO_OP_VALUES)

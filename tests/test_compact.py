@@ -1,0 +1,158 @@
+"""compact_obs: each observation stored once, ("next", obs) rebuilt at sample time from the
+following slot, episode-final observations kept apart. Samples must equal the plain storage's."""
+import numpy as np
+import pytest
+import torch
+from tensordict import TensorDict
+
+from actors.compact import CompactNext
+from actors.replay_buffer import ReplayBufferActor
+from collectors import MultiSyncDataCollector, RayReplayBuffer, SyncDataCollector
+from collectors.testing import counting_env
+
+
+def collected_batches(total: int = 600):
+    """Counting-env batches from 2 workers x 2 envs, 6 steps each: episodes of 5 end
+    mid-batch, and each env's rows stop mid-episode at every batch (and worker) boundary."""
+    with MultiSyncDataCollector(counting_env, num_workers=2, num_envs=2, frames_per_batch=24,
+                                total_frames=total, name="compact-src") as c:
+        return [b.reshape(-1) for b in c]
+
+
+@pytest.mark.parametrize("sampler,kwargs", [("random", {}), ("slice", {"slice_len": 4}),
+                                            ("prioritized", {"alpha": 0.6, "beta": 0.4, "eps": 1e-8})])
+def test_samples_equal_the_plain_storage(sampler, kwargs):
+    batches = collected_batches()
+    plain = ReplayBufferActor(101, sampler=sampler, sampler_kwargs=kwargs, seed=3)
+    compact = ReplayBufferActor(101, sampler=sampler, sampler_kwargs=kwargs, seed=3, compact_obs=True)
+    checked = 0
+    for batch in batches:  # 101 slots: writes wrap around the ring at varying offsets
+        plain.extend(batch)
+        compact.extend(batch)
+        for _ in range(3):
+            a, b = plain.sample(16), compact.sample(16)
+            assert (a["index"] == b["index"]).all()
+            assert set(a.keys(True, True)) == set(b.keys(True, True))
+            assert (a == b).all()
+            checked += 16
+    assert ("next", "observation") not in compact.storage.keys(True, True)
+    ends = plain.storage["next", "done"].squeeze(-1)
+    assert ends.any()  # episode ends were stored, and sampled as they were
+    assert checked == 16 * 3 * len(batches)
+
+
+def test_episode_final_observations_are_kept_apart_not_lost():
+    """A terminal next observation that no following slot holds (here: 99, never an obs)."""
+    obs = torch.tensor([[0.], [1.], [2.], [0.], [1.]])
+    nxt = torch.tensor([[1.], [2.], [99.], [1.], [2.]])
+    td = TensorDict({"observation": obs, ("next", "observation"): nxt,
+                     ("next", "done"): torch.tensor([[False], [False], [True], [False], [False]])}, [5])
+    rb = ReplayBufferActor(8, seed=0, compact_obs=True)
+    rb.extend(td)
+    index = torch.arange(5)
+    out = rb.compact.rebuild(rb.storage[index].clone(), index, rb.storage)
+    assert out["next", "observation"].ravel().tolist() == [1., 2., 99., 1., 2.]
+    # kept apart: the episode end (slot 2) and the last frame of the write (slot 4)
+    assert (rb.compact.side_slot[:5] >= 0).tolist() == [False, False, True, False, True]
+
+
+def test_side_rows_are_reused_as_the_ring_overwrites():
+    c = CompactNext(capacity=10)
+    for start in range(0, 200, 5):  # 40 writes of 5 frames, each with its last frame apart
+        obs = torch.arange(start, start + 5.0)[:, None]
+        td = TensorDict({"observation": obs, ("next", "observation"): obs + 1}, [5])
+        c.strip(td, (torch.arange(5) + start) % 10)
+    assert int((c.side_slot >= 0).sum()) == 2  # one per live write
+    assert next(iter(c.side.values())).shape[0] <= 64  # bounded: rows freed and taken again
+
+
+def test_pixel_memory_is_close_to_the_observations_alone():
+    """uint8 [4, 84, 84] stacks (Pong's layout), episodes of 200 frames, writes of 250: the
+    compact storage is at most 1.1x the bytes of the observations alone."""
+    rng = np.random.default_rng(0)
+    frames = 2000
+    stream = torch.from_numpy(rng.integers(0, 255, (frames + 1, 4, 84, 84), dtype=np.uint8))
+    plain = ReplayBufferActor(frames, seed=0)
+    compact = ReplayBufferActor(frames, seed=0, compact_obs=True)
+    for start in range(0, frames, 250):
+        t = torch.arange(start, start + 250)
+        nxt = stream[t + 1].clone()
+        ends = (t + 1) % 200 == 0
+        nxt[ends] = 0  # a final observation no following frame holds
+        td = TensorDict({"observation": stream[t], ("next", "observation"): nxt,
+                         ("next", "done"): ends[:, None], ("next", "reward"): torch.zeros(250, 1)}, [250])
+        plain.extend(td)
+        compact.extend(td)
+    obs_bytes = frames * 4 * 84 * 84
+    assert plain.storage_bytes() >= 2 * obs_bytes
+    assert compact.storage_bytes() <= 1.1 * obs_bytes, compact.storage_bytes() / obs_bytes
+    a, b = plain.sample(32), compact.sample(32)
+    assert (a == b).all()
+
+
+def test_state_dict_round_trip_and_mismatch_refused():
+    batches = collected_batches(240)
+    rb = ReplayBufferActor(100, seed=1, compact_obs=True)
+    for b in batches:
+        rb.extend(b)
+    state = rb.state_dict()
+    again = ReplayBufferActor(100, seed=1, compact_obs=True)
+    again.load_state_dict(state)
+    index = torch.arange(100)
+    assert (again.compact.rebuild(again.storage[index].clone(), index, again.storage) ==
+            rb.compact.rebuild(rb.storage[index].clone(), index, rb.storage)).all()
+    with pytest.raises(ValueError, match="compact_obs=True"):
+        ReplayBufferActor(100, seed=1).load_state_dict(state)
+
+
+def test_collectors_write_to_a_compact_ray_buffer_and_checkpoint_it(tmp_path):
+    with RayReplayBuffer(1000, batch_size=64, compact_obs=True, seed=0) as rb:
+        with MultiSyncDataCollector(counting_env, num_workers=2, num_envs=2, frames_per_batch=24,
+                                    total_frames=480, replay_buffer=rb, compact_obs=True,
+                                    name="compact-rb") as c:
+            for _ in c:
+                pass
+        assert len(rb) == 480
+        for _ in range(5):
+            s = rb.sample()
+            # counting env: every next observation is obs + 1, the episode-final 5 included
+            assert (s["next", "observation"] == s["observation"] + 1).all()
+        rb.checkpoint(str(tmp_path / "ck"))
+        info = rb.info()
+    assert info["storage_bytes"] > 0
+    with RayReplayBuffer.from_checkpoint(str(tmp_path / "ck"), batch_size=200) as back:
+        assert back.compact_obs
+        s = back.sample()
+        assert (s["next", "observation"] == s["observation"] + 1).all()
+
+
+def test_collector_batches_leave_out_next_observations():
+    with SyncDataCollector(counting_env, frames_per_batch=10, total_frames=10, compact_obs=True,
+                           max_frames_per_traj=50) as c:
+        batch = c.next()
+    keys = set(batch.keys(True, True))
+    assert ("next", "observation") not in keys and ("next", "step_count") not in keys
+    assert {"observation", "step_count", ("next", "reward"), ("next", "done"),
+            ("next", "terminated"), ("next", "truncated")} <= keys
+    rb = RayReplayBuffer(100)
+    try:
+        with pytest.raises(ValueError, match="compact_obs=True"):
+            SyncDataCollector(counting_env, frames_per_batch=10, compact_obs=True, replay_buffer=rb)
+    finally:
+        rb.shutdown()
+
+
+def test_compact_keys_match_torchrl():
+    pytest.importorskip("torchrl")
+    from torchrl.collectors import Collector
+    from torchrl.envs import Compose, GymEnv, InitTracker, RewardSum, StepCounter, TransformedEnv
+
+    def make():
+        return TransformedEnv(GymEnv("CartPole-v1"), Compose(RewardSum(), StepCounter(), InitTracker()))
+
+    theirs = Collector(make, None, frames_per_batch=20, total_frames=20, compact_obs=True)
+    want = set(next(iter(theirs)).keys(True, True))
+    theirs.shutdown()
+    with SyncDataCollector(make, None, frames_per_batch=20, total_frames=20, compact_obs=True) as c:
+        got = set(c.next().keys(True, True))
+    assert got - {("collector", "policy_version")} == want  # ours always records the version
