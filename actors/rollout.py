@@ -74,9 +74,9 @@ class Rollout:
                                    options.exploration_type, options.policy_device)
         # per-env state carried across batches
         self._obs = {k: [np.zeros(s, d)] * self.num_envs for k, (s, d) in spec["obs"].items()}
-        self._traj = [0] * self.num_envs
-        self._step_count = [0] * self.num_envs
-        self._returns = [0.0] * self.num_envs
+        self._traj = np.zeros(self.num_envs, np.int64)  # trajectory id of each env's episode
+        self._step_count = np.zeros(self.num_envs, np.int64)  # steps into it (max_frames_per_traj)
+        self._returns = np.zeros(self.num_envs, np.float64)  # its return up to this batch
         self._needs_reset = [True] * self.num_envs
         self._next_seed = [self._seed_for(i, 0) for i in range(self.num_envs)]
         self.buffers = self._allocate(self.steps)
@@ -192,7 +192,7 @@ class Rollout:
         """
         envs, n, steps = self.envs, self.num_envs, self.steps
         keys, is_dict, key0 = self.obs_keys, self.obs_is_dict, self.obs_keys[0]
-        cur, traj, step_count, returns = self._obs, self._traj, self._step_count, self._returns
+        cur, step_count = self._obs, self._step_count
         out_keys = tuple(self.spec["outputs"])
         max_steps = self.max_frames_per_traj or 0
         random_actions = random_actions or self.runner.kind == "random"
@@ -209,6 +209,7 @@ class Rollout:
         obs_steps = {k: [] for k in keys}  # per step: (E, ...) copies given to the policy
         out_steps = {k: [] for k in out_keys}
         finals = []  # (t, i, final observation) at episode ends
+        returns = self._returns.copy()  # running returns at the batch start, after those resets
         rewards, terms, truncs, trajs, counts = [], [], [], [], []
         checking = self.check_obs_space or self.drop_bad_episodes
         ep_start = [0] * n  # step of this batch where each env's current episode began
@@ -226,9 +227,11 @@ class Rollout:
                     obs_t = {k: np.stack(cur[k]).astype(dtypes[k], copy=False) for k in keys}
                 for k in keys:
                     obs_steps[k].append(obs_t[k])
-                trajs.extend(traj)
+                trajs.append(self._traj.copy())  # per step, for all envs at once
                 if max_steps:
-                    counts.extend(step_count)
+                    counts.append(step_count.copy())
+                    step_count += 1
+                    hit = step_count >= max_steps
                 if random_actions:
                     action = np.stack([np.asarray(env.action_space.sample()) for env in envs])
                     out_steps[ACTION_KEY].append(action)
@@ -266,9 +269,7 @@ class Rollout:
                         drops.append((i, ep_start[i], t))  # blank this episode's frames
                         r, term, trunc = 0.0, False, True
                         o = {k: cur[k][i] for k in keys} if is_dict else cur[key0][i]
-                    step_count[i] += 1
-                    returns[i] += r
-                    if max_steps and step_count[i] >= max_steps and not term:
+                    if max_steps and hit[i] and not term:
                         trunc = True
                     rewards.append(r)
                     terms.append(term)
@@ -277,7 +278,6 @@ class Rollout:
                         ep_start[i] = t + 1
                         finals.append((t, i, {k: np.array(o[k]) for k in keys} if is_dict
                                        else {key0: np.array(o)}))
-                        self.episode_returns.append(float(returns[i]))
                         self._safe_reset(i)
                     elif is_dict:
                         for k in keys:
@@ -287,6 +287,7 @@ class Rollout:
                 t_env += time.perf_counter() - t0
         self.last_valid_steps = valid
         self.last_env_time = t_env
+        self._account_returns(returns, rewards, [(t, i) for t, i, _ in finals], valid)
         buf = self._write(valid, obs_steps, out_steps, finals, rewards, terms, truncs, trajs,
                           counts, random_actions)
         self.dropped_frames = 0
@@ -296,6 +297,20 @@ class Rollout:
             buf[(COLLECTOR, "traj_ids")][i, start:end + 1] = -1
             self.dropped_frames += end + 1 - start
         return buf
+
+    def _account_returns(self, start: np.ndarray, rewards: list, ends: list, valid: int) -> None:
+        """Episode returns of the batch from its ``[T, E]`` rewards, per episode rather than
+        per step: each finished episode's return goes to ``episode_returns`` (in the order the
+        episodes ended) and each env carries its running return into the next batch."""
+        if not valid:
+            return
+        total = np.cumsum(np.array(rewards, np.float64).reshape(valid, self.num_envs), axis=0)
+        before = np.zeros(self.num_envs)  # cumulative reward before the current episode
+        carry = start.copy()  # return carried in from earlier batches (first episode only)
+        for t, i in ends:
+            self.episode_returns.append(float(carry[i] + total[t, i] - before[i]))
+            before[i], carry[i] = total[t, i], 0.0
+        self._returns = carry + total[-1] - before
 
     def _write(self, valid, obs_steps, out_steps, finals, rewards, terms, truncs, trajs, counts,
                random_actions) -> dict:
@@ -322,10 +337,10 @@ class Rollout:
             buf[(NEXT, "terminated")][:, :v, 0] = term
             buf[(NEXT, "truncated")][:, :v, 0] = trunc
             buf[(NEXT, "done")][:, :v, 0] = term | trunc
-            buf[(COLLECTOR, "traj_ids")][:, :v] = np.array(trajs, np.int64).reshape(shape).T
+            buf[(COLLECTOR, "traj_ids")][:, :v] = np.stack(trajs, axis=1)
             buf[(COLLECTOR, "policy_version")][:, :v] = self.policy_version
             if self.max_frames_per_traj:
-                sc = np.array(counts, np.int64).reshape(shape).T
+                sc = np.stack(counts, axis=1)
                 buf["step_count"][:, :v, 0] = sc
                 buf[(NEXT, "step_count")][:, :v, 0] = sc + 1
         if v < self.steps:  # preempted: blank the rest, traj id -1 marks unfilled frames

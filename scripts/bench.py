@@ -62,6 +62,28 @@ def raw_loop(frames: int, heavy: bool = False, wrapped: bool = False) -> float:
     return frames / (time.perf_counter() - t0)
 
 
+def vector_loop(frames: int, wrapped: bool = False, native: bool = False, n: int = 8) -> float:
+    """A gymnasium vector env of ``n`` CartPoles with the batched MLP, storing obs / next obs /
+    action / reward / flags per step: ``SyncVectorEnv`` over ``gym.make``, or CartPole's native
+    vectorized implementation (``make_vec(..., vectorization_mode="vector_entry_point")``)."""
+    if native:
+        env = gym.make_vec("CartPole-v1", n, vectorization_mode="vector_entry_point")
+    else:
+        env = gym.vector.SyncVectorEnv([lambda: gym.make("CartPole-v1")] * n)
+    policy = Wrapped(mlp_policy()) if wrapped else mlp_policy()
+    obs, _ = env.reset(seed=0)
+    store = []
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for _ in range(frames // n):
+            action = policy(torch.as_tensor(obs)).numpy()
+            nxt, reward, term, trunc, _ = env.step(action)
+            store.append((obs, action, reward, term, trunc, nxt))
+            obs = nxt
+    env.close()
+    return (frames // n) * n / (time.perf_counter() - t0)
+
+
 def timed(collector, frames_per_batch: int, warmup: int = 1) -> float:
     it = iter(collector)
     for _ in range(warmup):
@@ -181,6 +203,16 @@ def run_sync(frames: int) -> None:
     ours8 = ours_sync(frames * 4, 4000, 8)
     row("ours SyncDataCollector, num_envs=8 (fpb 4000)", ours8,
         f"{ours8 / trl:.1f}x TorchRL" if trl else "")
+    # the ceilings for 8 envs: gymnasium's vector envs stepping the same envs, batched MLP
+    for wrap in (False, True):
+        sve = vector_loop(frames * 4, wrap, native=False)
+        native = vector_loop(frames * 4, wrap, native=True)
+        mine = ours_sync(frames * 4, 4000, 8, wrap)
+        label = ", MLP in a wrapper" if wrap else ""
+        row(f"gymnasium SyncVectorEnv(8){label}", sve)
+        row(f"gymnasium make_vec(8, vector_entry_point){label}", native)
+        row(f"ours, num_envs=8 (fpb 4000){label}", mine,
+            f"{mine / sve:.2f}x SyncVectorEnv(8), {mine / native:.2f}x make_vec(8)")
     lat = first_batch_latency()
     print(f"\nfirst batch from a running Ray (nn.Module policy): {lat:.2f} s")
     check = weight_check_cost()
@@ -366,7 +398,7 @@ def run_buffer(seconds: float) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["sync", "multi", "buffer", "torchrl", "workloads", "all"],
+    parser.add_argument("--part", choices=["sync", "multi", "buffer", "torchrl", "workloads", "memory", "all"],
                         default="all")
     parser.add_argument("--frames", type=int, default=30_000)
     parser.add_argument("--quick", action="store_true", help="few frames: a smoke run")
@@ -390,6 +422,10 @@ def main(argv=None) -> None:
         from bench_workloads import run_workloads
 
         guarded(run_workloads, min(frames, 2_000), row)
+    if args.part in ("memory", "all"):
+        from bench_workloads import pong_memory
+
+        guarded(pong_memory, 2_000 if args.quick else 20_000)
     sys.stdout.flush()
     # TorchRL's RayReplayBuffer and multiprocess collectors can leave non-daemon threads that
     # keep the interpreter from exiting; everything of ours is shut down at this point.

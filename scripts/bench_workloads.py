@@ -112,3 +112,34 @@ def run_workloads(frames: int, row) -> None:
         row("ours, num_envs=8", eight, f"{eight / vec:.2f}x SyncVectorEnv(8)")
         two, _ = ours(make, net, frames, fpb, workers=2)
         row("ours, 2 workers (num_envs=1)", two, f"{two / one:.2f}x our 1 worker")
+
+
+def pong_memory(frames: int, row_fn=None) -> None:
+    """Pong frames into a plain and a compact RayReplayBuffer (random policy, 2 workers):
+    bytes per stored frame and the latency of sample(32)."""
+    from collectors import MultiSyncDataCollector, RayReplayBuffer
+
+    print(f"\n## Pong replay memory ({frames:,} frames, uint8 [4, 84, 84])\n")
+    print("| storage | bytes per frame | x observation alone | sample(32) ms (median of 200) |\n"
+          "|---|---:|---:|---:|")
+    obs_bytes = 4 * 84 * 84
+    for label, kwargs in (("plain (TorchRL layout), local sampling", {}),
+                          ("plain, sampled through the actor", {"local_sampling": False}),
+                          ("compact_obs=True", {"compact_obs": True})):
+        with RayReplayBuffer(frames, batch_size=32, seed=0, **kwargs) as rb:
+            with MultiSyncDataCollector(pong, None, num_workers=2, frames_per_batch=500,
+                                        total_frames=frames, replay_buffer=rb,
+                                        compact_obs=kwargs.get("compact_obs", False)) as c:
+                for _ in c:
+                    pass
+            info = rb.info()
+            per_frame = info["storage_bytes"] / info["size"]
+            rb.sample()
+            times = []
+            for _ in range(200):
+                t0 = time.perf_counter()
+                rb.sample()
+                times.append(time.perf_counter() - t0)
+            times.sort()
+            print(f"| {label} | {per_frame:,.0f} | {per_frame / obs_bytes:.2f} | "
+                  f"{1e3 * times[len(times) // 2]:.2f} |", flush=True)
