@@ -12,7 +12,7 @@ import weakref
 
 import ray
 import torch
-from ray.exceptions import ObjectLostError, RayTaskError
+from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 
 from actors import driver as driver_body
 from actors.env_worker import WorkerPlan
@@ -38,6 +38,11 @@ def _ray_get(ref, timeout=None):
         if isinstance(cause, RayCollectorsError):
             raise cause from None
         raise
+    except RayActorError as exc:  # the driver itself is gone: nothing left to coordinate
+        raise CollectorError(
+            f"the collector's driver actor died ({exc}); its node was lost or it was killed. "
+            "This collector cannot go on: create a new one (pin the driver with "
+            "resources.driver.node to keep it on a node that stays).") from exc
 
 
 class DataCollectorBase:
