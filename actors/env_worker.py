@@ -16,6 +16,7 @@ from typing import Any
 
 import ray
 
+from actors.compact import compact_arrays
 from actors.options import CollectorOptions
 from actors.rollout import Rollout
 from actors.td_rollout import TensorDictRollout, is_torchrl_env
@@ -79,6 +80,7 @@ class EnvWorker:
         self._deferred: list = []  # control calls that arrived mid-batch: applied before the next
         self.frames = 0
         self.episodes = 0
+        self.compact_obs = options.compact_obs
         if options.worker_nice:
             os.nice(options.worker_nice)  # background work: the trainer keeps its CPU share
         if plan.policy_kind != "random":
@@ -142,6 +144,8 @@ class EnvWorker:
             with self._lock:
                 self._collecting = None
                 self._run_deferred()
+        if self.compact_obs:  # next observations the following step holds are not shipped
+            batch = compact_arrays(batch)
         frames = self.rollout.num_envs * self.rollout.last_valid_steps - self.rollout.dropped_frames
         self.batches += 1
         self.frames += frames

@@ -16,7 +16,7 @@ import torch
 from tensordict import TensorDict
 
 from actors import checkpoints
-from actors.compact import CompactNext
+from actors.compact import CompactNext, expand_arrays
 from actors.metrics import Metrics
 from actors.samplers import make_sampler
 from actors.shared_ring import SharedRing, remove_stale, shareable
@@ -66,6 +66,7 @@ class RateLimiter:
 def arrays_to_frames(arrays: dict) -> TensorDict:
     """Worker arrays ``{key: [E, T, ...]}`` -> a flat TensorDict of valid frames, env-major."""
     flat = {}
+    arrays = expand_arrays(arrays)  # compact_obs batches: next observations put back
     with warnings.catch_warnings():  # read-only object-store views: only read, then copied
         warnings.simplefilter("ignore", UserWarning)
         for key, value in arrays.items():

@@ -23,8 +23,8 @@ def assemble(parts: list[dict], worker_ids: list[int] | None, layout: str,
     ``("collector", "worker_id")``. ``compact_obs`` leaves out the ``("next", ...)`` copies of
     observation and state keys, as TorchRL's ``compact_obs=True`` does.
     """
-    num_envs, steps = next(iter(parts[0].values())).shape[:2]
-    keys = list(parts[0])
+    num_envs, steps = parts[0][("collector", "traj_ids")].shape[:2]
+    keys = [k for k in parts[0] if not (isinstance(k, tuple) and k[0] == "_compact")]
     if compact_obs:
         dropped = {("next", *k) for k in compacted_keys(keys)}
         keys = [k for k in keys if ((k,) if isinstance(k, str) else tuple(k)) not in dropped]

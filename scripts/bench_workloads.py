@@ -72,11 +72,13 @@ def timed(collector, frames: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def ours(make, policy, frames: int, fpb: int, num_envs: int = 1, workers: int = 1) -> tuple:
+def ours(make, policy, frames: int, fpb: int, num_envs: int = 1, workers: int = 1,
+         compact_obs: bool = False) -> tuple:
     from collectors import MultiSyncDataCollector, SyncDataCollector
 
     if workers == 1:
-        c = SyncDataCollector(make, policy, frames_per_batch=fpb, num_envs=num_envs)
+        c = SyncDataCollector(make, policy, frames_per_batch=fpb, num_envs=num_envs,
+                              compact_obs=compact_obs)
     else:
         c = MultiSyncDataCollector(make, policy, num_workers=workers, frames_per_batch=fpb * workers,
                                    num_envs=num_envs)
@@ -108,6 +110,10 @@ def run_workloads(frames: int, row) -> None:
         one, bps = ours(make, net, frames, fpb)
         row("ours, num_envs=1", one, f"{one / raw:.2f}x raw" + (f", {one / trl:.2f}x TorchRL" if trl else "")
             + f", {bps / 1e6:.1f} MB/s through the object store")
+        if make is pong:  # env actors ship each observation once
+            small, small_bps = ours(make, net, frames, fpb, compact_obs=True)
+            row("ours, num_envs=1, compact_obs=True", small,
+                f"{small / raw:.2f}x raw, {small_bps / 1e6:.1f} MB/s through the object store")
         eight, _ = ours(make, net, frames, fpb, num_envs=8)
         row("ours, num_envs=8", eight, f"{eight / vec:.2f}x SyncVectorEnv(8)")
         two, _ = ours(make, net, frames, fpb, workers=2)

@@ -156,3 +156,32 @@ def test_compact_keys_match_torchrl():
     with SyncDataCollector(make, None, frames_per_batch=20, total_frames=20, compact_obs=True) as c:
         got = set(c.next().keys(True, True))
     assert got - {("collector", "policy_version")} == want  # ours always records the version
+
+
+def test_env_actors_ship_compact_batches_that_expand_exactly():
+    """With compact_obs the worker leaves out the next observations the following step holds;
+    the buffer side puts back exactly what the full batch had (episode ends, row ends, a
+    preempted tail), and the shipped batch is about half the observation bytes."""
+    from actors.compact import compact_arrays, expand_arrays
+    from actors.env_worker import EnvWorker, WorkerPlan
+    from actors.options import CollectorOptions
+    from collectors.validate import build_spec
+
+    env = counting_env
+    options = CollectorOptions(frames_per_batch=14, num_envs=2, max_frames_per_traj=50)
+    spec, kind = build_spec(env, None, None, 2)
+    worker = EnvWorker(WorkerPlan((env,), None, kind, spec, 7, options))
+    try:
+        for _ in range(3):
+            full, _ = worker.collect()
+            full = {k: v.copy() for k, v in full.items()}
+            shipped = compact_arrays(full)
+            assert ("next", "observation") not in shipped and ("next", "step_count") not in shipped
+            back = expand_arrays(shipped)
+            assert set(back) == set(full)
+            for key in full:
+                assert np.array_equal(back[key], full[key]), key
+            # episodes of 5 in rows of 7: each row ships its last step and its episode ends only
+            assert len(shipped[("_compact", "at")]) <= 2 * 3
+    finally:
+        worker.close()
