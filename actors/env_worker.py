@@ -20,6 +20,7 @@ from actors.compact import compact_arrays
 from actors.options import CollectorOptions
 from actors.rollout import Rollout
 from actors.td_rollout import TensorDictRollout, is_torchrl_env
+from actors.vector_rollout import VectorRollout
 
 log = logging.getLogger("ray_collectors.worker")
 
@@ -99,10 +100,21 @@ class EnvWorker:
         if plan.spec.get("torchrl"):
             self.rollout = TensorDictRollout(env_fn, self._policy(plan), plan.policy_kind,
                                              plan.steps, options, **ids)
+        elif options.native_vector:  # resolved to True/False by the collector
+            self.rollout = VectorRollout(plan.env_fns[worker_index], options.create_env_kwargs,
+                                         self._policy(plan), plan.policy_kind, plan.spec,
+                                         plan.steps, options, **ids)
         else:
             self.rollout = Rollout([env_fn] * options.num_envs, self._policy(plan),
                                    plan.policy_kind, plan.spec, plan.steps, options, **ids)
+
+        def per_env_loop(policy, id_counter: int) -> Rollout:
+            return Rollout([env_fn] * options.num_envs, policy, plan.policy_kind, plan.spec,
+                           plan.steps, options, **dict(ids, id_counter=id_counter))
+
+        self._per_env_loop = per_env_loop
         if seed is not None and seed[1]:
+            self._leave_vector_loop()
             self.rollout.set_seed(seed[0], static_seed=True)
         if weights is not None:
             self.set_weights(weights, policy_version)
@@ -208,13 +220,34 @@ class EnvWorker:
         self._apply(load)
         return int(version)
 
+    def _leave_vector_loop(self) -> None:
+        """A native vector env seeds all its envs from one generator and resets all or none:
+        ``set_seed(static_seed=True)`` and resetting some envs hand over to the per-env loop
+        (same trajectory-id counter, policy and version; fresh episodes)."""
+        old = self.rollout
+        if not isinstance(old, VectorRollout):
+            return
+        self.rollout = self._per_env_loop(old.runner.policy, old.id_counter)
+        self.rollout.policy_version = old.policy_version
+        old.close()
+
     @ray.method(concurrency_group="control")
     def set_seed(self, seed: int | None, static_seed: bool = False) -> None:
-        self._apply(lambda: self.rollout.set_seed(seed, static_seed))
+        def apply():
+            if static_seed:
+                self._leave_vector_loop()
+            self.rollout.set_seed(seed, static_seed)
+
+        self._apply(apply)
 
     @ray.method(concurrency_group="control")
     def reset(self, env_indices=None) -> None:
-        self._apply(lambda: self.rollout.reset(env_indices))
+        def apply():
+            if env_indices is not None and sorted(map(int, env_indices)) != list(range(self.rollout.num_envs)):
+                self._leave_vector_loop()
+            self.rollout.reset(env_indices)
+
+        self._apply(apply)
 
     @ray.method(concurrency_group="control")
     def state_dict(self) -> dict:

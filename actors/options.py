@@ -94,6 +94,11 @@ class CollectorOptions(BaseModel):
         "random", description="tensordict interaction type set around every policy call "
                               "('random', 'deterministic', 'mode', 'mean', 'median'; "
                               "ExplorationType members too); TorchRL's default is random")
+    native_vector: Optional[StrictBool] = Field(
+        None, description="step a gymnasium id that has a native vectorized implementation "
+                          "(gymnasium.make_vec(id, num_envs, vectorization_mode="
+                          "'vector_entry_point'), e.g. CartPole) as one vector env: None uses it "
+                          "where it exists and the options allow, True requires it, False never")
     compact_obs: StrictBool = Field(
         False, description="store each observation once (TorchRL's option): yielded batches "
                            "leave out the ('next', obs) copies of observation and state keys; "

@@ -24,10 +24,64 @@ NEXT = "next"
 COLLECTOR = "collector"
 
 
-def _derive_seed(base: int | None, slot: int, restarts: int) -> int | None:
+def derive_seed(base: int | None, slot: int, restarts: int) -> int | None:
+    """The seed of env ``slot`` of a run after ``restarts`` rebuilds (``None`` if unseeded)."""
     if base is None:
         return None
     return int(base) + slot + 1_000_003 * restarts
+
+
+def allocate(spec: dict, num_envs: int, steps: int, step_count: bool) -> dict:
+    """Zeroed ``{key: [num_envs, steps, ...]}`` arrays of one batch, TorchRL's keys."""
+    e, t = num_envs, steps
+    buf = {}
+    for key, (shape, dtype) in spec["obs"].items():
+        buf[key] = np.zeros((e, t, *shape), dtype)
+        buf[(NEXT, key)] = np.zeros((e, t, *shape), dtype)
+    for key, (shape, dtype) in spec["outputs"].items():
+        buf[key] = np.zeros((e, t, *shape), dtype)
+    for key in ("done", "terminated", "truncated"):
+        buf[key] = np.zeros((e, t, 1), bool)
+        buf[(NEXT, key)] = np.zeros((e, t, 1), bool)
+    buf[(NEXT, "reward")] = np.zeros((e, t, 1), np.float32)
+    if step_count:
+        buf["step_count"] = np.zeros((e, t, 1), np.int64)
+        buf[(NEXT, "step_count")] = np.zeros((e, t, 1), np.int64)
+    buf[(COLLECTOR, "traj_ids")] = np.zeros((e, t), np.int64)
+    buf[(COLLECTOR, "policy_version")] = np.zeros((e, t), np.int64)
+    return buf
+
+
+def account_returns(start: np.ndarray, rewards: np.ndarray, ends) -> tuple[list, np.ndarray]:
+    """Episode returns from a batch's ``[T, E]`` rewards, per episode rather than per step.
+
+    ``start``: each env's running return at the batch start; ``ends``: the ``(t, env)`` of the
+    episode ends, in the order they happened. Returns the finished episodes' returns in that
+    order, and each env's running return after the batch."""
+    total = np.cumsum(rewards, axis=0, dtype=np.float64)
+    before = np.zeros(len(start))  # cumulative reward before each env's current episode
+    carry = np.array(start, np.float64)  # return carried in from earlier batches
+    finished = []
+    for t, i in ends:
+        finished.append(float(carry[i] + total[t, i] - before[i]))
+        before[i], carry[i] = total[t, i], 0.0
+    return finished, carry + total[-1] - before
+
+
+def check_policy_output(out: dict, spec: dict, num_envs: int, name: str, check_finite: str) -> None:
+    """The policy's outputs fit the spec found at construction (shape, dtype; finite when
+    ``check_finite`` is on); else :class:`PolicyOutputError` naming the policy."""
+    for key, (shape, dtype) in spec["outputs"].items():
+        value = out.get(key)
+        want = (num_envs, *shape)
+        if value is None or tuple(value.shape) != want or value.dtype.name != dtype:
+            got = "nothing" if value is None else f"shape {tuple(value.shape)} dtype {value.dtype.name}"
+            raise PolicyOutputError(
+                f"policy {name} returned {got} for {key!r} on a batch of {num_envs} envs; "
+                f"expected shape {want} and dtype {dtype} (as at construction). Fix the "
+                "policy's output shape or dtype.")
+        if check_finite != "off" and value.dtype.kind == "f" and not np.isfinite(value).all():
+            raise PolicyOutputError(f"policy {name} returned non-finite values for {key!r}.")
 
 
 class Rollout:
@@ -79,31 +133,11 @@ class Rollout:
         self._returns = np.zeros(self.num_envs, np.float64)  # its return up to this batch
         self._needs_reset = [True] * self.num_envs
         self._next_seed = [self._seed_for(i, 0) for i in range(self.num_envs)]
-        self.buffers = self._allocate(self.steps)
+        self.buffers = allocate(spec, self.num_envs, self.steps, bool(self.max_frames_per_traj))
         self.episode_returns: list[float] = []
         self.last_env_time = 0.0
         for i in range(self.num_envs):
             self._make_env(i)
-
-    # -- storage -------------------------------------------------------------------------
-    def _allocate(self, steps: int) -> dict:
-        e, t = self.num_envs, steps
-        buf = {}
-        for key, (shape, dtype) in self.spec["obs"].items():
-            buf[key] = np.zeros((e, t, *shape), dtype)
-            buf[(NEXT, key)] = np.zeros((e, t, *shape), dtype)
-        for key, (shape, dtype) in self.spec["outputs"].items():
-            buf[key] = np.zeros((e, t, *shape), dtype)
-        for key in ("done", "terminated", "truncated"):
-            buf[key] = np.zeros((e, t, 1), bool)
-            buf[(NEXT, key)] = np.zeros((e, t, 1), bool)
-        buf[(NEXT, "reward")] = np.zeros((e, t, 1), np.float32)
-        if self.max_frames_per_traj:
-            buf["step_count"] = np.zeros((e, t, 1), np.int64)
-            buf[(NEXT, "step_count")] = np.zeros((e, t, 1), np.int64)
-        buf[(COLLECTOR, "traj_ids")] = np.zeros((e, t), np.int64)
-        buf[(COLLECTOR, "policy_version")] = np.zeros((e, t), np.int64)
-        return buf
 
     # -- envs ----------------------------------------------------------------------------
     def _make_env(self, i: int) -> None:
@@ -134,7 +168,7 @@ class Rollout:
     def _seed_for(self, i: int, restarts: int) -> int | None:
         if self.static_seed and self.seed is not None:
             return int(self.seed) + 1_000_003 * restarts
-        return _derive_seed(self.seed, self.slot_offset + i, restarts)
+        return derive_seed(self.seed, self.slot_offset + i, restarts)
 
     def set_seed(self, seed: int | None, static_seed: bool = False) -> None:
         """Reseed every env (``seed + slot``, or ``seed`` for all with ``static_seed``) and the
@@ -244,7 +278,8 @@ class Rollout:
                             + "".join(traceback.format_exception(exc))
                         ) from exc
                     if t == 0:  # once per batch: a wrong output is the policy's error
-                        self._check_policy_output(out)
+                        check_policy_output(out, self.spec, n, type(runner.policy).__name__,
+                                            self.check_finite)
                     for key in out_keys:
                         out_steps[key].append(out[key])
                     action = out[ACTION_KEY]
@@ -299,18 +334,10 @@ class Rollout:
         return buf
 
     def _account_returns(self, start: np.ndarray, rewards: list, ends: list, valid: int) -> None:
-        """Episode returns of the batch from its ``[T, E]`` rewards, per episode rather than
-        per step: each finished episode's return goes to ``episode_returns`` (in the order the
-        episodes ended) and each env carries its running return into the next batch."""
-        if not valid:
-            return
-        total = np.cumsum(np.array(rewards, np.float64).reshape(valid, self.num_envs), axis=0)
-        before = np.zeros(self.num_envs)  # cumulative reward before the current episode
-        carry = start.copy()  # return carried in from earlier batches (first episode only)
-        for t, i in ends:
-            self.episode_returns.append(float(carry[i] + total[t, i] - before[i]))
-            before[i], carry[i] = total[t, i], 0.0
-        self._returns = carry + total[-1] - before
+        if valid:
+            done, self._returns = account_returns(
+                start, np.array(rewards, np.float64).reshape(valid, self.num_envs), ends)
+            self.episode_returns += done
 
     def _write(self, valid, obs_steps, out_steps, finals, rewards, terms, truncs, trajs, counts,
                random_actions) -> dict:
@@ -348,24 +375,8 @@ class Rollout:
                 value[:, v:] = 0
             buf[(COLLECTOR, "traj_ids")][:, v:] = -1
         if self.check_finite == "raise":
-            _check_finite(buf)
+            check_finite(buf)
         return buf
-
-    def _check_policy_output(self, out: dict) -> None:
-        """The policy's outputs fit the spec found at construction (shape, dtype; finite when
-        ``check_finite`` is on); else :class:`PolicyOutputError` naming the policy."""
-        name = type(self.runner.policy).__name__
-        for key, (shape, dtype) in self.spec["outputs"].items():
-            value = out.get(key)
-            want = (self.num_envs, *shape)
-            if value is None or tuple(value.shape) != want or value.dtype.name != dtype:
-                got = "nothing" if value is None else f"shape {tuple(value.shape)} dtype {value.dtype.name}"
-                raise PolicyOutputError(
-                    f"policy {name} returned {got} for {key!r} on a batch of {self.num_envs} envs; "
-                    f"expected shape {want} and dtype {dtype} (as at construction). Fix the "
-                    "policy's output shape or dtype.")
-            if self.check_finite != "off" and value.dtype.kind == "f" and not np.isfinite(value).all():
-                raise PolicyOutputError(f"policy {name} returned non-finite values for {key!r}.")
 
     def _bad_output(self, i: int, obs, reward) -> bool:
         """Per-step checks that are on only when asked for; True means drop the episode."""
@@ -426,7 +437,8 @@ class Rollout:
         return self._seed_for(i, self.env_restarts[i])
 
 
-def _check_finite(buf: dict) -> None:
+def check_finite(buf: dict) -> None:
+    """Raise :class:`EnvSpecError` at the first NaN or inf in a batch."""
     for key, value in buf.items():
         if value.dtype.kind == "f" and not np.isfinite(value).all():
             where = np.argwhere(~np.isfinite(value))[0].tolist()

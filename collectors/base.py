@@ -18,6 +18,7 @@ from actors import driver as driver_body
 from actors.env_worker import WorkerPlan
 from actors.errors import CollectorError, RayCollectorsError, unwrap
 from actors.options import CollectorOptions, options_doc
+from actors.vector_rollout import native_vector_problem
 from collectors import validate
 from collectors.batch import assemble, mark_truncated, split_trajectories
 from collectors.runtime import ensure_ray, kill_quietly as _kill_quietly, near_caller
@@ -91,6 +92,7 @@ class DataCollectorBase:
                 raise ValueError(f"{cls_name}: the env factories of the workers make different "
                                  f"envs (spaces {other_spec} vs {spec}); their batches could not "
                                  "be stacked. Give every worker the same kind of env.")
+        options = self._native_vector(options, env_fns, spec, cls_name)
         steps, self.requested_frames_per_batch = self._batch_geometry(options)
         if self.requested_frames_per_batch != options.frames_per_batch:
             warnings.warn(
@@ -162,6 +164,19 @@ class DataCollectorBase:
         if options.num_workers > 1 and not self._multi:
             raise TypeError(f"{cls_name} has one env actor; got num_workers="
                             f"{options.num_workers}. Use a multi collector for several.")
+
+    @staticmethod
+    def _native_vector(options: CollectorOptions, env_fns: tuple, spec: dict,
+                       cls_name: str) -> CollectorOptions:
+        """Resolve ``native_vector`` to True or False: a gymnasium id with a native vectorized
+        implementation runs as one vector env per actor unless the options need per-env envs."""
+        problem = "the env is a TorchRL env" if spec.get("torchrl") else next(
+            (p for p in (native_vector_problem(f, options) for f in env_fns) if p), None)
+        if options.native_vector and problem:
+            raise ValueError(f"{cls_name}: native_vector=True, but {problem}. Pass "
+                             "native_vector=None (use it where possible) or False.")
+        use = problem is None and options.native_vector is not False
+        return options.model_copy(update={"native_vector": use})
 
     def _env_fns(self, create_env_fn, num_workers: int) -> tuple:
         if isinstance(create_env_fn, (list, tuple)):

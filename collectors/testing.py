@@ -134,9 +134,47 @@ class FaultyEnv(gym.Wrapper):
         return self.env.step(action)
 
 
-# registered on import, so "collectors.testing:CountingEnv-v0" works as a gymnasium id anywhere
+class CountingVectorEnv(gym.vector.VectorEnv):
+    """``num_envs`` counting envs stepped as one native vector env (gymnasium's ``NEXT_STEP``
+    autoreset, as ``CartPoleVectorEnv``: a finished env returns its reset observation, reward 0,
+    at its next step). Env ``i`` has episodes of ``episode_length + i`` steps, so the envs
+    finish at different steps."""
+
+    metadata: dict = {"render_modes": [], "autoreset_mode": gym.vector.AutoresetMode.NEXT_STEP}
+
+    def __init__(self, num_envs: int = 2, episode_length: int = 5):
+        self.num_envs = num_envs
+        self.lengths = episode_length + np.arange(num_envs)
+        self.single_observation_space = spaces.Box(0, np.inf, (1,), np.float32)
+        self.single_action_space = spaces.Discrete(2)
+        self.observation_space = gym.vector.utils.batch_space(self.single_observation_space, num_envs)
+        self.action_space = gym.vector.utils.batch_space(self.single_action_space, num_envs)
+        self.t = np.zeros(num_envs, np.int64)
+        self.prev_done = np.zeros(num_envs, bool)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t[:] = 0
+        self.prev_done[:] = False
+        return self.t[:, None].astype(np.float32), {}
+
+    def step(self, actions):
+        self.t += 1
+        reward = np.ones(self.num_envs, np.float32)
+        self.t[self.prev_done] = 0
+        reward[self.prev_done] = 0.0
+        terminated = (self.t >= self.lengths) & ~self.prev_done
+        self.prev_done = terminated
+        return self.t[:, None].astype(np.float32), reward, terminated, np.zeros(self.num_envs, bool), {}
+
+
+# registered on import, so "collectors.testing:CountingEnv-v0" works as a gymnasium id anywhere;
+# "CountingVecEnv-v0" is the same env with a native vector implementation (env i: length 5 + i)
 if "CountingEnv-v0" not in gym.registry:
     gym.register("CountingEnv-v0", entry_point="collectors.testing:CountingEnv")
+if "CountingVecEnv-v0" not in gym.registry:
+    gym.register("CountingVecEnv-v0", entry_point="collectors.testing:CountingEnv",
+                 vector_entry_point="collectors.testing:CountingVectorEnv")
 
 
 def counting_env(episode_length: int = 5, **kwargs) -> CountingEnv:

@@ -139,12 +139,14 @@ def torchrl_multi(kind: str, workers: int, frames: int, fpb: int, heavy: bool) -
 
 
 # -- ours ------------------------------------------------------------------------------------
-def ours_sync(frames: int, fpb: int, num_envs: int = 1, wrapped: bool = False) -> float:
+def ours_sync(frames: int, fpb: int, num_envs: int = 1, wrapped: bool = False,
+              native_vector: bool | None = None) -> float:
     from collectors import SyncDataCollector
 
     policy = Wrapped(mlp_policy()) if wrapped else mlp_policy()
     with SyncDataCollector("CartPole-v1", policy, frames_per_batch=fpb,
-                           total_frames=frames + fpb, num_envs=num_envs) as c:
+                           total_frames=frames + fpb, num_envs=num_envs,
+                           native_vector=native_vector) as c:
         return timed(c, fpb)
 
 
@@ -207,12 +209,15 @@ def run_sync(frames: int) -> None:
     for wrap in (False, True):
         sve = vector_loop(frames * 4, wrap, native=False)
         native = vector_loop(frames * 4, wrap, native=True)
+        per_env = ours_sync(frames * 4, 4000, 8, wrap, native_vector=False)
         mine = ours_sync(frames * 4, 4000, 8, wrap)
         label = ", MLP in a wrapper" if wrap else ""
         row(f"gymnasium SyncVectorEnv(8){label}", sve)
         row(f"gymnasium make_vec(8, vector_entry_point){label}", native)
-        row(f"ours, num_envs=8 (fpb 4000){label}", mine,
-            f"{mine / sve:.2f}x SyncVectorEnv(8), {mine / native:.2f}x make_vec(8)")
+        row(f"ours, num_envs=8, one env object per env{label}", per_env,
+            f"{per_env / sve:.2f}x SyncVectorEnv(8)")
+        row(f"ours, num_envs=8, native vector env (the default){label}", mine,
+            f"{mine / native:.2f}x make_vec(8)")
     lat = first_batch_latency()
     print(f"\nfirst batch from a running Ray (nn.Module policy): {lat:.2f} s")
     check = weight_check_cost()

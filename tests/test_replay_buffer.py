@@ -329,3 +329,35 @@ def test_two_concurrent_sends_of_one_batch_store_it_once():
         t.join(10)
     assert sorted(results) == [0, 10] and rb.write_count == 30
     assert list(rb.batch_ids()).count(("c", 2)) == 1
+
+
+def test_num_slices_and_update_priority_through_the_handle():
+    """Both options as a user reaches them: a RayReplayBuffer filled by a collector."""
+    import functools
+
+    from collectors import MultiSyncDataCollector
+    from collectors.testing import counting_env
+
+    env = functools.partial(counting_env, 40)  # episodes of 40 steps: room for slices of 8
+    with RayReplayBuffer(2000, sampler="slice", num_slices=4, batch_size=32, seed=0) as rb:
+        with MultiSyncDataCollector(env, num_workers=2, frames_per_batch=400, total_frames=800,
+                                    replay_buffer=rb, name="slices") as c:
+            for _ in c:
+                pass
+        s = rb.sample().reshape(4, 8)  # 4 slices of 32 / 4 frames
+        ids, obs = s["collector", "traj_ids"], s["observation"].squeeze(-1)
+        assert (ids == ids[:, :1]).all() and ((obs[:, 1:] - obs[:, :-1]) == 1).all()
+    with RayReplayBuffer(1000, sampler="prioritized", alpha=1.0, beta=1.0, batch_size=64,
+                         seed=0) as rb:
+        with MultiSyncDataCollector(counting_env, num_workers=2, frames_per_batch=100,
+                                    total_frames=200, replay_buffer=rb, name="prio") as c:
+            for _ in c:
+                pass
+        first = rb.sample()
+        # all weight on slot 7: every draw returns it, with the smallest importance weight
+        priority = torch.full((200,), 1e-6)
+        priority[7] = 1e3
+        rb.update_priority(torch.arange(200), priority)
+        s = rb.sample()
+        assert (s["index"] == 7).all(), s["index"]
+        assert first["index"].unique().numel() > 1
