@@ -37,6 +37,17 @@ from actors.rollout import (COLLECTOR, NEXT, account_returns, allocate, check_fi
                             check_policy_output, derive_seed)
 
 
+def registered_id(env_id: str) -> str:
+    """``"module:EnvId"`` -> ``"EnvId"``, after importing ``module`` (which registers it)."""
+    if ":" not in env_id:
+        return env_id
+    import importlib
+
+    module, _, name = env_id.partition(":")
+    importlib.import_module(module)
+    return name
+
+
 def native_vector_problem(create_env_fn, options: CollectorOptions) -> str | None:
     """Why ``create_env_fn`` cannot run as a native vector env here (``None``: it can)."""
     if not isinstance(create_env_fn, str):
@@ -44,7 +55,7 @@ def native_vector_problem(create_env_fn, options: CollectorOptions) -> str | Non
     import gymnasium
 
     try:
-        spec = gymnasium.spec(create_env_fn)
+        spec = gymnasium.spec(registered_id(create_env_fn))
     except Exception as exc:  # noqa: BLE001 - not an id gymnasium knows
         return f"gymnasium has no spec for {create_env_fn!r} ({exc})"
     if not spec.vector_entry_point:
@@ -111,7 +122,7 @@ class VectorRollout:
     def _make_env(self) -> None:
         import gymnasium
 
-        self.env = gymnasium.make_vec(self.env_id, self.num_envs,
+        self.env = gymnasium.make_vec(registered_id(self.env_id), self.num_envs,
                                       vectorization_mode="vector_entry_point", **self.env_kwargs)
         space = self.env.single_observation_space
         shape, dtype = self.spec["obs"][self.obs_keys[0]]

@@ -12,7 +12,7 @@ from collectors.testing import CountingEnv  # noqa: F401 - registers CountingVec
 
 SPEC = {"obs": {"observation": ((1,), "float32")}, "obs_is_dict": False,
         "outputs": {"action": ((), "int64")}}
-ENV = "CountingVecEnv-v0"  # env i: episodes of 5 + i steps, NEXT_STEP autoreset
+ENV = "collectors.testing:CountingVecEnv-v0"  # env i: episodes of 5 + i steps, NEXT_STEP autoreset
 
 
 def check_rows(obs, nxt, reward, term, traj, lengths):
