@@ -98,7 +98,8 @@ class CollectorOptions(BaseModel):
         None, description="step a gymnasium id that has a native vectorized implementation "
                           "(gymnasium.make_vec(id, num_envs, vectorization_mode="
                           "'vector_entry_point'), e.g. CartPole) as one vector env: None uses it "
-                          "where it exists and the options allow, True requires it, False never")
+                          "from 16 envs per actor (where it is faster) if the options allow, "
+                          "True requires it, False never")
     compact_obs: StrictBool = Field(
         False, description="store each observation once (TorchRL's option): yielded batches "
                            "leave out the ('next', obs) copies of observation and state keys; "

@@ -16,7 +16,8 @@ import torch
 from tensordict import TensorDict
 
 from actors import checkpoints
-from actors.compact import CompactNext, expand_arrays
+from actors.compact import expand_arrays
+from actors.compact_storage import CompactNext
 from actors.metrics import Metrics
 from actors.samplers import make_sampler
 from actors.shared_ring import SharedRing, remove_stale, shareable

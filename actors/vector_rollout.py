@@ -37,6 +37,13 @@ from actors.rollout import (COLLECTOR, NEXT, account_returns, allocate, check_fi
                             check_policy_output, derive_seed)
 
 
+# From this many envs per actor, the native vector env is what ``native_vector=None`` picks: it
+# steps CartPole faster than one env object per env from 16 envs on (2-core machine, batched
+# MLP, frames/s in-process: 8 envs 55,600 vs 68,000; 16: 107,900 vs 84,600; 128: 471,000 vs
+# 107,000). Below that, the numpy overhead per call and the skipped autoreset steps cost more.
+AUTO_MIN_ENVS = 16
+
+
 def registered_id(env_id: str) -> str:
     """``"module:EnvId"`` -> ``"EnvId"``, after importing ``module`` (which registers it)."""
     if ":" not in env_id:
@@ -202,7 +209,8 @@ class VectorRollout:
         outs: dict = {k: [] for k in self.spec["outputs"]}
         t_env, first = 0.0, True
         with runner.context():
-            while (have < steps).any() and not self.stop_requested:
+            any_gap = bool(self._gap.any())
+            while have.min() < steps and not self.stop_requested:
                 obs = self._obs
                 if random_actions:
                     action = np.asarray(self.env.action_space.sample())
@@ -233,20 +241,25 @@ class VectorRollout:
                 nxt = np.array(nxt)  # a copy: a vector env may reuse its output array
                 reward = np.asarray(reward, np.float32) * live  # 0 on autoreset steps
                 term, trunc = np.asarray(term, bool) & live, np.asarray(trunc, bool) & live
-                for name, value in (("obs", obs), ("next", nxt), ("reward", reward), ("term", term),
-                                    ("trunc", trunc), ("traj", self._traj), ("live", live)):
-                    rows[name].append(value)
+                rows["obs"].append(obs)
+                rows["next"].append(nxt)
+                rows["reward"].append(reward)
+                rows["term"].append(term)
+                rows["trunc"].append(trunc)
+                rows["traj"].append(self._traj)
+                rows["live"].append(live)
                 rows["version"].append(self.policy_version)
                 have += live
                 done = term | trunc
                 if self._needs_reset:  # the env was rebuilt: all envs start over now
                     self._safe_reset()
+                    any_gap = False
                     continue
-                reset_now = self._gap  # these envs returned their reset observation this step
-                if reset_now.any():
+                if any_gap:  # the envs that finished last step returned their reset observation
                     self._traj = self._traj.copy()
-                    self._traj[reset_now] = self._new_ids(int(reset_now.sum()))
+                    self._traj[self._gap] = self._new_ids(int(self._gap.sum()))
                 self._gap = done
+                any_gap = bool(done.any())
                 self._obs = nxt
         self.last_env_time = t_env
         return self._write(carry, rows, outs)

@@ -18,7 +18,7 @@ from actors import driver as driver_body
 from actors.env_worker import WorkerPlan
 from actors.errors import CollectorError, RayCollectorsError, unwrap
 from actors.options import CollectorOptions, options_doc
-from actors.vector_rollout import native_vector_problem
+from actors.vector_rollout import AUTO_MIN_ENVS, native_vector_problem
 from collectors import validate
 from collectors.batch import assemble, mark_truncated, split_trajectories
 from collectors.runtime import ensure_ray, kill_quietly as _kill_quietly, near_caller
@@ -175,8 +175,9 @@ class DataCollectorBase:
         if options.native_vector and problem:
             raise ValueError(f"{cls_name}: native_vector=True, but {problem}. Pass "
                              "native_vector=None (use it where possible) or False.")
-        use = problem is None and options.native_vector is not False
-        return options.model_copy(update={"native_vector": use})
+        wanted = options.native_vector if options.native_vector is not None else \
+            options.num_envs >= AUTO_MIN_ENVS  # where it is faster (measured in vector_rollout)
+        return options.model_copy(update={"native_vector": problem is None and wanted})
 
     def _env_fns(self, create_env_fn, num_workers: int) -> tuple:
         if isinstance(create_env_fn, (list, tuple)):

@@ -5,7 +5,7 @@ import pytest
 import torch
 from tensordict import TensorDict
 
-from actors.compact import CompactNext
+from actors.compact_storage import CompactNext
 from actors.replay_buffer import ReplayBufferActor
 from collectors import MultiSyncDataCollector, RayReplayBuffer, SyncDataCollector
 from collectors.testing import counting_env

@@ -111,7 +111,7 @@ def test_collectors_use_the_native_vector_env_where_it_exists():
     assert "max_frames_per_traj" in native_vector_problem(
         "CartPole-v1", CollectorOptions(frames_per_batch=10, num_envs=2, max_frames_per_traj=9))
     with MultiSyncDataCollector(ENV, num_workers=2, num_envs=3, frames_per_batch=60,
-                                total_frames=600, name="native") as c:
+                                total_frames=600, native_vector=True, name="native") as c:
         assert c.options.native_vector is True
         batches = [b for b in c]
     data = torch.cat(batches, dim=-1)  # [workers, envs, T]
@@ -121,17 +121,21 @@ def test_collectors_use_the_native_vector_env_where_it_exists():
                    data["collector", "traj_ids"][w].numpy(), [5, 6, 7])
     ids = data["collector", "traj_ids"]
     assert not set(ids[0].unique().tolist()) & set(ids[1].unique().tolist())
-    with SyncDataCollector("CartPole-v1", frames_per_batch=40, num_envs=4, total_frames=400,
+    with SyncDataCollector("CartPole-v1", frames_per_batch=64, num_envs=16, total_frames=640,
                            seed=3) as c:
-        assert c.options.native_vector is True
+        assert c.options.native_vector is True  # picked from 16 envs on
         first = c.next()
         c.set_seed(3)
         again = c.next()
         assert torch.equal(first["observation"], again["observation"])  # seeded: reproducible
         c.set_seed(3, static_seed=True)  # hands over to the per-env loop: same seed everywhere
         first = c.next()["observation"][:, 0]
-        assert all(torch.equal(first[0], first[k]) for k in range(1, 4))
+        assert all(torch.equal(first[0], first[k]) for k in range(1, 16))
     with pytest.raises(ValueError, match="native_vector=True"):
         SyncDataCollector("Pendulum-v1", frames_per_batch=8, num_envs=2, native_vector=True)
     with SyncDataCollector("CartPole-v1", frames_per_batch=8, num_envs=2, native_vector=False) as c:
         assert c.options.native_vector is False and c.next().batch_size == (2, 4)
+    with SyncDataCollector("CartPole-v1", frames_per_batch=8, num_envs=2) as c:
+        assert c.options.native_vector is False  # below 16 envs, one env object per env
+    with SyncDataCollector("CartPole-v1", frames_per_batch=32, num_envs=16, max_frames_per_traj=9) as c:
+        assert c.options.native_vector is False  # an option that needs per-env envs
