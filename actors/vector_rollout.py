@@ -93,6 +93,7 @@ class VectorRollout:
         self.steps = int(steps)
         self.spec = spec
         self.obs_keys = tuple(spec["obs"])
+        self._obs_dtype = np.dtype(spec["obs"][self.obs_keys[0]][1])  # what the policy is given
         if spec["obs_is_dict"]:
             raise EnvSpecError(f"{env_id!r}: dict observations are not supported by the native "
                                "vector loop; pass native_vector=False.")
@@ -151,7 +152,7 @@ class VectorRollout:
             obs, _ = self.env.reset(seed=seed)
         except Exception as exc:  # noqa: BLE001 - reported with context
             raise EnvStepError(0, seed, "reset", exc) from exc
-        self._obs = np.asarray(obs)
+        self._obs = np.asarray(obs, self._obs_dtype)
         self._traj = self._new_ids(self.num_envs)
         self._gap[:] = False
         self._needs_reset = self._seed_next = False
@@ -238,7 +239,7 @@ class VectorRollout:
                     term, trunc = np.zeros(n, bool), np.ones(n, bool)
                     self._needs_reset = True
                 t_env += time.perf_counter() - t0
-                nxt = np.array(nxt)  # a copy: a vector env may reuse its output array
+                nxt = np.array(nxt, self._obs_dtype)  # a copy: a vector env may reuse its output
                 reward = np.asarray(reward, np.float32) * live  # 0 on autoreset steps
                 term, trunc = np.asarray(term, bool) & live, np.asarray(trunc, bool) & live
                 rows["obs"].append(obs)

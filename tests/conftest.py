@@ -33,3 +33,20 @@ def alive_actor_names(prefix: str) -> list[str]:
     address = ray.get_runtime_context().gcs_address  # this session's Ray, even if others run
     return [a.name for a in list_actors(address=address, filters=[("state", "=", "ALIVE")], limit=1000)
             if a.name and a.name.startswith(prefix)]
+
+
+@pytest.fixture(autouse=True)
+def keep_worker_identity_out_of_the_trainer():
+    """An env worker built in-process (unit tests) sets RAY_COLLECTORS_WORKER_ID/_RESTARTS in
+    this process's environment; left there, a later FaultyEnv built by a trainer would take
+    the trainer for that worker (and, say, hang in it). Restored after every test."""
+    import os
+
+    names = ("RAY_COLLECTORS_WORKER_ID", "RAY_COLLECTORS_WORKER_RESTARTS")
+    saved = {name: os.environ.get(name) for name in names}
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
