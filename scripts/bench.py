@@ -66,22 +66,14 @@ def vector_loop(frames: int, wrapped: bool = False, native: bool = False, n: int
     """A gymnasium vector env of ``n`` CartPoles with the batched MLP, storing obs / next obs /
     action / reward / flags per step: ``SyncVectorEnv`` over ``gym.make``, or CartPole's native
     vectorized implementation (``make_vec(..., vectorization_mode="vector_entry_point")``)."""
+    from bench_workloads import vector_loop as timed_vector_loop
+
     if native:
         env = gym.make_vec("CartPole-v1", n, vectorization_mode="vector_entry_point")
     else:
         env = gym.vector.SyncVectorEnv([lambda: gym.make("CartPole-v1")] * n)
     policy = Wrapped(mlp_policy()) if wrapped else mlp_policy()
-    obs, _ = env.reset(seed=0)
-    store = []
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        for _ in range(frames // n):
-            action = policy(torch.as_tensor(obs)).numpy()
-            nxt, reward, term, trunc, _ = env.step(action)
-            store.append((obs, action, reward, term, trunc, nxt))
-            obs = nxt
-    env.close()
-    return (frames // n) * n / (time.perf_counter() - t0)
+    return timed_vector_loop(None, policy, frames, n, env=env)
 
 
 def timed(collector, frames_per_batch: int, warmup: int = 1) -> float:

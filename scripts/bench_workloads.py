@@ -25,9 +25,10 @@ def raw_loop(make, policy, frames: int) -> float:
     return frames / (time.perf_counter() - t0)
 
 
-def vector_loop(make, policy, frames: int, n: int = 8) -> float:
-    """``SyncVectorEnv(n)`` with the batched policy, storing obs/next obs/action/reward/flags."""
-    env = gym.vector.SyncVectorEnv([make] * n)
+def vector_loop(make, policy, frames: int, n: int = 8, env=None) -> float:
+    """``SyncVectorEnv(n)`` of ``make`` (or the vector ``env`` given) with the batched policy,
+    storing obs/next obs/action/reward/flags per step."""
+    env = env if env is not None else gym.vector.SyncVectorEnv([make] * n)
     obs, _ = env.reset(seed=0)
     store = []
     t0 = time.perf_counter()
