@@ -8,7 +8,6 @@ import torch
 from actors.options import CollectorOptions
 from actors.vector_rollout import VectorRollout, native_vector_problem
 from collectors import MultiSyncDataCollector, SyncDataCollector
-from collectors.testing import CountingEnv  # noqa: F401 - registers CountingVecEnv-v0
 
 SPEC = {"obs": {"observation": ((1,), "float32")}, "obs_is_dict": False,
         "outputs": {"action": ((), "int64")}}
