@@ -349,6 +349,7 @@ class ReplayBufferActor:
                 "batches": self.batches, "inserts": self.limiter.inserts,
                 "samples": self.limiter.samples, "insert_time": self.insert_time,
                 "sample_time": self.sample_time, "restored_from": self.restored_from,
+                "checkpointed_batches": self.checkpointed_batches,
                 "pid": os.getpid(), "node_id": _node_id(), "storage_bytes": self.storage_bytes()}
 
     def storage_bytes(self) -> int:

@@ -362,9 +362,13 @@ def test_buffer_restart_with_sparse_checkpoints_loses_nothing(tmp_path):
     try:
         c.start()
         deadline = time.monotonic() + 60
-        while rb.write_count < 3_000 and time.monotonic() < deadline:
+        info = rb.info()  # the kill needs a checkpoint on disk and batches after it
+        while (info["write_count"] < 3_000 or info["checkpointed_batches"] == 0) \
+                and time.monotonic() < deadline:
             time.sleep(0.05)
-        os.kill(rb.info()["pid"], signal.SIGKILL)
+            info = rb.info()
+        assert info["checkpointed_batches"] > 0, info
+        os.kill(info["pid"], signal.SIGKILL)
         while c.is_running() and time.monotonic() < deadline + 60:
             time.sleep(0.1)
         c.async_shutdown()
