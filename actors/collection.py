@@ -1,7 +1,8 @@
 """Collection: asking the pool's workers for batches (all at once, or as they come), and the
 ledger that accounts for every frame: produced = delivered + dropped (by reason).
 
-Batches stay in Ray's object store; only ``([ref], meta)`` pairs pass through here.
+Each batch is a return object of its own, fetched by its consumer; only ``([ref], meta)``
+pairs pass through here (the meta is fetched, the batch never is).
 """
 from __future__ import annotations
 
@@ -85,6 +86,7 @@ class Collection:
         self.inflight: dict = {}  # async: collect ref -> (worker index, handle)
         self.slowest = [None] * pool.count  # slowest batch (s) of each worker so far
         self.active_since: dict = {}  # async: worker -> when its oldest call in flight began
+        self.batch_refs: dict = {}  # meta ref -> batch ref, for every call not yet resolved
 
     def timeout(self, i: int) -> float:
         """How long worker ``i`` may take for one batch before it counts as hung."""
@@ -94,12 +96,18 @@ class Collection:
         return FIRST_BATCH_S if slowest is None else max(HANG_FLOOR_S, HANG_FACTOR * slowest)
 
     def _call(self, i: int, handle, random_actions: bool):
-        return handle.collect_ref.remote(random_actions)
+        """Ask worker ``i`` for a batch: ``(meta ref, batch ref)``; only the meta is fetched
+        here, the batch goes from the worker to its consumer."""
+        batch_ref, meta_ref = handle.collect_pair.remote(random_actions)
+        self.batch_refs[meta_ref] = batch_ref
+        return meta_ref
 
     def _resolve(self, ref, i: int, handle):
-        """``ray.get`` one collect result; ``None`` after replacing a failed worker."""
+        """``ray.get`` one collect result (by its meta ref): ``([batch ref], meta)``; ``None``
+        after replacing a failed worker."""
+        batch_ref = self.batch_refs.pop(ref)
         try:
-            out = ray.get(ref)
+            meta = ray.get(ref)
         except RayActorError as exc:
             self.ledger.drop(i, "worker_died", self.frames_per_worker_batch)
             self.pool.replace(i, "died", str(exc), handle=handle)
@@ -114,11 +122,11 @@ class Collection:
             self.ledger.drop(i, "error", self.frames_per_worker_batch)
             self.pool.replace(i, "error", str(exc), handle=handle)
             return None
-        self.pool.note_id_counter(i, out[1]["id_counter"])
-        self.ledger.account(out[1], self.pool.version)
-        took = out[1].get("collect_time", 0.0)
+        self.pool.note_id_counter(i, meta["id_counter"])
+        self.ledger.account(meta, self.pool.version)
+        took = meta.get("collect_time", 0.0)
         self.slowest[i] = took if self.slowest[i] is None else max(self.slowest[i], took)
-        return out
+        return [batch_ref], meta
 
     def _timed_out(self, i: int, handle, drop: bool = True) -> None:
         self.ledger.per_worker[i]["timeouts"] += 1
@@ -148,6 +156,7 @@ class Collection:
                 for ref, (i, h, deadline) in list(pending.items()):
                     if deadline <= now:
                         del pending[ref]
+                        self.batch_refs.pop(ref, None)
                         self._timed_out(i, h)
                         self._ask_again(pending, i, random_actions)
                 continue
@@ -202,6 +211,7 @@ class Collection:
     def _resubmit_after_replace(self, i: int, random_actions: bool) -> None:
         for r in [r for r, (j, _) in self.inflight.items() if j == i]:
             del self.inflight[r]
+            self.batch_refs.pop(r, None)
             self.ledger.drop(i, "worker_died", self.frames_per_worker_batch)
         if self.pool.is_alive(i):
             h = self.pool.handle(i)
@@ -223,4 +233,6 @@ class Collection:
         """Forget outstanding async requests (their frames are counted as dropped)."""
         for i, _ in self.inflight.values():
             self.ledger.drop(i, "cancelled", self.frames_per_worker_batch)
+        for r in self.inflight:
+            self.batch_refs.pop(r, None)
         self.inflight.clear()
