@@ -79,10 +79,7 @@ class PolicyRunner:
             x = torch.from_numpy(obs[self.obs_keys[0]])
             out = self._forward(x if device is None else x.to(device))
             if not isinstance(out, torch.Tensor):
-                raise PolicyOutputError(
-                    f"an nn.Module policy must return the action tensor; got {type(out).__name__}. "
-                    "Return a tensor, or wrap the module in a tensordict.nn.TensorDictModule."
-                )
+                raise _not_a_tensor(out)
             return {ACTION_KEY: (out if device is None else out.cpu()).numpy()}
         td = self._td_cls(
             {k: torch.from_numpy(v) for k, v in obs.items()}, batch_size=[self.num_envs],
@@ -105,10 +102,23 @@ class PolicyRunner:
             )
         return result
 
-    def prepare(self) -> None:
-        """Pick how to call a module policy for the next batch (hooks may have changed)."""
-        if self.kind == "module":
-            self._forward = sequential_chain(self.policy) or self.policy
+    def prepare(self):
+        """Pick how to call a module policy for the next batch (hooks may have changed);
+        returns the per-step call, ``{key: array}`` -> ``{key: ndarray}`` like ``self(obs)``."""
+        if self.kind != "module":
+            return self
+        self._forward = forward = sequential_chain(self.policy) or self.policy
+        if self.device is not None:
+            return self
+        from_numpy, tensor, key = self.torch.from_numpy, self.torch.Tensor, self.obs_keys[0]
+
+        def step(obs):  # __call__'s module branch, its lookups done once per batch
+            out = forward(from_numpy(obs[key]))
+            if not isinstance(out, tensor):
+                raise _not_a_tensor(out)
+            return {ACTION_KEY: out.numpy()}
+
+        return step
 
     @property
     def module(self):
@@ -124,6 +134,12 @@ class PolicyRunner:
                 "be updated for torch.nn.Module policies."
             )
         self.module.load_state_dict(state_dict)
+
+
+def _not_a_tensor(out) -> PolicyOutputError:
+    return PolicyOutputError(
+        f"an nn.Module policy must return the action tensor; got {type(out).__name__}. "
+        "Return a tensor, or wrap the module in a tensordict.nn.TensorDictModule.")
 
 
 def _plain(module) -> bool:

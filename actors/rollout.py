@@ -226,13 +226,16 @@ class Rollout:
         """
         envs, n, steps = self.envs, self.num_envs, self.steps
         keys, is_dict, key0 = self.obs_keys, self.obs_is_dict, self.obs_keys[0]
+        single = len(keys) == 1  # one observation array per env: no per-step dicts
         cur, step_count = self._obs, self._step_count
+        cur0 = cur[key0]
         out_keys = tuple(self.spec["outputs"])
         max_steps = self.max_frames_per_traj or 0
         random_actions = random_actions or self.runner.kind == "random"
         runner = self.runner
-        runner.prepare()
+        act = runner.prepare()
         dtypes = {k: np.dtype(d) for k, (_, d) in self.spec["obs"].items()}
+        dtype0 = dtypes[key0]
         shapes = {k: tuple(s) for k, (s, _) in self.spec["obs"].items()}
         shape0 = shapes[key0]
         act_shape, act_dtype = self.spec["outputs"][ACTION_KEY]
@@ -241,27 +244,35 @@ class Rollout:
             if self._needs_reset[i]:
                 self._safe_reset(i)
         obs_steps = {k: [] for k in keys}  # per step: (E, ...) copies given to the policy
+        obs_list0 = obs_steps[key0]
         out_steps = {k: [] for k in out_keys}
+        out_lists = tuple(out_steps.items())
         finals = []  # (t, i, final observation) at episode ends
+        new_ids = []  # (t, i, trajectory id from step t + 1) at those ends
+        traj_start = self._traj.copy()  # each env's trajectory id at the batch start
         returns = self._returns.copy()  # running returns at the batch start, after those resets
-        rewards, terms, truncs, trajs, counts = [], [], [], [], []
+        rewards, terms, truncs, counts = [], [], [], []
         checking = self.check_obs_space or self.drop_bad_episodes
         ep_start = [0] * n  # step of this batch where each env's current episode began
         drops: list = []
         valid = steps
         t_env = 0.0
+        perf = time.perf_counter
         with runner.context():
             for t in range(steps):
                 if self.stop_requested:
                     valid = t
                     break
-                if n == 1:  # a copy with a batch dim of 1, cheaper than np.stack
-                    obs_t = {k: np.array(cur[k][0], dtypes[k])[None] for k in keys}
+                if single:  # n == 1: a copy with a batch dim of 1, cheaper than np.stack
+                    x = np.array(cur0[0], dtype0)[None] if n == 1 else \
+                        np.stack(cur0).astype(dtype0, copy=False)
+                    obs_list0.append(x)
+                    obs_t = {key0: x}
                 else:
-                    obs_t = {k: np.stack(cur[k]).astype(dtypes[k], copy=False) for k in keys}
-                for k in keys:
-                    obs_steps[k].append(obs_t[k])
-                trajs.append(self._traj.copy())  # per step, for all envs at once
+                    obs_t = {k: np.array(cur[k][0], dtypes[k])[None] if n == 1 else
+                             np.stack(cur[k]).astype(dtypes[k], copy=False) for k in keys}
+                    for k in keys:
+                        obs_steps[k].append(obs_t[k])
                 if max_steps:
                     counts.append(step_count.copy())
                     step_count += 1
@@ -271,7 +282,7 @@ class Rollout:
                     out_steps[ACTION_KEY].append(action)
                 else:
                     try:
-                        out = runner(obs_t)
+                        out = act(obs_t)
                     except Exception as exc:  # noqa: BLE001
                         raise PolicyError(
                             "the policy raised inside the env worker:\n"
@@ -280,19 +291,19 @@ class Rollout:
                     if t == 0:  # once per batch: a wrong output is the policy's error
                         check_policy_output(out, self.spec, n, type(runner.policy).__name__,
                                             self.check_finite)
-                    for key in out_keys:
-                        out_steps[key].append(out[key])
+                    for key, values in out_lists:
+                        values.append(out[key])
                     action = out[ACTION_KEY]
                 if int_action:  # Python ints: gymnasium's Discrete checks them fastest
                     action = action.tolist()
-                t0 = time.perf_counter()
+                t0 = perf()
                 for i in range(n):
                     try:
                         o, r, term, trunc, _ = envs[i].step(action[i])
                     except Exception as exc:  # noqa: BLE001
                         # cut the episode: a truncated frame ending where the env last was
                         self._env_failed(i, EnvStepError(i, self._seed_of(i), "step", exc))
-                        o = {k: cur[k][i] for k in keys} if is_dict else cur[key0][i]
+                        o = {k: cur[k][i] for k in keys} if is_dict else cur0[i]
                         r, term, trunc = 0.0, False, True
                     if is_dict:
                         for k in keys:
@@ -303,7 +314,7 @@ class Rollout:
                     if checking and self._bad_output(i, o, r):
                         drops.append((i, ep_start[i], t))  # blank this episode's frames
                         r, term, trunc = 0.0, False, True
-                        o = {k: cur[k][i] for k in keys} if is_dict else cur[key0][i]
+                        o = {k: cur[k][i] for k in keys} if is_dict else cur0[i]
                     if max_steps and hit[i] and not term:
                         trunc = True
                     rewards.append(r)
@@ -314,15 +325,19 @@ class Rollout:
                         finals.append((t, i, {k: np.array(o[k]) for k in keys} if is_dict
                                        else {key0: np.array(o)}))
                         self._safe_reset(i)
+                        new_ids.append((t, i, self._traj[i]))
                     elif is_dict:
                         for k in keys:
                             cur[k][i] = o[k]
                     else:
-                        cur[key0][i] = o
-                t_env += time.perf_counter() - t0
+                        cur0[i] = o
+                t_env += perf() - t0
         self.last_valid_steps = valid
         self.last_env_time = t_env
         self._account_returns(returns, rewards, [(t, i) for t, i, _ in finals], valid)
+        trajs = np.repeat(traj_start[:, None], valid, axis=1)  # [E, T]: ids change at ends only
+        for t, i, tid in new_ids:
+            trajs[i, t + 1:] = tid
         buf = self._write(valid, obs_steps, out_steps, finals, rewards, terms, truncs, trajs,
                           counts, random_actions)
         self.dropped_frames = 0
@@ -364,7 +379,7 @@ class Rollout:
             buf[(NEXT, "terminated")][:, :v, 0] = term
             buf[(NEXT, "truncated")][:, :v, 0] = trunc
             buf[(NEXT, "done")][:, :v, 0] = term | trunc
-            buf[(COLLECTOR, "traj_ids")][:, :v] = np.stack(trajs, axis=1)
+            buf[(COLLECTOR, "traj_ids")][:, :v] = trajs
             buf[(COLLECTOR, "policy_version")][:, :v] = self.policy_version
             if self.max_frames_per_traj:
                 sc = np.stack(counts, axis=1)
