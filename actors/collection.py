@@ -109,24 +109,41 @@ class Collection:
         try:
             meta = ray.get(ref)
         except RayActorError as exc:
-            self.ledger.drop(i, "worker_died", self.frames_per_worker_batch)
-            self.pool.replace(i, "died", str(exc), handle=handle)
+            self.failed(i, handle, "died", "", str(exc))
             return None
         except RayTaskError as exc:
             cause = unwrap(exc)
-            if isinstance(cause, FatalWorkerError) or self.on_error == "raise":
-                self.pool.mark_dead(i)
-                raise CollectorError(
-                    f"worker {i} of {self.pool.name!r} failed with {type(cause).__name__} "
-                    f"(not retried):\n{exc}", worker=i) from None
-            self.ledger.drop(i, "error", self.frames_per_worker_batch)
-            self.pool.replace(i, "error", str(exc), handle=handle)
+            kind = "fatal" if isinstance(cause, FatalWorkerError) else "error"
+            self.failed(i, handle, kind, type(cause).__name__, str(exc))
             return None
+        self.settle(i, meta)
+        return [batch_ref], meta
+
+    def settle(self, i: int, meta: dict) -> None:
+        """Account a batch worker ``i`` delivered."""
         self.pool.note_id_counter(i, meta["id_counter"])
         self.ledger.account(meta, self.pool.version)
         took = meta.get("collect_time", 0.0)
         self.slowest[i] = took if self.slowest[i] is None else max(self.slowest[i], took)
-        return [batch_ref], meta
+
+    def failed(self, i: int, handle, kind: str, cause: str, message: str) -> None:
+        """Worker ``i``'s batch failed: ``kind`` is ``"died"``, ``"timeout"``, ``"error"`` (an
+        exception named ``cause``) or ``"fatal"`` (a ``FatalWorkerError``). Its frames are
+        counted dropped and the worker replaced, or ``CollectorError`` is raised for a fatal
+        error (or any error with ``on_worker_error="raise"``)."""
+        if kind == "timeout":
+            self._timed_out(i, handle)
+        elif kind == "died":
+            self.ledger.drop(i, "worker_died", self.frames_per_worker_batch)
+            self.pool.replace(i, "died", message, handle=handle)
+        elif kind == "fatal" or self.on_error == "raise":
+            self.pool.mark_dead(i)
+            raise CollectorError(
+                f"worker {i} of {self.pool.name!r} failed with {cause} (not retried):\n"
+                f"{message}", worker=i) from None
+        else:
+            self.ledger.drop(i, "error", self.frames_per_worker_batch)
+            self.pool.replace(i, "error", message, handle=handle)
 
     def _timed_out(self, i: int, handle, drop: bool = True) -> None:
         self.ledger.per_worker[i]["timeouts"] += 1

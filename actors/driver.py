@@ -149,6 +149,24 @@ class Driver:
             self.writer.write(buffer, refs, meta)
         return [meta for _, meta in results]
 
+    # -- the direct path: a batch the trainer took from a worker itself (compiled graph) -----
+    def batch_timeout(self, i: int) -> float:
+        """How long worker ``i`` may take for its next batch before it counts as hung."""
+        return self.collection.timeout(i)
+
+    def settle(self, i: int, meta: dict) -> float:
+        """Account a batch the trainer took from worker ``i`` directly, as ``collect_sync``
+        would; returns the worker's timeout for its next batch."""
+        self.collection.settle(i, meta)
+        return self.collection.timeout(i)
+
+    def direct_failed(self, i: int, handle, kind: str, cause: str, message: str) -> None:
+        """Such a batch failed (see ``Collection.failed``); nothing to do if ``handle`` (equal
+        by actor id) is no longer worker ``i``."""
+        current = self.pool.handle(i)
+        if current is not None and current == handle:
+            self.collection.failed(i, current, kind, cause, message)
+
     def lost(self, metas: list) -> None:
         """The consumer could not fetch these batches (their worker died): undeliver them."""
         for meta in metas:

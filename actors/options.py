@@ -100,6 +100,13 @@ class CollectorOptions(BaseModel):
                           "'vector_entry_point'), e.g. CartPole) as one vector env: None uses it "
                           "from 16 envs per actor (where it is faster) if the options allow, "
                           "True requires it, False never")
+    compiled_graph: Optional[StrictBool] = Field(
+        None, description="one-worker sync collectors: take batches from the env actor through a "
+                          "Ray compiled graph (shared-memory channels; about 4 ms less per batch "
+                          "than the driver's calls) from the third batch on; the driver still "
+                          "accounts each batch and handles failures. None: where possible (the "
+                          "worker on the trainer's node, no RayReplayBuffer, no "
+                          "preemptive_threshold); True: require it; False: never")
     compact_obs: StrictBool = Field(
         False, description="store each observation once (TorchRL's option): yielded batches "
                            "leave out the ('next', obs) copies of observation and state keys; "

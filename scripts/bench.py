@@ -76,7 +76,10 @@ def vector_loop(frames: int, wrapped: bool = False, native: bool = False, n: int
     return timed_vector_loop(None, policy, frames, n, env=env)
 
 
-def timed(collector, frames_per_batch: int, warmup: int = 1) -> float:
+WARMUP = 3  # batches before timing, every collector alike (ours opens its compiled graph at the 3rd)
+
+
+def timed(collector, frames_per_batch: int, warmup: int = WARMUP) -> float:
     it = iter(collector)
     for _ in range(warmup):
         next(it)
@@ -103,7 +106,7 @@ def torchrl_sync(frames: int, fpb: int, heavy: bool = False) -> float:
     from torchrl.collectors import Collector
 
     c = Collector(lambda: torchrl_env(heavy), torchrl_policy(), frames_per_batch=fpb,
-                  total_frames=frames + fpb)
+                  total_frames=frames + WARMUP * fpb)
     try:
         return timed(c, fpb)
     finally:
@@ -123,7 +126,7 @@ def torchrl_multi(kind: str, workers: int, frames: int, fpb: int, heavy: bool) -
 
     cls = MultiSyncCollector if kind == "sync" else MultiAsyncCollector
     factory = _heavy_factory if heavy else _light_factory
-    c = cls([factory] * workers, torchrl_policy(), frames_per_batch=fpb, total_frames=frames + fpb)
+    c = cls([factory] * workers, torchrl_policy(), frames_per_batch=fpb, total_frames=frames + WARMUP * fpb)
     try:
         return timed(c, fpb)
     finally:
@@ -137,7 +140,7 @@ def ours_sync(frames: int, fpb: int, num_envs: int = 1, wrapped: bool = False,
 
     policy = Wrapped(mlp_policy()) if wrapped else mlp_policy()
     with SyncDataCollector("CartPole-v1", policy, frames_per_batch=fpb,
-                           total_frames=frames + fpb, num_envs=num_envs,
+                           total_frames=frames + WARMUP * fpb, num_envs=num_envs,
                            native_vector=native_vector) as c:
         return timed(c, fpb)
 
@@ -149,7 +152,7 @@ def ours_multi(kind: str, workers: int, frames: int, fpb: int, heavy: bool) -> f
     cls = MultiSyncDataCollector if kind == "sync" else MultiaSyncDataCollector
     env = heavy_cartpole if heavy else "CartPole-v1"
     with cls(env, mlp_policy(), num_workers=workers, frames_per_batch=fpb,
-             total_frames=frames + fpb, num_cpus=1.0 / workers) as c:
+             total_frames=frames + WARMUP * fpb, num_cpus=1.0 / workers) as c:
         return timed(c, fpb)
 
 

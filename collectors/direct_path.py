@@ -1,0 +1,113 @@
+"""The direct path: a one-worker sync collector's batches go from its env actor to the trainer
+through a Ray compiled graph (shared-memory channels) instead of three actor calls.
+
+Measured per 1000-frame CartPole batch on the 2-core machine: the driver path spends about 5 ms
+in Ray (trainer -> driver -> worker, the replies, the fetch), a compiled graph about 1 ms. The
+driver still accounts every batch: ``settle`` is sent without waiting and awaited before the
+trainer's next call to the driver. A failed batch (worker died, raised, or hung past the
+driver's timeout) is reported to the driver, which counts and replaces the worker exactly as on
+its own path; the graph is torn down and that round is collected through the driver. The next
+round compiles a graph for the replacement.
+
+    >>> path = DirectPath(driver, handle, timeout_s=600.0)  # doctest: +SKIP
+    >>> batch, meta = path.collect(False)  # None after a failure: use the driver this round
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import ray
+from ray.exceptions import (GetTimeoutError, RayActorError, RayChannelError,
+                            RayChannelTimeoutError, RayTaskError)
+
+from actors.errors import FatalWorkerError, RayCollectorsError, unwrap
+
+CONTROL_TIMEOUT_S = 30.0
+SLEEP_SHARE = 0.85
+DAG_LOG = "ray.dag.compiled_dag_node"  # logs a traceback per dead actor at teardown
+
+
+class DirectPath:
+    """Worker 0's batches through a compiled graph ``handle.collect(random_actions)``."""
+
+    def __init__(self, driver, handle, timeout_s: float):
+        self.driver = driver
+        self.handle = handle
+        self.timeout_s = float(timeout_s)  # the driver's hang bound for the next batch
+        self.settling = None  # the last settle() call, awaited before the next driver call
+        self.expected_s = 0.0  # the last batch's collect time
+        self.dag = None
+        from ray.dag import InputNode
+
+        with InputNode() as random_actions:
+            graph = handle.collect.bind(random_actions)
+        self.dag = graph.experimental_compile()
+
+    def collect(self, random_actions: bool):
+        """``(arrays, meta)`` of one batch, or ``None`` once a failure was handed to the driver
+        (this object is then closed)."""
+        self.settled()
+        try:  # (a dead worker closes the graph's channels: execute itself may raise)
+            ref = self.dag.execute(bool(random_actions))
+            if self.expected_s:  # sleep through most of it: ray.get on a graph spins a core
+                time.sleep(SLEEP_SHARE * self.expected_s)
+            batch, meta = ray.get(ref, timeout=self.timeout_s)
+        except (GetTimeoutError, RayChannelError, RayActorError, RayTaskError) as exc:
+            self._failed(exc)
+            return None
+        self.settling = self.driver.settle.remote(0, meta)
+        self.expected_s = meta["collect_time"]
+        return batch, meta
+
+    def settled(self) -> None:
+        """Wait for the last ``settle`` (the driver's figures then include every batch)."""
+        if self.settling is not None:
+            ref, self.settling = self.settling, None
+            self.timeout_s = float(_get(ref))
+
+    def _failed(self, exc: BaseException) -> None:
+        if isinstance(exc, RayTaskError):
+            cause = unwrap(exc)
+            kind = "fatal" if isinstance(cause, FatalWorkerError) else "error"
+            name = type(cause).__name__
+        elif isinstance(exc, RayActorError):
+            kind, name = "died", ""
+        elif isinstance(exc, (GetTimeoutError, RayChannelTimeoutError)):
+            kind, name = "timeout", ""
+        else:  # a channel closed under us: the worker is gone
+            kind, name = "died", ""
+        try:  # the driver counts and replaces (a hung worker is killed), or raises; unbounded
+            # here like collect_sync, as the driver bounds the replacement's start-up itself
+            _get(self.driver.direct_failed.remote(0, self.handle, kind, name, str(exc)), None)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Tear the graph down (idempotent); the worker then serves plain calls only."""
+        dag, self.dag = self.dag, None
+        if dag is None:
+            return
+        try:
+            self.settled()
+        except Exception:  # noqa: BLE001 - closing: the driver's answer no longer matters
+            pass
+        log = logging.getLogger(DAG_LOG)
+        level = log.level
+        log.setLevel(logging.CRITICAL)  # a dead worker's cancel traceback is expected here
+        try:
+            dag.teardown()
+        except Exception:  # noqa: BLE001 - a dead worker: nothing left to tear down
+            pass
+        finally:
+            log.setLevel(level)
+
+
+def _get(ref, timeout: float | None = CONTROL_TIMEOUT_S):
+    try:
+        return ray.get(ref, timeout=timeout)
+    except RayTaskError as exc:
+        cause = unwrap(exc)
+        if isinstance(cause, RayCollectorsError):
+            raise cause from None
+        raise
