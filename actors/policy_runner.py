@@ -103,22 +103,24 @@ class PolicyRunner:
         return result
 
     def prepare(self):
-        """Pick how to call a module policy for the next batch (hooks may have changed);
-        returns the per-step call, ``{key: array}`` -> ``{key: ndarray}`` like ``self(obs)``."""
+        """Pick how to call a module policy for the next batch (hooks may have changed).
+        Returns ``(call, on_array)``: ``call(obs)`` maps ``{key: array}`` to ``{key: ndarray}``
+        like ``self(obs)``; with ``on_array`` (a module on the CPU) it maps the first key's array
+        to the action array, without the dicts."""
         if self.kind != "module":
-            return self
+            return self, False
         self._forward = forward = sequential_chain(self.policy) or self.policy
         if self.device is not None:
-            return self
-        from_numpy, tensor, key = self.torch.from_numpy, self.torch.Tensor, self.obs_keys[0]
+            return self, False
+        from_numpy, tensor = self.torch.from_numpy, self.torch.Tensor
 
-        def step(obs):  # __call__'s module branch, its lookups done once per batch
-            out = forward(from_numpy(obs[key]))
+        def step(x):  # __call__'s module branch, its lookups done once per batch
+            out = forward(from_numpy(x))
             if not isinstance(out, tensor):
                 raise _not_a_tensor(out)
-            return {ACTION_KEY: out.numpy()}
+            return out.numpy()
 
-        return step
+        return step, True
 
     @property
     def module(self):

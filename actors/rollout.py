@@ -234,7 +234,7 @@ class Rollout:
         max_steps = self.max_frames_per_traj or 0
         random_actions = random_actions or self.runner.kind == "random"
         runner = self.runner
-        act = runner.prepare()
+        act, on_array = runner.prepare()
         dtypes = {k: np.dtype(d) for k, (_, d) in self.spec["obs"].items()}
         dtype0 = dtypes[key0]
         shapes = {k: tuple(s) for k, (s, _) in self.spec["obs"].items()}
@@ -269,12 +269,13 @@ class Rollout:
                     x = np.array(cur0[0], dtype0)[None] if n == 1 else \
                         np.stack(cur0).astype(dtype0, copy=False)
                     obs_list0.append(x)
-                    obs_t = {key0: x}
+                    obs_t = None if on_array else {key0: x}
                 else:
                     obs_t = {k: np.array(cur[k][0], dtypes[k])[None] if n == 1 else
                              np.stack(cur[k]).astype(dtypes[k], copy=False) for k in keys}
                     for k in keys:
                         obs_steps[k].append(obs_t[k])
+                    x = obs_t[key0]
                 if max_steps:
                     counts.append(step_count.copy())
                     step_count += 1
@@ -284,19 +285,22 @@ class Rollout:
                     actions.append(action)
                 else:
                     try:
-                        out = act(obs_t)
+                        out = act(x) if on_array else act(obs_t)
                     except Exception as exc:  # noqa: BLE001
                         raise PolicyError(
                             "the policy raised inside the env worker:\n"
                             + "".join(traceback.format_exception(exc))
                         ) from exc
+                    if on_array:  # a module: its output is the action
+                        action = out
+                    else:
+                        action = out[ACTION_KEY]
+                        for key, values in extra_outs:
+                            values.append(out[key])
                     if t == 0:  # once per batch: a wrong output is the policy's error
-                        check_policy_output(out, self.spec, n, type(runner.policy).__name__,
-                                            self.check_finite)
-                    action = out[ACTION_KEY]
+                        check_policy_output({ACTION_KEY: action} if on_array else out, self.spec,
+                                            n, type(runner.policy).__name__, self.check_finite)
                     actions.append(action)
-                    for key, values in extra_outs:
-                        values.append(out[key])
                 if int_action:  # Python ints: gymnasium's Discrete checks them fastest
                     action = action.tolist()
                 timed = not t & ENV_TIME_EVERY_MASK  # a clock read costs ~0.5 us here: sample

@@ -200,7 +200,7 @@ class VectorRollout:
         n, steps, key = self.num_envs, self.steps, self.obs_keys[0]
         random_actions = random_actions or self.runner.kind == "random"
         runner = self.runner
-        act = runner.prepare()
+        act, on_array = runner.prepare()
         if self._needs_reset:
             self._safe_reset()
         carry = self._carry
@@ -218,7 +218,7 @@ class VectorRollout:
                     outs[ACTION_KEY].append(action)
                 else:
                     try:
-                        out = act({key: obs})
+                        out = {ACTION_KEY: act(obs)} if on_array else act({key: obs})
                     except Exception as exc:  # noqa: BLE001
                         raise PolicyError("the policy raised inside the env worker:\n"
                                           + "".join(traceback.format_exception(exc))) from exc

@@ -47,11 +47,12 @@ class DirectPath:
     def collect(self, random_actions: bool):
         """``(arrays, meta)`` of one batch, or ``None`` once a failure was handed to the driver
         (this object is then closed)."""
-        self.settled()
         try:  # (a dead worker closes the graph's channels: execute itself may raise)
             ref = self.dag.execute(bool(random_actions))
-            if self.expected_s:  # sleep through most of it: ray.get on a graph spins a core
-                time.sleep(SLEEP_SHARE * self.expected_s)
+            wake = time.monotonic() + SLEEP_SHARE * self.expected_s
+            self.settled()  # the previous batch's settle, while this one is collected
+            # sleep through most of the batch: ray.get on a graph's result spins a core
+            time.sleep(max(0.0, wake - time.monotonic()))
             batch, meta = ray.get(ref, timeout=self.timeout_s)
         except (GetTimeoutError, RayChannelError, RayActorError, RayTaskError) as exc:
             self._failed(exc)
