@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 
 import ray
 from ray.exceptions import (GetTimeoutError, RayActorError, RayChannelError,
@@ -24,7 +25,7 @@ from ray.exceptions import (GetTimeoutError, RayActorError, RayChannelError,
 from actors.errors import FatalWorkerError, RayCollectorsError, unwrap
 
 CONTROL_TIMEOUT_S = 30.0
-SLEEP_SHARE = 0.85
+SLEEP_SHARE = 0.95  # of the shortest of the last 5 collects, slept before reading
 DAG_LOG = "ray.dag.compiled_dag_node"  # logs a traceback per dead actor at teardown
 
 
@@ -36,7 +37,7 @@ class DirectPath:
         self.handle = handle
         self.timeout_s = float(timeout_s)  # the driver's hang bound for the next batch
         self.settling = None  # the last settle() call, awaited before the next driver call
-        self.expected_s = 0.0  # the last batch's collect time
+        self.recent: deque = deque(maxlen=5)  # the last batches' collect times (s)
         self.dag = None
         from ray.dag import InputNode
 
@@ -49,7 +50,7 @@ class DirectPath:
         (this object is then closed)."""
         try:  # (a dead worker closes the graph's channels: execute itself may raise)
             ref = self.dag.execute(bool(random_actions))
-            wake = time.monotonic() + SLEEP_SHARE * self.expected_s
+            wake = time.monotonic() + SLEEP_SHARE * (min(self.recent) if self.recent else 0.0)
             self.settled()  # the previous batch's settle, while this one is collected
             # sleep through most of the batch: ray.get on a graph's result spins a core
             time.sleep(max(0.0, wake - time.monotonic()))
@@ -58,7 +59,7 @@ class DirectPath:
             self._failed(exc)
             return None
         self.settling = self.driver.settle.remote(0, meta)
-        self.expected_s = meta["collect_time"]
+        self.recent.append(meta["collect_time"])
         return batch, meta
 
     def settled(self) -> None:
