@@ -284,6 +284,9 @@ class DataCollectorBase:
             timeout = _ray_get(self._driver.batch_timeout.remote(0), CONTROL_TIMEOUT_S)
             try:
                 self._direct = DirectPath(self._driver, handle, timeout)
+                # left to the garbage collector or interpreter exit: the graph is torn down
+                # before the driver is killed (finalizers run newest first)
+                weakref.finalize(self, self._direct.close)
             except Exception as exc:  # noqa: BLE001 - the driver path still works
                 if self.options.compiled_graph:
                     raise CollectorError(f"compiled_graph=True, but Ray could not compile the "
