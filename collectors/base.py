@@ -21,7 +21,7 @@ from actors.options import CollectorOptions, options_doc
 from actors.vector_rollout import AUTO_MIN_ENVS, native_vector_problem
 from collectors import validate
 from collectors.batch import assemble, mark_truncated, split_trajectories
-from collectors.direct_path import DirectPath
+from collectors.direct_path import DirectRoute, direct_problem
 from collectors.runtime import ensure_ray, kill_quietly as _kill_quietly, near_caller
 from collectors.runtime import wait_dead as _wait_dead
 from collectors.shipping import ship_by_value
@@ -29,7 +29,6 @@ from collectors.weight_sync import WeightWatcher
 
 CONTROL_TIMEOUT_S = 30.0  # bound of control calls (they never wait behind a batch in flight)
 AUTO_SYNC_POLL_S = 0.05  # during start(): how often the trainer's policy is checked for changes
-DIRECT_AFTER = 2  # batches through the driver before the compiled graph opens (see direct_path)
 
 
 def _ray_get(ref, timeout=None):
@@ -135,11 +134,13 @@ class DataCollectorBase:
         self._sync_thread: threading.Thread | None = None
         self._filler = None  # start() with a buffer in this process (e.g. TorchRL's)
         self._sync_stop = threading.Event()
-        self._direct: DirectPath | None = None  # the compiled graph to worker 0, once open
-        self._direct_ok = False  # whether batches may come through one (decided after start)
-        self._direct_batches = 0
+        self._direct: DirectRoute | None = None  # when batches take a compiled graph
         self._start_driver(create_env_fn, env_fns, policy, kind, spec, steps)
-        self._direct_ok = self._direct_wanted()
+        try:
+            self._direct = DirectRoute(self, self._driver, options, self.worker_info, self._async)
+        except BaseException:
+            self.shutdown(timeout=5.0, raise_on_error=False)
+            raise
         if options.seed is not None:
             self.set_seed(options.seed)
 
@@ -170,21 +171,10 @@ class DataCollectorBase:
         if options.num_workers > 1 and not self._multi:
             raise TypeError(f"{cls_name} has one env actor; got num_workers="
                             f"{options.num_workers}. Use a multi collector for several.")
-        if options.compiled_graph and self._direct_problem(options):
-            raise ValueError(f"{cls_name}: compiled_graph=True, but "
-                             f"{self._direct_problem(options)}. Pass compiled_graph=None (use "
-                             "it where possible) or False.")
-
-    def _direct_problem(self, options: CollectorOptions) -> str | None:
-        """Why batches cannot come through a compiled graph (None: they can)."""
-        if self._async or options.num_workers != 1:
-            return (f"it takes a sync collector with one worker (got {type(self).__name__} "
-                    f"with num_workers={options.num_workers})")
-        if hasattr(options.replay_buffer, "actor"):
-            return "with a RayReplayBuffer batches go from the env actor to the buffer actor"
-        if options.preemptive_threshold is not None:
-            return "preemptive_threshold needs the driver to watch every batch"
-        return None
+        problem = direct_problem(options, self._async, cls_name)
+        if options.compiled_graph and problem:
+            raise ValueError(f"{cls_name}: compiled_graph=True, but {problem}. Pass "
+                             "compiled_graph=None (use it where possible) or False.")
 
     @staticmethod
     def _native_vector(options: CollectorOptions, env_fns: tuple, spec: dict,
@@ -256,55 +246,9 @@ class DataCollectorBase:
             self.shutdown(timeout=5.0, raise_on_error=False)
             raise
 
-    def _direct_wanted(self) -> bool:
-        """The compiled-graph path: options allow it and the worker runs on this node."""
-        if self.options.compiled_graph is False or self._direct_problem(self.options):
-            return False
-        here = ray.get_runtime_context().get_node_id()
-        there = self.worker_info[0].get("node_id") if self.worker_info else None
-        if there != here:
-            if self.options.compiled_graph:
-                self.shutdown(timeout=5.0, raise_on_error=False)
-                raise ValueError(
-                    f"{type(self).__name__}: compiled_graph=True, but the env actor runs on node "
-                    f"{there}, not on the trainer's ({here}). Pass compiled_graph=None or False.")
-            return False
-        return True
-
-    def _direct_batch(self, random_actions: bool):
-        """``(arrays, meta)`` through the compiled graph, or ``None``: not open yet (the first
-        DIRECT_AFTER batches go through the driver, whose timing bounds a hang), not used, or
-        failed (the driver has replaced the worker; it collects this round)."""
-        if not self._direct_ok or (self._direct is None and self._iter < DIRECT_AFTER):
-            return None
-        if self._direct is None:
-            handle = _ray_get(self._driver.worker_handles.remote(), CONTROL_TIMEOUT_S)[0]
-            if handle is None:
-                return None
-            timeout = _ray_get(self._driver.batch_timeout.remote(0), CONTROL_TIMEOUT_S)
-            try:
-                self._direct = DirectPath(self._driver, handle, timeout)
-                # left to the garbage collector or interpreter exit: the graph is torn down
-                # before the driver is killed (finalizers run newest first)
-                weakref.finalize(self, self._direct.close)
-            except Exception as exc:  # noqa: BLE001 - the driver path still works
-                if self.options.compiled_graph:
-                    raise CollectorError(f"compiled_graph=True, but Ray could not compile the "
-                                         f"graph: {exc!r}") from exc
-                warnings.warn(f"{self.name}: no compiled graph ({exc!r}); batches go through "
-                              "the driver.", stacklevel=3)
-                self._direct_ok = False
-                return None
-        out = self._direct.collect(random_actions)
-        if out is None:
-            self._direct = None
-        else:
-            self._direct_batches += 1
-        return out
-
     def _collect_through_driver(self, random_actions: bool) -> tuple[list, list]:
         """The driver asks the workers; this fetches their batches: ``(arrays, metas)``."""
-        self._settle_direct()
+        self._direct.settled()
         for _ in range(3):
             if self._async:
                 results = [_ray_get(self._driver.next_ready.remote(random_actions))]
@@ -317,19 +261,6 @@ class DataCollectorBase:
                 # a worker died after handing its batch over: count it lost, collect again
                 _ray_get(self._driver.lost.remote([m for _, m in results]), timeout=CONTROL_TIMEOUT_S)
         raise CollectorError("three batches in a row were lost with their env workers.")
-
-    def _settle_direct(self) -> None:
-        """Before a call to the driver: its figures include every direct batch."""
-        direct = self._direct
-        if direct is not None:
-            direct.settled()
-
-    def _close_direct(self) -> None:
-        """No compiled graph from here on (it is torn down; the driver path remains)."""
-        self._direct_ok = False
-        direct, self._direct = self._direct, None
-        if direct is not None:
-            direct.close()
 
     # -- iteration ---------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -377,7 +308,7 @@ class DataCollectorBase:
             self._frames += sum(m["frames"] for m in metas)
             self._iter += 1
             return None
-        direct = None if self._async else self._direct_batch(random_actions)
+        direct = self._direct.batch(random_actions, self._iter)
         if direct is not None:
             parts, metas = [direct[0]], [direct[1]]
         else:
@@ -485,7 +416,7 @@ class DataCollectorBase:
                 self._watcher.mark_current()
             ref = ray.put(weights)
             self.policy_version += 1
-            self._settle_direct()  # (the driver's policy-lag figures follow the order of events)
+            self._direct.settled()  # (the driver's policy-lag figures follow the order of events)
             _ray_get(self._driver.set_weights.remote([ref], self.policy_version, worker_ids), timeout=CONTROL_TIMEOUT_S)
 
     def _sync_if_changed(self) -> None:
@@ -537,7 +468,7 @@ class DataCollectorBase:
 
     def state_dict(self) -> dict:
         self._check_open()
-        self._settle_direct()
+        self._direct.settled()
         out = {"frames": self._frames, "iter": self._iter, "policy_version": self.policy_version,
                "worker_states": _ray_get(self._driver.broadcast.remote("state_dict"), timeout=CONTROL_TIMEOUT_S)}
         if isinstance(self.policy, torch.nn.Module):
@@ -571,7 +502,7 @@ class DataCollectorBase:
                                "building the collector.")
         if self._t_start is None:
             self._t_start = time.perf_counter()
-        self._close_direct()  # a thread collects from here on: batches go through the driver
+        self._direct.close()  # a thread collects from here on: batches go through the driver
         if not hasattr(self.replay_buffer, "actor"):  # a buffer in this process: a thread fills it
             from collectors.local_fill import LocalFiller
 
@@ -640,7 +571,8 @@ class DataCollectorBase:
         if self._closed:
             return dict(self._final_stats or self._local_stats({}))
         try:
-            self._settle_direct()
+            if self._direct is not None:  # (None only while construction fails)
+                self._direct.settled()
             driver = ray.get(self._driver.stats.remote(), timeout=10)
         except Exception:  # noqa: BLE001 - stats never raise
             driver = {}
@@ -675,7 +607,7 @@ class DataCollectorBase:
             # the node each env worker started on (``ray.get_runtime_context().get_node_id()``)
             "worker_nodes": [info.get("node_id") for info in self.worker_info],
             "placement": (self.config.placement.strategy if self.config else None) or "none",
-            "compiled_graph_batches": self._direct_batches,  # batches that came through one
+            "compiled_graph_batches": self._direct.batches if self._direct else 0,
         }
         for i, p in enumerate(per):
             for key in ("frames", "delivered", "policy_version", "restarts", "env_errors", "timeouts"):
@@ -706,7 +638,8 @@ class DataCollectorBase:
         timeout = 10.0 if timeout is None else float(timeout)
         deadline = time.monotonic() + timeout
         try:
-            self._close_direct()  # settles the last batch, then tears the graph down
+            if self._direct is not None:
+                self._direct.close()  # settles the last batch, then tears the graph down
         except Exception:  # noqa: BLE001 - a dead driver or worker: stopped below anyway
             pass
         try:

@@ -17,17 +17,105 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
+import weakref
 from collections import deque
 
 import ray
 from ray.exceptions import (GetTimeoutError, RayActorError, RayChannelError,
                             RayChannelTimeoutError, RayTaskError)
 
-from actors.errors import FatalWorkerError, RayCollectorsError, unwrap
+from actors.errors import CollectorError, FatalWorkerError, RayCollectorsError, unwrap
 
 CONTROL_TIMEOUT_S = 30.0
+DIRECT_AFTER = 2  # batches through the driver before a graph opens (they bound a hang)
 SLEEP_SHARE = 0.95  # of the shortest of the last 5 collects, slept before reading
 DAG_LOG = "ray.dag.compiled_dag_node"  # logs a traceback per dead actor at teardown
+
+
+def direct_problem(options, is_async: bool, cls_name: str) -> str | None:
+    """Why a collector's batches cannot come through a compiled graph (None: they can)."""
+    if is_async or options.num_workers != 1:
+        return (f"it takes a sync collector with one worker (got {cls_name} with num_workers="
+                f"{options.num_workers})")
+    if hasattr(options.replay_buffer, "actor"):
+        return "with a RayReplayBuffer batches go from the env actor to the buffer actor"
+    if options.preemptive_threshold is not None:
+        return "preemptive_threshold needs the driver to watch every batch"
+    return None
+
+
+class DirectRoute:
+    """When a collector's batches take a compiled graph: from its batch ``DIRECT_AFTER`` on,
+    if the options allow it and the worker runs on this node; a graph is (re)opened to the
+    current worker whenever none is open. Raises ``ValueError`` for ``compiled_graph=True`` with
+    the worker on another node."""
+
+    def __init__(self, owner, driver, options, worker_info: list, is_async: bool):
+        self.name = owner.name
+        self.driver = driver
+        self.required = options.compiled_graph is True
+        self.path: DirectPath | None = None
+        self.batches = 0  # batches that came through a graph
+        self.enabled = options.compiled_graph is not False and \
+            direct_problem(options, is_async, type(owner).__name__) is None
+        if self.enabled:
+            here = ray.get_runtime_context().get_node_id()
+            there = worker_info[0].get("node_id") if worker_info else None
+            if there != here:
+                self.enabled = False
+                if self.required:
+                    raise ValueError(
+                        f"{type(owner).__name__}: compiled_graph=True, but the env actor runs "
+                        f"on node {there}, not on the trainer's ({here}). Pass "
+                        "compiled_graph=None or False.")
+        # left to the garbage collector or interpreter exit, the owner's graph is torn down
+        # before its driver is killed (finalizers run newest first)
+        weakref.finalize(owner, self.close)
+
+    def batch(self, random_actions: bool, iteration: int):
+        """``(arrays, meta)`` through the graph, or ``None``: not open yet, not used, or failed
+        (the driver has replaced the worker; it collects this round)."""
+        if not self.enabled or (self.path is None and iteration < DIRECT_AFTER):
+            return None
+        if self.path is None and not self._open():
+            return None
+        out = self.path.collect(random_actions)
+        if out is None:
+            self.path = None
+        else:
+            self.batches += 1
+        return out
+
+    def _open(self) -> bool:
+        handle = _get(self.driver.worker_handles.remote())[0]
+        if handle is None:
+            return False
+        timeout = _get(self.driver.batch_timeout.remote(0))
+        try:
+            self.path = DirectPath(self.driver, handle, timeout)
+        except Exception as exc:  # noqa: BLE001 - the driver path still works
+            if self.required:
+                raise CollectorError(f"compiled_graph=True, but Ray could not compile the "
+                                     f"graph: {exc!r}") from exc
+            warnings.warn(f"{self.name}: no compiled graph ({exc!r}); batches go through the "
+                          "driver.", stacklevel=4)
+            self.enabled = False
+            return False
+        return True
+
+    def settled(self) -> None:
+        """Before a call to the driver: its figures include every batch of the graph."""
+        path = self.path
+        if path is not None:
+            path.settled()
+
+    def close(self) -> None:
+        """No graph from here on (torn down; the driver path remains). Idempotent."""
+        self.enabled = False
+        path, self.path = self.path, None
+        if path is not None:
+            path.close()
 
 
 class DirectPath:
