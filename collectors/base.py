@@ -12,16 +12,17 @@ import weakref
 
 import ray
 import torch
-from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
+from ray.exceptions import ObjectLostError
 
 from actors import driver as driver_body
 from actors.env_worker import WorkerPlan
-from actors.errors import CollectorError, RayCollectorsError, unwrap
+from actors.errors import CollectorError
 from actors.options import CollectorOptions, options_doc
 from actors.vector_rollout import AUTO_MIN_ENVS, native_vector_problem
 from collectors import validate
 from collectors.batch import assemble, mark_truncated, split_trajectories
 from collectors.direct_path import DirectRoute, direct_problem
+from collectors.runtime import driver_get as _ray_get
 from collectors.runtime import ensure_ray, kill_quietly as _kill_quietly, near_caller
 from collectors.runtime import wait_dead as _wait_dead
 from collectors.shipping import ship_by_value
@@ -30,21 +31,6 @@ from collectors.weight_sync import WeightWatcher
 CONTROL_TIMEOUT_S = 30.0  # bound of control calls (they never wait behind a batch in flight)
 AUTO_SYNC_POLL_S = 0.05  # during start(): how often the trainer's policy is checked for changes
 
-
-def _ray_get(ref, timeout=None):
-    """``ray.get`` that re-raises our own errors from inside the actors as themselves."""
-    try:
-        return ray.get(ref, timeout=timeout)
-    except RayTaskError as exc:
-        cause = unwrap(exc)
-        if isinstance(cause, RayCollectorsError):
-            raise cause from None
-        raise
-    except RayActorError as exc:  # the driver itself is gone: nothing left to coordinate
-        raise CollectorError(
-            f"the collector's driver actor died ({exc}); its node was lost or it was killed. "
-            "This collector cannot go on: create a new one (pin the driver with "
-            "resources.driver.node to keep it on a node that stays).") from exc
 
 
 class DataCollectorBase:

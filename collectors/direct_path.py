@@ -25,7 +25,8 @@ import ray
 from ray.exceptions import (GetTimeoutError, RayActorError, RayChannelError,
                             RayChannelTimeoutError, RayTaskError)
 
-from actors.errors import CollectorError, FatalWorkerError, RayCollectorsError, unwrap
+from actors.errors import CollectorError, FatalWorkerError, unwrap
+from collectors.runtime import driver_get
 
 CONTROL_TIMEOUT_S = 30.0
 DIRECT_AFTER = 2  # batches through the driver before a graph opens (they bound a hang)
@@ -88,10 +89,10 @@ class DirectRoute:
         return out
 
     def _open(self) -> bool:
-        handle = _get(self.driver.worker_handles.remote())[0]
+        handle = driver_get(self.driver.worker_handles.remote(), CONTROL_TIMEOUT_S)[0]
         if handle is None:
             return False
-        timeout = _get(self.driver.batch_timeout.remote(0))
+        timeout = driver_get(self.driver.batch_timeout.remote(0), CONTROL_TIMEOUT_S)
         try:
             self.path = DirectPath(self.driver, handle, timeout)
         except Exception as exc:  # noqa: BLE001 - the driver path still works
@@ -155,7 +156,7 @@ class DirectPath:
         """Wait for the last ``settle`` (the driver's figures then include every batch)."""
         if self.settling is not None:
             ref, self.settling = self.settling, None
-            self.timeout_s = float(_get(ref))
+            self.timeout_s = float(driver_get(ref, CONTROL_TIMEOUT_S))
 
     def _failed(self, exc: BaseException) -> None:
         if isinstance(exc, RayTaskError):
@@ -170,7 +171,7 @@ class DirectPath:
             kind, name = "died", ""
         try:  # the driver counts and replaces (a hung worker is killed), or raises; unbounded
             # here like collect_sync, as the driver bounds the replacement's start-up itself
-            _get(self.driver.direct_failed.remote(0, self.handle, kind, name, str(exc)), None)
+            driver_get(self.driver.direct_failed.remote(0, self.handle, kind, name, str(exc)))
         finally:
             self.close()
 
@@ -192,13 +193,3 @@ class DirectPath:
             pass
         finally:
             log.setLevel(level)
-
-
-def _get(ref, timeout: float | None = CONTROL_TIMEOUT_S):
-    try:
-        return ray.get(ref, timeout=timeout)
-    except RayTaskError as exc:
-        cause = unwrap(exc)
-        if isinstance(cause, RayCollectorsError):
-            raise cause from None
-        raise

@@ -5,9 +5,9 @@ import logging
 import time
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from actors.errors import ReplayBufferUnavailable
+from actors.errors import CollectorError, RayCollectorsError, ReplayBufferUnavailable, unwrap
 
 
 def ensure_ray(address: str | None = None, num_cpus: float | None = None,
@@ -98,3 +98,19 @@ def buffer_gone(name: str, exc: BaseException) -> ReplayBufferUnavailable:
     return ReplayBufferUnavailable(
         f"replay buffer {name!r} is gone ({type(exc).__name__}); give it a checkpoint_dir so it "
         "restarts from its last checkpoint.")
+
+
+def driver_get(ref, timeout=None):
+    """``ray.get`` that re-raises our own errors from inside the actors as themselves."""
+    try:
+        return ray.get(ref, timeout=timeout)
+    except RayTaskError as exc:
+        cause = unwrap(exc)
+        if isinstance(cause, RayCollectorsError):
+            raise cause from None
+        raise
+    except RayActorError as exc:  # the driver itself is gone: nothing left to coordinate
+        raise CollectorError(
+            f"the collector's driver actor died ({exc}); its node was lost or it was killed. "
+            "This collector cannot go on: create a new one (pin the driver with "
+            "resources.driver.node to keep it on a node that stays).") from exc
