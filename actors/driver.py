@@ -240,6 +240,7 @@ class Driver:
             "written_batches": self.writer.written_batches,
             "written_batch_ids": list(self.writer.written_ids),
             "buffer_resends": self.writer.resends,
+            "buffer_restart_resends": self.writer.restart_resends,
             "running": self.writer.is_running(),
             "policy_version": self.pool.version,
             "worker_info": self.info,

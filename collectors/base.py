@@ -578,7 +578,9 @@ class DataCollectorBase:
             "frames_per_s": frames / elapsed if elapsed > 0 else 0.0,
             "running": driver.get("running", False),
             "written_batch_ids": driver.get("written_batch_ids", []),
-            "buffer_resends": driver.get("buffer_resends", 0),
+            "buffer_resends": driver.get("buffer_resends", 0),  # sends retried, unanswered
+            # batches sent again because the buffer restarted from an older checkpoint
+            "buffer_restart_resends": driver.get("buffer_restart_resends", 0),
             "policy_version": self.policy_version,
             "workers": driver.get("workers", self.num_workers),
             "workers_alive": driver.get("workers_alive", 0),

@@ -29,7 +29,12 @@ def test_iteration_with_buffer_yields_none_and_counts_exactly(rb, cls, kwargs):
     assert out == [None] * 5
     assert stats["frames"] == 100
     assert rb.write_count == 100 and len(rb) == 100
-    assert len(rb.batch_ids()) == len(set(rb.batch_ids()))
+    # every batch the collector reports written is in the buffer, nothing else is, and no
+    # frame (trajectory, step) is there twice
+    assert sorted(map(tuple, rb.batch_ids())) == sorted(map(tuple, stats["written_batch_ids"]))
+    storage = rb.state_dict()["storage"][:100]
+    frames = set(zip(storage["collector", "traj_ids"].tolist(), storage["observation"][:, 0].tolist()))
+    assert len(frames) == 100
 
 
 def test_collectors_sharing_a_buffer_each_get_every_batch_written(rb):

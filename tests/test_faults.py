@@ -234,6 +234,36 @@ def test_buffer_restart_from_checkpoint_no_duplicates(tmp_path):
     rb.shutdown()
 
 
+def test_resent_batches_the_restored_buffer_already_holds_are_not_stored_again(tmp_path):
+    """The writer keeps what was acknowledged since the last checkpoint it heard of. Here a
+    checkpoint it has not heard of holds all three batches, so after the restart each resend
+    is a batch the buffer already has: only the ids stop them from being stored twice."""
+    path = str(tmp_path / "rb")
+    rb = RayReplayBuffer(10_000, checkpoint_dir=path, checkpoint_every=1000, name="rb-dedup")
+    try:
+        with SyncDataCollector(counting_env, frames_per_batch=50, replay_buffer=rb) as c:
+            for _ in range(3):
+                c.next()
+            rb.checkpoint(path)
+            os.kill(rb.info()["pid"], signal.SIGKILL)
+            deadline = time.monotonic() + 60
+            while rb.info()["restored_from"] is None:
+                assert time.monotonic() < deadline, "the buffer did not come back"
+                time.sleep(0.1)
+            assert rb.write_count == 150
+            c.next()  # its acknowledgement names a new incarnation: the three are sent again
+            stats = c.stats()
+        assert stats["buffer_restart_resends"] == 3
+        assert rb.write_count == len(rb) == stats["frames"] == 200
+        assert sorted(map(tuple, stats["written_batch_ids"])) == sorted(map(tuple, rb.batch_ids()))
+        storage = rb.state_dict()["storage"][:200]
+        frames = set(zip(storage["collector", "traj_ids"].tolist(),
+                         storage["observation"][:, 0].tolist()))
+        assert len(frames) == 200  # each (trajectory, step) frame stored once
+    finally:
+        rb.shutdown()
+
+
 def test_buffer_gone_for_good_is_a_clear_error():
     rb = RayReplayBuffer(1000)
     c = SyncDataCollector(counting_env, frames_per_batch=10, replay_buffer=rb, write_timeout_s=2)
