@@ -150,3 +150,19 @@ def test_cli_runs_a_job_and_rejects_bad_input(tmp_path):
     out = subprocess.run([sys.executable, "-m", "collectors", "run", str(bad)],
                          capture_output=True, text=True, timeout=180)
     assert out.returncode == 2 and "NoSuchEnv-v0" in out.stderr
+
+
+def test_cli_job_with_a_replay_buffer_writes_into_it(tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({"job": {"env": "collectors.testing:CountingEnv-v0",
+                                           "frames_per_batch": 100, "total_frames": 600,
+                                           "replay_buffer": {"capacity": 400}}}))
+    out = subprocess.run([sys.executable, "-m", "collectors", "run", str(job), "--quiet"],
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    # the ring holds the last 400 of the 600 frames written
+    assert "replay buffer: 400 frames held, 600 written" in out.stdout, out.stdout
+    job.write_text(yaml.safe_dump({"job": {"env": "CartPole-v1", "replay_buffer": 1000}}))
+    out = subprocess.run([sys.executable, "-m", "collectors", "run", str(job)],
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 2 and "job.replay_buffer must be a mapping" in out.stderr, out.stderr
