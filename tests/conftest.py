@@ -50,3 +50,33 @@ def keep_worker_identity_out_of_the_trainer():
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
+
+
+FAILED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.failed:
+        item.stash[FAILED] = True
+    return report
+
+
+@pytest.fixture(autouse=True)
+def shut_down_what_a_failing_test_left(request):
+    """A test that fails half-way may skip its own shutdown calls: every collector and replay
+    buffer handle still in this process is shut down then (its actors and shared-memory files
+    go), so one failure cannot leak into the tests after it."""
+    yield
+    if not request.node.stash.get(FAILED, False):
+        return
+    import gc
+
+    from collectors import DataCollectorBase, RayReplayBuffer
+
+    for obj in gc.get_objects():
+        if isinstance(obj, DataCollectorBase):
+            obj.shutdown(timeout=2, raise_on_error=False)
+        elif isinstance(obj, RayReplayBuffer):
+            obj.shutdown()
