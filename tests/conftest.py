@@ -19,6 +19,7 @@ def ray_session():
     started = False
     if not ray.is_initialized():
         ray.init(num_cpus=8, include_dashboard=True, dashboard_host="127.0.0.1",
+                 _node_ip_address="127.0.0.1",
                  _metrics_export_port=METRICS_PORT, log_to_driver=False,
                  _system_config={"metrics_report_interval_ms": 1000})
         started = True
@@ -75,8 +76,8 @@ def shut_down_what_a_failing_test_left(request):
 
     from collectors import DataCollectorBase, RayReplayBuffer
 
-    for obj in gc.get_objects():
-        if isinstance(obj, DataCollectorBase):
+    for obj in gc.get_objects():  # type(), not isinstance(): some torch objects warn on __class__
+        if issubclass(type(obj), DataCollectorBase):
             obj.shutdown(timeout=2, raise_on_error=False)
-        elif isinstance(obj, RayReplayBuffer):
+        elif issubclass(type(obj), RayReplayBuffer):
             obj.shutdown()
