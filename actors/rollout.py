@@ -135,6 +135,8 @@ class Rollout:
         self._needs_reset = [True] * self.num_envs
         self._next_seed = [self._seed_for(i, 0) for i in range(self.num_envs)]
         self.buffers = allocate(spec, self.num_envs, self.steps, bool(self.max_frames_per_traj))
+        # step t's observations go straight into the batch: views [num_envs, ...] made once
+        self._obs_rows = {k: [self.buffers[k][:, t] for t in range(self.steps)] for k in self.obs_keys}
         self.episode_returns: list[float] = []
         self.last_env_time = 0.0
         for i in range(self.num_envs):
@@ -159,8 +161,11 @@ class Rollout:
             obs, _ = self.envs[i].reset(seed=seed)
         except Exception as exc:  # noqa: BLE001 - reported with context
             raise EnvStepError(i, self._seed_of(i), "reset", exc) from exc  # the env's seed
-        for k, v in split_observation(obs, self.obs_keys, self.obs_is_dict).items():
-            self._obs[k][i] = v
+        obs = split_observation(obs, self.obs_keys, self.obs_is_dict)
+        for k in self.obs_keys:  # checked here as after each step: the batch row must fit
+            if getattr(obs[k], "shape", ()) != tuple(self.spec["obs"][k][0]):
+                self._bad_obs(i, k, obs[k])
+            self._obs[k][i] = obs[k]
         self._traj[i] = self._new_traj_id()
         self._step_count[i] = 0
         self._returns[i] = 0.0
@@ -244,8 +249,8 @@ class Rollout:
         for i in range(n):
             if self._needs_reset[i]:
                 self._safe_reset(i)
-        obs_steps = {k: [] for k in keys}  # per step: (E, ...) copies given to the policy
-        obs_list0 = obs_steps[key0]
+        rows = self._obs_rows  # rows[k][t]: where step t's observations are written
+        rows0 = rows[key0]
         out_steps = {k: [] for k in out_keys}
         actions = out_steps[ACTION_KEY]
         extra_outs = tuple((k, v) for k, v in out_steps.items() if k != ACTION_KEY)
@@ -265,16 +270,17 @@ class Rollout:
                 if self.stop_requested:
                     valid = t
                     break
-                if single:  # n == 1: a copy with a batch dim of 1, cheaper than np.stack
-                    x = np.array(cur0[0], dtype0)[None] if n == 1 else \
-                        np.stack(cur0).astype(dtype0, copy=False)
-                    obs_list0.append(x)
+                if single:  # written into the batch, then given to the policy from there
+                    x = rows0[t]
+                    if n == 1:
+                        x[0] = cur0[0]
+                    else:
+                        x[:] = cur0
                     obs_t = None if on_array else {key0: x}
                 else:
-                    obs_t = {k: np.array(cur[k][0], dtypes[k])[None] if n == 1 else
-                             np.stack(cur[k]).astype(dtypes[k], copy=False) for k in keys}
+                    obs_t = {k: rows[k][t] for k in keys}
                     for k in keys:
-                        obs_steps[k].append(obs_t[k])
+                        obs_t[k][:] = cur[k]
                     x = obs_t[key0]
                 if max_steps:
                     counts.append(step_count.copy())
@@ -349,7 +355,7 @@ class Rollout:
         trajs = np.repeat(traj_start[:, None], valid, axis=1)  # [E, T]: ids change at ends only
         for t, i, tid in new_ids:
             trajs[i, t + 1:] = tid
-        buf = self._write(valid, obs_steps, out_steps, finals, rewards, terms, truncs, trajs,
+        buf = self._write(valid, out_steps, finals, rewards, terms, truncs, trajs,
                           counts, random_actions)
         self.dropped_frames = 0
         for i, start, end in drops:  # malformed episodes: blanked, traj id -1, counted
@@ -365,14 +371,13 @@ class Rollout:
                 start, np.array(rewards, np.float64).reshape(valid, self.num_envs), ends)
             self.episode_returns += done
 
-    def _write(self, valid, obs_steps, out_steps, finals, rewards, terms, truncs, trajs, counts,
+    def _write(self, valid, out_steps, finals, rewards, terms, truncs, trajs, counts,
                random_actions) -> dict:
         """Copy one batch of per-step lists into the preallocated ``[E, T, ...]`` buffers."""
         buf, n, v = self.buffers, self.num_envs, valid
         if v:
             for k in self.obs_keys:
-                obs, nxt = buf[k], buf[(NEXT, k)]
-                obs[:, :v] = np.stack(obs_steps[k], axis=1)
+                obs, nxt = buf[k], buf[(NEXT, k)]  # obs[:, :v] was written step by step
                 nxt[:, : v - 1] = obs[:, 1:v]
                 nxt[:, v - 1] = np.stack(self._obs[k])  # next obs of the last step (non-ended envs)
             for t, i, final in finals:

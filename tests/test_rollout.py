@@ -71,3 +71,20 @@ def test_sequential_policy_runs_its_layers_directly_unless_hooked():
     custom = Custom(nn.Linear(4, 2))
     assert torch.equal(sequential_chain(custom)(x), torch.zeros(5, 2))
     assert sequential_chain(nn.Linear(4, 2)) is None
+
+
+def test_a_reset_observation_of_the_wrong_shape_is_a_clear_error():
+    """Observations are written into the batch row by row: a reset returning the wrong shape
+    must raise, not broadcast into the row."""
+    import pytest
+
+    from actors.errors import EnvSpecError
+
+    class ShortReset(CountingEnv):
+        def reset(self, seed=None, options=None):
+            obs, info = super().reset(seed=seed, options=options)
+            return obs[:0], info  # shape (0,) where the space says (1,)
+
+    spec, kind = build_spec(CountingEnv, {"episode_length": 3}, None, 1)
+    with pytest.raises(EnvSpecError, match=r"'observation' with shape \(0,\).*shape \(1,\)"):
+        Rollout([lambda: ShortReset(3)], None, kind, spec, 4).collect()
