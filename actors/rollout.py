@@ -240,8 +240,6 @@ class Rollout:
         random_actions = random_actions or self.runner.kind == "random"
         runner = self.runner
         act, on_array = runner.prepare()
-        dtypes = {k: np.dtype(d) for k, (_, d) in self.spec["obs"].items()}
-        dtype0 = dtypes[key0]
         shapes = {k: tuple(s) for k, (s, _) in self.spec["obs"].items()}
         shape0 = shapes[key0]
         act_shape, act_dtype = self.spec["outputs"][ACTION_KEY]
