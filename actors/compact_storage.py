@@ -11,6 +11,9 @@ Why the following slot stays valid: the ring overwrites slots in cursor order, s
 always overwritten before slot ``s + 1`` (modulo the capacity) is; while ``s`` is alive, the
 slot after it still holds what was written with it.
 
+With ``frames=True`` stacked observations (``[S, ...]``, as gymnasium's
+``FrameStackObservation`` makes them) also store each frame once: see :mod:`actors.frame_stacks`.
+
 Example:
     >>> import torch
     >>> from tensordict import TensorDict
@@ -32,17 +35,22 @@ import torch
 from tensordict import TensorDict
 
 from actors.compact import compacted_keys
+from actors.frame_stacks import FrameStacks
+from actors.side_store import SideStore
 
 
 class CompactNext:
     """The per-slot bookkeeping of a compact ring of ``capacity`` slots."""
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, frames: bool = False):
         self.capacity = int(capacity)
         self.keys: tuple | None = None  # the root keys k whose ("next", k) is compacted
-        self.side_slot = torch.full((self.capacity,), -1, dtype=torch.int64)  # -1: next slot
-        self.side: dict = {}  # ("next", k) -> tensor [side capacity, ...]
-        self.free: list[int] = []  # unused rows of the side store
+        self.side = SideStore(self.capacity)  # ("next", k) values no following slot holds
+        self.frames = FrameStacks(self.capacity) if frames else None
+
+    @property
+    def side_slot(self) -> torch.Tensor:
+        return self.side.slot
 
     # -- writes ------------------------------------------------------------------------------
     def find_keys(self, td: TensorDict) -> None:
@@ -53,9 +61,17 @@ class CompactNext:
                           if td.get(k).shape == td.get(("next", *k)).shape
                           and td.get(k).dtype == td.get(("next", *k)).dtype)
 
-    def strip(self, td: TensorDict, idx: torch.Tensor) -> TensorDict:
-        """``td`` (flat frames to be written at slots ``idx``) without its compacted next
-        values; those that the following frame does not hold are kept apart."""
+    def stored_shape(self, key, shape: tuple) -> tuple:
+        """The per-frame shape the ring holds for ``key`` written with ``shape``."""
+        if self.frames is not None and key in self.frames.sizes:
+            return shape[1:]
+        return shape
+
+    def strip(self, td: TensorDict, idx: torch.Tensor, storage: TensorDict | None = None,
+              size: int = 0) -> TensorDict:
+        """``td`` (flat frames to be written at slots ``idx`` of ``storage``, which holds
+        ``size`` frames) without its compacted next values; those that the following frame
+        does not hold are kept apart. With frames, stacks keep only their newest frame."""
         self.find_keys(td)
         n = td.shape[0]
         apart = torch.zeros(n, dtype=torch.bool)
@@ -71,83 +87,73 @@ class CompactNext:
                 root, nxt = td.get(key)[1:], td.get(("next", *key))[:-1]
                 same = (root == nxt).reshape(n - 1, -1).all(1)
                 apart[:-1] |= ~same
-        if not self.side:  # empty side stores, grown on demand
-            for key in self.keys:
-                nxt = td.get(("next", *key))
-                self.side[("next", *key)] = nxt.new_zeros((0, *nxt.shape[1:]))
-        self._release(idx)
-        rows = idx[apart]
-        if len(rows) and self.keys:
-            side = self._take(len(rows))
-            self.side_slot[rows] = side
-            for key in self.keys:
-                self.side[("next", *key)][side] = td.get(("next", *key))[apart]
-        return td.exclude(*[("next", *key) for key in self.keys])
-
-    def _release(self, idx: torch.Tensor) -> None:
-        """Slots about to be overwritten give back their side rows."""
-        old = self.side_slot[idx]
-        old = old[old >= 0]
-        if len(old):
-            self.free.extend(old.tolist())
-            self.side_slot[idx] = -1
-
-    def _rows(self) -> int:
-        return next(iter(self.side.values())).shape[0] if self.side else 0
-
-    def _take(self, n: int) -> torch.Tensor:
-        if len(self.free) < n:
-            have = self._rows()
-            self._grow_to(max(2 * have, have + n - len(self.free), 64))
-        rows, self.free = self.free[-n:], self.free[:-n]
-        return torch.tensor(rows, dtype=torch.int64)
-
-    def _grow_to(self, rows: int) -> None:
-        have = self._rows()
-        for key, value in self.side.items():
-            if value.shape[0] < rows:
-                self.side[key] = torch.cat([value, value.new_zeros((rows - value.shape[0], *value.shape[1:]))])
-        if rows > have:
-            self.free.extend(range(have, rows))
+        if self.frames is not None:
+            self.frames.check(td, self.keys)  # before anything changes
+        self.side.release(idx)
+        if self.keys:
+            self.side.put(idx[apart], {("next", *key): td.get(("next", *key))[apart]
+                                       for key in self.keys})
+        td = td.exclude(*[("next", *key) for key in self.keys])
+        if self.frames is not None:
+            td = self.frames.strip(td, idx, self.keys, storage, size)
+        return td
 
     # -- samples -----------------------------------------------------------------------------
+    def root(self, key, slots: torch.Tensor, storage: TensorDict) -> torch.Tensor:
+        """The values of ``key`` at ``slots`` as written (a copy)."""
+        if self.frames is not None and key in self.frames.sizes:
+            return self.frames.stacks(key, slots, storage)
+        return storage.get(key)[slots]
+
     def rebuild(self, out: TensorDict, index: torch.Tensor, storage: TensorDict) -> TensorDict:
         """Add to ``out`` (the frames of slots ``index``) their next values, read from
-        ``storage`` (the following slots) or from the side store."""
-        side = self.side_slot[index]
+        ``storage`` (the following slots) or from the side store; with frames, whole stacks."""
+        side = self.side.slot[index]
         apart = side >= 0
         following = (index + 1) % self.capacity
         for key in self.keys or ():
-            value = storage.get(key)[following].clone()
+            value = self.root(key, following, storage)
             if bool(apart.any()):
-                value[apart] = self.side[("next", *key)][side[apart]]
+                value[apart] = self.side.values[("next", *key)][side[apart]]
             out.set(("next", *key), value)
+            if self.frames is not None and key in self.frames.sizes:
+                out.set(key, self.frames.stacks(key, index, storage))
         return out
 
     # -- state -------------------------------------------------------------------------------
     def nbytes(self) -> int:
-        """Bytes held apart (side rows in use and allocated) plus the per-slot index."""
-        return self.side_slot.numel() * 8 + sum(v.numel() * v.element_size() for v in self.side.values())
+        """Bytes held apart (side rows in use and allocated) plus the per-slot indexes."""
+        return self.side.nbytes() + (self.frames.side.nbytes() if self.frames is not None else 0)
 
     def tensors(self) -> dict:
         """Copies, as nested dicts of tensors (``{"side": {"next": {"observation": ...}}}``)."""
-        out = {"side_slot": self.side_slot.clone()}
-        if self.side:
-            out["side"] = TensorDict({k: v.clone() for k, v in self.side.items()}, []).to_dict()
+        out = self.side.tensors()
+        if self.frames is not None:
+            out["frames"] = self.frames.side.tensors()
         return out
 
     def meta(self) -> dict:
-        return {"keys": None if self.keys is None else [list(k) for k in self.keys]}
+        out = {"keys": None if self.keys is None else [list(k) for k in self.keys]}
+        if self.frames is not None:
+            out["frames"] = [[list(k), s] for k, s in self.frames.sizes.items()]
+        return out
 
     def load(self, meta: dict, tensors: dict) -> None:
+        if ("frames" in meta) != (self.frames is not None):
+            raise ValueError(
+                f"the state was written by a buffer with compact_obs="
+                f"{'frames' if 'frames' in meta else True!r}, this one has compact_obs="
+                f"{'frames' if self.frames is not None else True!r}; open it with the same.")
         self.keys = None if meta.get("keys") is None else tuple(tuple(k) for k in meta["keys"])
-        slot = tensors.get("side_slot")
-        if slot is None or slot.shape != (self.capacity,):
-            raise ValueError(f"compact state has no per-slot index of {self.capacity} slots.")
-        self.side_slot = slot.long().clone()
-        side = TensorDict(tensors.get("side") or {}, []).items(include_nested=True, leaves_only=True)
-        self.side = {tuple(k) if isinstance(k, tuple) else (k,): v.clone() for k, v in side}
-        used = set(self.side_slot[self.side_slot >= 0].tolist())
-        if used and max(used) >= self._rows():
-            raise ValueError("compact state points past its side store.")
-        self.free = [r for r in range(self._rows()) if r not in used]
+        self.side.load(tensors, "compact")
+        if self.frames is not None:
+            self.frames.sizes = {tuple(k): int(s) for k, s in meta["frames"]}
+            self.frames.side.load(tensors.get("frames") or {}, "frame-stack")
+
+    def emptied(self) -> "CompactNext":
+        """A fresh one for an emptied buffer: the same stored keys, nothing apart."""
+        fresh = CompactNext(self.capacity, frames=self.frames is not None)
+        fresh.keys = self.keys
+        if self.frames is not None:
+            fresh.frames.sizes = dict(self.frames.sizes)
+        return fresh

@@ -86,15 +86,17 @@ class ReplayBufferActor:
                  samples_per_insert: float | None = None, error_buffer: float | None = None,
                  checkpoint_dir: str | None = None, checkpoint_every: int = 0,
                  seed: int | None = None, default_timeout_s: float = 30.0, name: str = "buffer",
-                 share: bool = False, compact_obs: bool = False):
+                 share: bool = False, compact_obs: bool | str = False):
         self.capacity = int(capacity)
         self.batch_size = batch_size
         self.sampler_name = sampler
         self.sampler = make_sampler(sampler, self.capacity, seed=seed, **(sampler_kwargs or {}))
         self.limiter = RateLimiter(min_size, samples_per_insert, error_buffer)
         self.storage: TensorDict | None = None
-        # compact_obs: each observation stored once, ("next", obs) rebuilt at sample time
-        self.compact = CompactNext(self.capacity) if compact_obs else None
+        # compact_obs: each observation stored once, ("next", obs) rebuilt at sample time;
+        # "frames": stacked observations also store each frame once
+        self.compact = CompactNext(self.capacity, frames=compact_obs == "frames") \
+            if compact_obs else None
         self.share = share and not compact_obs  # shared memory for same-node samplers
         self.ring: SharedRing | None = None
         self.cursor = 0
@@ -138,7 +140,8 @@ class ReplayBufferActor:
                 self.storage.items(include_nested=True, leaves_only=True)}
         got = {k: (tuple(v.shape[1:]), v.dtype) for k, v in td.items(include_nested=True, leaves_only=True)}
         if self.compact is not None and self.compact.keys:  # their next values are not stored
-            got = {k: v for k, v in got.items()
+            got = {k: (self.compact.stored_shape(k if isinstance(k, tuple) else (k,), shape), dtype)
+                   for k, (shape, dtype) in got.items()
                    if not (isinstance(k, tuple) and k[0] == "next" and k[1:] in self.compact.keys)}
         if set(want) != set(got):
             raise ValueError(
@@ -180,7 +183,7 @@ class ReplayBufferActor:
                 self._wait(lambda: self.limiter.can_insert(n), timeout,
                            f"room to insert {n} frames under samples_per_insert={self.limiter.spi}")
                 if self.compact is not None:
-                    td = self.compact.strip(td, idx)
+                    td = self.compact.strip(td, idx, self.storage, self.size)
             except BaseException:
                 self.reserved.discard(batch_id)
                 self.cond.notify_all()
@@ -368,8 +371,7 @@ class ReplayBufferActor:
             self.sampler.reset()
             self.seen.clear()
             if self.compact is not None:  # same stored keys, no side rows
-                keys, self.compact = self.compact.keys, CompactNext(self.capacity)
-                self.compact.keys = keys
+                self.compact = self.compact.emptied()
             if self.ring is not None:
                 self.ring.stamp_all(0)
 

@@ -51,6 +51,11 @@ class RayReplayBuffer:
             observations that slot does not hold (episode ends, the last frame of each write)
             are kept apart, so samples equal those of the plain storage. Halves the memory of
             pixel observations. Samples are drawn by the actor (no local sampling).
+            ``"frames"``: as ``True``, and stacked observations (``[S, ...]`` from gymnasium's
+            ``FrameStackObservation``, e.g. Pong's ``[4, 84, 84]``) also store each frame once:
+            a slot keeps its newest frame and the stack is rebuilt from the slots before it
+            where the data shows it is the previous stack shifted (the rest is kept whole).
+            About a quarter of ``True``'s memory for 4-frame stacks.
 
     Example:
         >>> rb = RayReplayBuffer(10_000, batch_size=256)
@@ -70,7 +75,7 @@ class RayReplayBuffer:
                  checkpoint_dir: str | None = None, checkpoint_every: int = 0,
                  prefetch: bool | int = False, timeout_s: float = 30.0, max_restarts: int | None = None,
                  seed: int | None = None, local_sampling: bool | None = None,
-                 compact_obs: bool = False, name: str | None = None, config=None, _actor=None):
+                 compact_obs: bool | str = False, name: str | None = None, config=None, _actor=None):
         self.name = name or f"ReplayBuffer-{uuid.uuid4().hex[:6]}"
         self.capacity = capacity
         self.batch_size = batch_size
@@ -93,8 +98,9 @@ class RayReplayBuffer:
             slice_len = torchrl_kwargs.get("slice_len", slice_len)
             num_slices = torchrl_kwargs.get("num_slices", num_slices)
             drop_last = torchrl_kwargs.get("drop_last", drop_last)
-        if not isinstance(compact_obs, bool):
-            raise TypeError(f"compact_obs must be a bool; got {compact_obs!r}.")
+        if not (isinstance(compact_obs, bool) or (isinstance(compact_obs, str) and compact_obs == "frames")):
+            raise TypeError(f"compact_obs must be a bool or 'frames' (each frame of stacked "
+                            f"observations stored once); got {compact_obs!r}.")
         self.compact_obs = compact_obs
         can_share = sampler == "random" and samples_per_insert is None and not compact_obs
         if local_sampling and not can_share:
@@ -157,7 +163,8 @@ class RayReplayBuffer:
 
         meta = current_meta(path)
         kwargs.setdefault("sampler", meta["sampler"])
-        kwargs.setdefault("compact_obs", meta.get("compact") is not None)
+        compact = meta.get("compact")
+        kwargs.setdefault("compact_obs", compact is not None and ("frames" if "frames" in compact else True))
         rb = cls(capacity or meta["capacity"], **kwargs)
         rb._call("load_checkpoint", os.path.abspath(path))
         return rb

@@ -5,6 +5,8 @@
 - :class:`FaultyEnv`: wraps an env and raises, crashes the worker process, hangs, or emits bad
   data on a schedule, for chosen workers only.
 - :func:`kill_worker`: kill one env worker of a running collector, as a crash would.
+- :func:`stacked_counting_env`: tiny uint8 frames stacked by gymnasium's
+  ``FrameStackObservation``, for checking frame-level storage exactly.
 """
 from __future__ import annotations
 
@@ -179,6 +181,39 @@ if "CountingVecEnv-v0" not in gym.registry:
 
 def counting_env(episode_length: int = 5, **kwargs) -> CountingEnv:
     return CountingEnv(episode_length, **kwargs)
+
+
+class FrameCountingEnv(gym.Env):
+    """uint8 frames ``[2, 2]``: pixel 0 is the step within the episode, pixel 1 the episode
+    number (mod 256), pixel 2 a per-instance tag, pixel 3 is 7. Episodes end (terminated) at
+    ``t == episode_length``."""
+
+    metadata: dict = {"render_modes": []}
+    observation_space = spaces.Box(0, 255, (2, 2), np.uint8)
+    action_space = spaces.Discrete(2)
+
+    def __init__(self, episode_length: int = 7):
+        self.episode_length = episode_length
+        self.t, self.episode = 0, -1
+        self.tag = int.from_bytes(os.urandom(1), "little")
+
+    def _obs(self):
+        return np.array([[self.t % 256, self.episode % 256], [self.tag, 7]], np.uint8)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t, self.episode = 0, self.episode + 1
+        return self._obs(), {}
+
+    def step(self, action):
+        self.t += 1
+        return self._obs(), 1.0, self.t >= self.episode_length, False, {}
+
+
+def stacked_counting_env(stack: int = 4, episode_length: int = 7) -> gym.Env:
+    """:class:`FrameCountingEnv` under ``FrameStackObservation(stack)``: uint8 ``[stack, 2, 2]``
+    observations, the first of each episode padded with its reset frame (gymnasium's default)."""
+    return gym.wrappers.FrameStackObservation(FrameCountingEnv(episode_length), stack)
 
 
 def faulty_counting_env(mode: str, worker_ids=None, at_step: int = 5, times: float = 1,
