@@ -126,8 +126,8 @@ def run_workloads(frames: int, row) -> None:
 
 
 def pong_memory(frames: int, row_fn=None) -> None:
-    """Pong frames into a plain and a compact RayReplayBuffer (random policy, 2 workers):
-    bytes per stored frame and the latency of sample(32)."""
+    """Pong frames into a plain, a compact and a frame-level RayReplayBuffer (random policy,
+    2 workers): bytes per stored frame and the latency of sample(32)."""
     from collectors import MultiSyncDataCollector, RayReplayBuffer
 
     print(f"\n## Pong replay memory ({frames:,} frames, uint8 [4, 84, 84])\n")
@@ -136,11 +136,12 @@ def pong_memory(frames: int, row_fn=None) -> None:
     obs_bytes = 4 * 84 * 84
     for label, kwargs in (("plain (TorchRL layout), local sampling", {}),
                           ("plain, sampled through the actor", {"local_sampling": False}),
-                          ("compact_obs=True", {"compact_obs": True})):
+                          ("compact_obs=True", {"compact_obs": True}),
+                          ("compact_obs='frames'", {"compact_obs": "frames"})):
         with RayReplayBuffer(frames, batch_size=32, seed=0, **kwargs) as rb:
             with MultiSyncDataCollector(pong, None, num_workers=2, frames_per_batch=500,
                                         total_frames=frames, replay_buffer=rb,
-                                        compact_obs=kwargs.get("compact_obs", False)) as c:
+                                        compact_obs=bool(kwargs.get("compact_obs", False))) as c:
                 for _ in c:
                     pass
             info = rb.info()
