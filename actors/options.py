@@ -106,7 +106,10 @@ class CollectorOptions(BaseModel):
                           "than the driver's calls) from the third batch on; the driver still "
                           "accounts each batch and handles failures. None: where possible (the "
                           "worker on the trainer's node, no RayReplayBuffer, no "
-                          "preemptive_threshold); True: require it; False: never")
+                          "preemptive_threshold) and while the trainer asks for the next batch "
+                          "promptly (the env actor spins a core waiting on a graph, so a trainer "
+                          "that works between batches gets the driver path); True: require it, "
+                          "even then; False: never")
     compact_obs: StrictBool = Field(
         False, description="store each observation once (TorchRL's option): yielded batches "
                            "leave out the ('next', obs) copies of observation and state keys; "

@@ -299,6 +299,7 @@ class DataCollectorBase:
             parts, metas = [direct[0]], [direct[1]]
         else:
             parts, metas = self._collect_through_driver(random_actions)
+        self._direct.collected(metas)
         workers = [m["worker"] for m in metas] if self._multi else None
         layout = "single" if self._async else self._layout
         batch = assemble(parts, workers, layout, self.options.compact_obs)

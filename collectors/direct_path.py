@@ -4,6 +4,10 @@ through a Ray compiled graph (shared-memory channels) instead of three actor cal
 Measured per 1000-frame CartPole batch on the 2-core machine: the driver path spends about 5 ms
 in Ray (trainer -> driver -> worker, the replies, the fetch), a compiled graph about 1.5 ms.
 Reading a graph's result spins a core, so the trainer sleeps through most of the batch first.
+The env actor spins too while it waits for the next batch to be asked for (Ray 2.60's channel
+read polls), so a graph stays open only while the trainer asks again promptly: once it is away
+longer than ``AWAY_SHARE`` of a collect (at least ``AWAY_MIN_S``), training between batches,
+the graph is torn down and batches go through the driver, whose worker waits without a core.
 The driver still accounts every batch: ``settle`` is sent without waiting and awaited while the
 next batch is collected, or before the trainer's next call to the driver. A failed batch (worker died, raised, or hung past the
 driver's timeout) is reported to the driver, which counts and replaces the worker exactly as on
@@ -31,6 +35,8 @@ from collectors.runtime import driver_get
 CONTROL_TIMEOUT_S = 30.0
 DIRECT_AFTER = 2  # batches through the driver before a graph opens (they bound a hang)
 SLEEP_SHARE = 0.95  # of the shortest of the last 5 collects, slept before reading
+AWAY_SHARE, AWAY_MIN_S = 0.1, 0.005  # trainer time between batches that closes the graph
+REOPENS = 2  # graphs closed for a trainer that was away, before the route stays off
 DAG_LOG = "ray.dag.compiled_dag_node"  # logs a traceback per dead actor at teardown
 
 
@@ -58,6 +64,10 @@ class DirectRoute:
         self.required = options.compiled_graph is True
         self.path: DirectPath | None = None
         self.batches = 0  # batches that came through a graph
+        self.done_at: float | None = None  # when the last batch was in (either path)
+        self.last_collect = 0.0  # its collect time in the env actor (s)
+        self.away: deque = deque(maxlen=DIRECT_AFTER)  # trainer time between the last batches
+        self.closed_for_trainer = 0  # graphs closed because the trainer was away
         self.enabled = options.compiled_graph is not False and \
             direct_problem(options, is_async, type(owner).__name__) is None
         if self.enabled:
@@ -77,7 +87,18 @@ class DirectRoute:
     def batch(self, random_actions: bool, iteration: int):
         """``(arrays, meta)`` through the graph, or ``None``: not open yet, not used, or failed
         (the driver has replaced the worker; it collects this round)."""
-        if not self.enabled or (self.path is None and iteration < DIRECT_AFTER):
+        if self.done_at is not None:
+            self.away.append(time.monotonic() - self.done_at)
+        if not self.enabled:
+            return None
+        if not self.required and self._trainer_away():
+            if self.path is not None:  # it spun a core while the trainer worked: close it
+                self.closed_for_trainer += 1
+                self.enabled = self.closed_for_trainer < REOPENS
+                self.path, path = None, self.path
+                path.close()
+            return None
+        if self.path is None and iteration < DIRECT_AFTER:
             return None
         if self.path is None and not self._open():
             return None
@@ -87,6 +108,18 @@ class DirectRoute:
         else:
             self.batches += 1
         return out
+
+    def _trainer_away(self) -> bool:
+        """Whether the trainer took long between batches: the last time, or (before a graph
+        opens) any of the last ``DIRECT_AFTER`` times."""
+        limit = max(AWAY_MIN_S, AWAY_SHARE * self.last_collect)
+        times = self.away if self.path is None else list(self.away)[-1:]
+        return any(t > limit for t in times)
+
+    def collected(self, metas: list) -> None:
+        """A batch is in (graph or driver): the trainer's time away starts now."""
+        self.done_at = time.monotonic()
+        self.last_collect = float(metas[0].get("collect_time", 0.0)) if metas else 0.0
 
     def _open(self) -> bool:
         handle = driver_get(self.driver.worker_handles.remote(), CONTROL_TIMEOUT_S)[0]
