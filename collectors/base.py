@@ -1,7 +1,6 @@
 """``DataCollectorBase``: what every collector shares (driver actor, iteration, weights, stats)."""
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
 import threading
@@ -20,20 +19,21 @@ from actors.errors import CollectorError
 from actors.options import CollectorOptions, options_doc
 from actors.vector_rollout import AUTO_MIN_ENVS, native_vector_problem
 from collectors import validate
+from collectors.background import BackgroundMixin
 from collectors.batch import assemble, mark_truncated, split_trajectories
+from collectors.control import CONTROL_TIMEOUT_S, ControlMixin
 from collectors.direct_path import DirectRoute, direct_problem
+from collectors.figures import FiguresMixin
 from collectors.runtime import driver_get as _ray_get
 from collectors.runtime import ensure_ray, kill_quietly as _kill_quietly, near_caller
 from collectors.runtime import wait_dead as _wait_dead
 from collectors.shipping import ship_by_value
 from collectors.weight_sync import WeightWatcher
 
-CONTROL_TIMEOUT_S = 30.0  # bound of control calls (they never wait behind a batch in flight)
-AUTO_SYNC_POLL_S = 0.05  # during start(): how often the trainer's policy is checked for changes
 
 
 
-class DataCollectorBase:
+class DataCollectorBase(ControlMixin, BackgroundMixin, FiguresMixin):
     """Collects TorchRL-layout TensorDict batches from env actors coordinated by a driver actor.
 
     Subclasses choose the number of workers, the layout (``single``, ``stack``, ``cat``) and
@@ -327,281 +327,6 @@ class DataCollectorBase:
                 self.replay_buffer.extend(batch.reshape(-1))
             return None
         return batch
-
-    # -- control -----------------------------------------------------------------------------
-    def set_seed(self, seed: int, static_seed: bool = False) -> int:
-        """Seed every env and the policy RNGs; every env starts a new episode from it.
-
-        Env ``k`` of the run (worker ``w``, env ``e``: ``k = w * num_envs + e``) gets
-        ``seed + k``; with ``static_seed=True`` every env gets ``seed`` itself. Returns the last
-        seed used, as TorchRL does.
-        """
-        self._check_open()
-        seed = CollectorOptions.build(type(self).__name__, frames_per_batch=1, seed=seed).seed
-        if not isinstance(static_seed, bool):
-            raise TypeError(f"static_seed must be a bool; got {static_seed!r}.")
-        _ray_get(self._driver.set_seed.remote(seed, static_seed), timeout=CONTROL_TIMEOUT_S)
-        return int(seed) if static_seed else int(seed) + self.num_workers * self.num_envs - 1
-
-    def reset(self, reset_idx=None, *, index=None) -> None:
-        """Start fresh episodes (and trajectory ids) at the next batch.
-
-        ``reset_idx`` (TorchRL's multi collectors) or ``index`` (TorchRL's ``Collector``): a
-        sequence of bools, one per worker for multi collectors (all envs of the worker), one
-        per env for a single-worker collector with ``num_envs > 1``. ``None`` resets all.
-        """
-        self._check_open()
-        if reset_idx is not None and index is not None:
-            raise TypeError("reset() takes reset_idx or index, not both.")
-        mask = reset_idx if reset_idx is not None else index
-        if mask is None:
-            _ray_get(self._driver.broadcast.remote("reset"), timeout=CONTROL_TIMEOUT_S)
-            return
-        flags = [bool(x) for x in (mask.tolist() if hasattr(mask, "tolist") else mask)]
-        if self._multi:
-            if len(flags) != self.num_workers:
-                raise ValueError(f"reset_idx has {len(flags)} entries; expected one per worker "
-                                 f"({self.num_workers}).")
-            calls = {w: ("reset", ()) for w, f in enumerate(flags) if f}
-        else:
-            if len(flags) != self.num_envs:
-                raise ValueError(f"reset index has {len(flags)} entries; expected one per env "
-                                 f"({self.num_envs}).")
-            calls = {0: ("reset", ([e for e, f in enumerate(flags) if f],))}
-        _ray_get(self._driver.call_workers.remote(calls), timeout=CONTROL_TIMEOUT_S)
-
-    def update_policy_weights_(self, policy_or_weights=None, *, worker_ids=None,
-                               weights_dict=None, model_id=None) -> None:
-        """Send new weights to the workers, once, through Ray's object store.
-
-        With no argument the weights are read from the policy object given at construction.
-        Accepts an ``nn.Module``, a TensorDict of parameters (``TensorDict.from_module``) or a
-        state dict. ``worker_ids`` (an int or a list) limits the update to those workers. Every
-        frame collected afterwards records the new ``policy_version``.
-        """
-        self._check_open()
-        if model_id not in (None, "policy"):
-            raise NotImplementedError(
-                f"model_id={model_id!r}: only the collector's own policy ('policy') has weights "
-                "to update here.")
-        if weights_dict is not None and policy_or_weights is not None:
-            raise TypeError("pass policy_or_weights or weights_dict, not both.")
-        if self.policy_kind == "random" and policy_or_weights is None and weights_dict is None:
-            return
-        weights = self._state_dict_from(weights_dict if weights_dict is not None else policy_or_weights)
-        if isinstance(worker_ids, int) and not isinstance(worker_ids, bool):
-            worker_ids = [worker_ids]
-        if worker_ids is not None:
-            worker_ids = [int(w) for w in worker_ids]
-            bad = [w for w in worker_ids if not 0 <= w < self.num_workers]
-            if bad:
-                raise ValueError(f"worker_ids {bad} out of range: this collector has workers "
-                                 f"0..{self.num_workers - 1}.")
-        with self._weights_lock:
-            if self._watcher is not None and policy_or_weights is None and weights_dict is None \
-                    and worker_ids is None:
-                self._watcher.mark_current()
-            ref = ray.put(weights)
-            self.policy_version += 1
-            self._direct.settled()  # (the driver's policy-lag figures follow the order of events)
-            _ray_get(self._driver.set_weights.remote([ref], self.policy_version, worker_ids), timeout=CONTROL_TIMEOUT_S)
-
-    def _sync_if_changed(self) -> None:
-        """Automatic weight sync: send the policy's weights if the trainer changed them."""
-        if self._watcher is not None:
-            with self._weights_lock:
-                if self._watcher.changed():
-                    self.update_policy_weights_()
-
-    def _sync_loop(self) -> None:
-        """During ``start()``: watch the trainer's policy and send changed weights."""
-        while not self._sync_stop.wait(AUTO_SYNC_POLL_S):
-            try:
-                self._sync_if_changed()
-            except Exception:  # noqa: BLE001 - the collector is closing; nothing to sync into
-                return
-
-    def _state_dict_from(self, source) -> dict:
-        if source is None:
-            if self.policy is None:
-                raise TypeError("this collector's policy is built by policy_factory inside the env "
-                                "actors: pass the weights, update_policy_weights_(weights).")
-            source = self.policy
-        if isinstance(source, torch.nn.Module):
-            sd = source.state_dict()
-        elif hasattr(source, "flatten_keys"):  # a TensorDict of parameters
-            sd = {k: v for k, v in source.flatten_keys(".").items()}
-        elif isinstance(source, dict):
-            sd = source
-        else:
-            raise TypeError(
-                f"update_policy_weights_ takes an nn.Module, a TensorDict or a state dict; "
-                f"got {type(source).__name__}.")
-        if not isinstance(self._reference_policy, torch.nn.Module):
-            raise TypeError("weights can only be updated when the policy is a torch.nn.Module.")
-        ref_sd = self._reference_policy.state_dict()
-        sd = {k: (v.data if isinstance(v, torch.nn.Parameter) else v) for k, v in sd.items()}
-        missing = sorted(set(ref_sd) - set(sd))
-        unexpected = sorted(set(sd) - set(ref_sd))
-        if missing or unexpected:
-            raise ValueError(
-                f"weights do not match the policy: missing keys {missing[:5]}, unexpected keys "
-                f"{unexpected[:5]}. Pass the policy's own state_dict().")
-        for k, v in sd.items():
-            if tuple(v.shape) != tuple(ref_sd[k].shape):
-                raise ValueError(
-                    f"weight {k!r}: expected shape {tuple(ref_sd[k].shape)}, got {tuple(v.shape)}.")
-        return {k: v.detach().to("cpu").clone() for k, v in sd.items()}
-
-    def state_dict(self) -> dict:
-        self._check_open()
-        self._direct.settled()
-        out = {"frames": self._frames, "iter": self._iter, "policy_version": self.policy_version,
-               "worker_states": _ray_get(self._driver.broadcast.remote("state_dict"), timeout=CONTROL_TIMEOUT_S)}
-        if isinstance(self.policy, torch.nn.Module):
-            out["policy_state_dict"] = {k: v.detach().clone() for k, v in self.policy.state_dict().items()}
-        return out
-
-    def load_state_dict(self, state: dict) -> None:
-        self._check_open()
-        self._frames = int(state.get("frames", 0))
-        self._iter = int(state.get("iter", 0))
-        if "policy_state_dict" in state and isinstance(self.policy, torch.nn.Module):
-            self.policy.load_state_dict(state["policy_state_dict"])
-            self.update_policy_weights_()
-        self.policy_version = max(self.policy_version, int(state.get("policy_version", 0)))
-        workers = state.get("worker_states") or []
-        if workers:
-            handles = ray.get(self._driver.worker_handles.remote(), timeout=CONTROL_TIMEOUT_S)
-            ray.get([h.load_state_dict.remote(s) for h, s in zip(handles, workers)],
-                    timeout=CONTROL_TIMEOUT_S)
-
-    # -- background collection ---------------------------------------------------------------
-    def start(self) -> None:
-        """Collect in the background, inside the driver actor, into the replay buffer.
-
-        Runs until ``total_frames`` or :meth:`async_shutdown`; the trainer only samples.
-        """
-        self._check_open()
-        if self.replay_buffer is None:
-            raise RuntimeError("start() streams into a replay buffer: pass replay_buffer="
-                               "collectors.RayReplayBuffer(...) (or a TorchRL ReplayBuffer) when "
-                               "building the collector.")
-        if self._t_start is None:
-            self._t_start = time.perf_counter()
-        self._direct.close()  # a thread collects from here on: batches go through the driver
-        if not hasattr(self.replay_buffer, "actor"):  # a buffer in this process: a thread fills it
-            from collectors.local_fill import LocalFiller
-
-            if self._filler is None:
-                self._filler = LocalFiller(self, self.replay_buffer)
-            self._filler.start()
-            return
-        remaining = -1 if self.total_frames < 0 else max(0, self.total_frames - self._frames)
-        self._sync_if_changed()
-        _ray_get(self._driver.start.remote(self.replay_buffer.actor, remaining), timeout=CONTROL_TIMEOUT_S)
-        if self._watcher is not None and self._sync_thread is None:
-            self._sync_thread = threading.Thread(target=self._sync_loop, daemon=True,
-                                                 name=f"{self.name}-weight-sync")
-            self._sync_thread.start()
-
-    def is_running(self) -> bool:
-        """Whether background collection is going on."""
-        if self._closed:
-            return False
-        if self._filler is not None:
-            return self._filler.is_running()
-        return bool(ray.get(self._driver.is_running.remote(), timeout=CONTROL_TIMEOUT_S))
-
-    @contextlib.contextmanager
-    def pause(self):
-        """Stop background writes inside the block (e.g. to checkpoint the buffer)."""
-        self._check_open()
-        if self._filler is not None:
-            self._filler.pause(True)
-            try:
-                yield self
-            finally:
-                self._filler.pause(False)
-            return
-        ray.get(self._driver.pause.remote(True), timeout=self.options.write_timeout_s + CONTROL_TIMEOUT_S)
-        try:
-            yield self
-        finally:
-            if not self._closed:
-                ray.get(self._driver.pause.remote(False), timeout=CONTROL_TIMEOUT_S)
-
-    def async_shutdown(self, timeout: float | None = None, close_env: bool = True) -> None:
-        """Stop background collection (no write reaches the buffer once this returns), then
-        shut everything down (see :meth:`shutdown`). ``stats()`` still answers."""
-        if self._closed:
-            return
-        timeout = 10.0 if timeout is None else float(timeout)
-        if self._filler is not None:  # fenced: nothing reaches the buffer once this returns
-            self._filler.stop(timeout)
-        try:
-            ray.get(self._driver.stop.remote(timeout), timeout=timeout + 5)
-        except Exception:  # noqa: BLE001 - forced by shutdown() below
-            pass
-        self.shutdown(timeout, close_env=close_env)
-
-    def background_error(self) -> str | None:
-        """The error that stopped background collection, if any."""
-        if self._filler is not None:
-            return None if self._filler.error is None else repr(self._filler.error)
-        return None if self._closed else ray.get(self._driver.background_error.remote(),
-                                                 timeout=CONTROL_TIMEOUT_S)
-
-    # -- figures -----------------------------------------------------------------------------
-    def stats(self) -> dict:
-        """Plain-dict figures; still answers after ``shutdown()``."""
-        if self._closed:
-            return dict(self._final_stats or self._local_stats({}))
-        try:
-            if self._direct is not None:  # (None only while construction fails)
-                self._direct.settled()
-            driver = ray.get(self._driver.stats.remote(), timeout=10)
-        except Exception:  # noqa: BLE001 - stats never raise
-            driver = {}
-        return self._local_stats(driver)
-
-    def _local_stats(self, driver: dict) -> dict:
-        elapsed = time.perf_counter() - self._t_start if self._t_start else 0.0
-        per = driver.get("per_worker", [])
-        returns = driver.get("episode_returns", [])
-        frames = self._frames + driver.get("background_frames", 0)
-        out = {
-            "frames": frames, "batches": self._iter + driver.get("written_batches", 0)
-            if driver.get("background_frames") else self._iter, "total_frames": self.total_frames,
-            "completed": self.total_frames > 0 and frames >= self.total_frames,
-            "requested_frames_per_batch": self.requested_frames_per_batch,
-            "frames_per_batch_asked": self.options.frames_per_batch,
-            "frames_per_s": frames / elapsed if elapsed > 0 else 0.0,
-            "running": driver.get("running", False),
-            "written_batch_ids": driver.get("written_batch_ids", []),
-            "buffer_resends": driver.get("buffer_resends", 0),  # sends retried, unanswered
-            # batches sent again because the buffer restarted from an older checkpoint
-            "buffer_restart_resends": driver.get("buffer_restart_resends", 0),
-            "policy_version": self.policy_version,
-            "workers": driver.get("workers", self.num_workers),
-            "workers_alive": driver.get("workers_alive", 0),
-            "episodes": sum(p.get("episodes", 0) for p in per),
-            "mean_return": (sum(returns) / len(returns)) if returns else float("nan"),
-            "recent_returns": list(returns),
-            "restarts": sum(p.get("restarts", 0) for p in per),
-            "env_errors": sum(p.get("env_errors", 0) for p in per),
-            "lost_frames": sum(sum(p.get("dropped", {}).values()) for p in per),
-            "env_error_log": driver.get("env_error_log", []),  # the last env errors, with tracebacks
-            "per_worker": per,
-            # the node each env worker started on (``ray.get_runtime_context().get_node_id()``)
-            "worker_nodes": [info.get("node_id") for info in self.worker_info],
-            "placement": (self.config.placement.strategy if self.config else None) or "none",
-            "compiled_graph_batches": self._direct.batches if self._direct else 0,
-        }
-        for i, p in enumerate(per):
-            for key in ("frames", "delivered", "policy_version", "restarts", "env_errors", "timeouts"):
-                out[f"worker_{i}/{key}"] = p.get(key, 0)
-        return out
 
     # -- lifecycle ---------------------------------------------------------------------------
     def _check_open(self) -> None:

@@ -30,9 +30,9 @@ from ray.exceptions import (GetTimeoutError, RayActorError, RayChannelError,
                             RayChannelTimeoutError, RayTaskError)
 
 from actors.errors import CollectorError, FatalWorkerError, unwrap
+from collectors.control import CONTROL_TIMEOUT_S
 from collectors.runtime import driver_get
 
-CONTROL_TIMEOUT_S = 30.0
 DIRECT_AFTER = 2  # batches through the driver before a graph opens (they bound a hang)
 SLEEP_SHARE = 0.95  # of the shortest of the last 5 collects, slept before reading
 AWAY_SHARE, AWAY_MIN_S = 0.1, 0.005  # trainer time between batches that closes the graph

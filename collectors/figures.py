@@ -1,0 +1,60 @@
+"""What a collector reports: ``stats()``."""
+from __future__ import annotations
+
+import time
+
+import ray
+
+
+class FiguresMixin:
+    """``DataCollectorBase.stats()``: the trainer's counts plus the driver's."""
+
+    def stats(self) -> dict:
+        """Plain-dict figures; still answers after ``shutdown()``."""
+        if self._closed:
+            return dict(self._final_stats or self._local_stats({}))
+        try:
+            if self._direct is not None:  # (None only while construction fails)
+                self._direct.settled()
+            driver = ray.get(self._driver.stats.remote(), timeout=10)
+        except Exception:  # noqa: BLE001 - stats never raise
+            driver = {}
+        return self._local_stats(driver)
+
+    def _local_stats(self, driver: dict) -> dict:
+        elapsed = time.perf_counter() - self._t_start if self._t_start else 0.0
+        per = driver.get("per_worker", [])
+        returns = driver.get("episode_returns", [])
+        frames = self._frames + driver.get("background_frames", 0)
+        out = {
+            "frames": frames, "batches": self._iter + driver.get("written_batches", 0)
+            if driver.get("background_frames") else self._iter, "total_frames": self.total_frames,
+            "completed": self.total_frames > 0 and frames >= self.total_frames,
+            "requested_frames_per_batch": self.requested_frames_per_batch,
+            "frames_per_batch_asked": self.options.frames_per_batch,
+            "frames_per_s": frames / elapsed if elapsed > 0 else 0.0,
+            "running": driver.get("running", False),
+            "written_batch_ids": driver.get("written_batch_ids", []),
+            "buffer_resends": driver.get("buffer_resends", 0),  # sends retried, unanswered
+            # batches sent again because the buffer restarted from an older checkpoint
+            "buffer_restart_resends": driver.get("buffer_restart_resends", 0),
+            "policy_version": self.policy_version,
+            "workers": driver.get("workers", self.num_workers),
+            "workers_alive": driver.get("workers_alive", 0),
+            "episodes": sum(p.get("episodes", 0) for p in per),
+            "mean_return": (sum(returns) / len(returns)) if returns else float("nan"),
+            "recent_returns": list(returns),
+            "restarts": sum(p.get("restarts", 0) for p in per),
+            "env_errors": sum(p.get("env_errors", 0) for p in per),
+            "lost_frames": sum(sum(p.get("dropped", {}).values()) for p in per),
+            "env_error_log": driver.get("env_error_log", []),  # the last env errors, with tracebacks
+            "per_worker": per,
+            # the node each env worker started on (``ray.get_runtime_context().get_node_id()``)
+            "worker_nodes": [info.get("node_id") for info in self.worker_info],
+            "placement": (self.config.placement.strategy if self.config else None) or "none",
+            "compiled_graph_batches": self._direct.batches if self._direct else 0,
+        }
+        for i, p in enumerate(per):
+            for key in ("frames", "delivered", "policy_version", "restarts", "env_errors", "timeouts"):
+                out[f"worker_{i}/{key}"] = p.get(key, 0)
+        return out
