@@ -65,7 +65,35 @@ def _is_user_module(name: str) -> bool:
     path = getattr(module, "__file__", None)
     if module is None or not path:
         return False
-    return not os.path.realpath(path).startswith(_INSTALLED)
+    if os.path.realpath(path).startswith(_INSTALLED):
+        return False
+    return not _on_inherited_path(name.split(".")[0])
+
+
+def _on_inherited_path(top: str) -> bool:
+    """Whether the top-level package ``top`` lies in a directory of ``PYTHONPATH`` (env actors
+    inherit it: ``pip install --target`` folders, a checkout on the path), or belongs to an
+    installed distribution (editable installs). Such packages are imported by name in the
+    actors; shipping them by value would copy a library (and can fail: locks in its classes)."""
+    module = sys.modules.get(top)
+    where = getattr(module, "__file__", None) or next(iter(getattr(module, "__path__", [])), None)
+    if where is None:
+        return False
+    where = os.path.realpath(where)
+    parent = os.path.dirname(os.path.dirname(where) if os.path.basename(where) == "__init__.py"
+                             else where)
+    inherited = {os.path.realpath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p}
+    return parent in inherited or top in _distributions()
+
+
+@functools.lru_cache(maxsize=1)
+def _distributions() -> frozenset:
+    """Top-level names of installed distributions, without the names that some wheels ship by
+    mistake and that user code uses too."""
+    import importlib.metadata
+
+    return frozenset(importlib.metadata.packages_distributions()) - {
+        "tests", "test", "scripts", "examples", "benchmarks", "docs"}
 
 
 def ship_by_value(*objs) -> list[str]:
