@@ -18,6 +18,7 @@ import ray
 
 from actors.compact import compact_arrays
 from actors.options import CollectorOptions
+from actors.policy_runner import local_device
 from actors.rollout import Rollout
 from actors.td_rollout import TensorDictRollout, is_torchrl_env
 from actors.vector_rollout import VectorRollout
@@ -92,20 +93,23 @@ class EnvWorker:
         os.environ["RAY_COLLECTORS_WORKER_RESTARTS"] = str(restarts)
         if seed is not None:  # (seed, static_seed) of the latest set_seed(): replacements follow it
             options = options.model_copy(update={"seed": seed[0]})
+        if options.policy_device not in (None, "cpu"):  # the GPU Ray gave this actor, by its name here
+            options = options.model_copy(update={"policy_device": local_device(options.policy_device)})
         if options.init_fn is not None:
             options.init_fn()
         env_fn = make_env_fn(plan.env_fns[worker_index], options.create_env_kwargs)
         ids = dict(slot_offset=worker_index * options.num_envs, id_stride=options.num_workers,
                    id_offset=worker_index, id_counter=id_counter)
+        policy = self._policy(plan, options.policy_device)
         if plan.spec.get("torchrl"):
-            self.rollout = TensorDictRollout(env_fn, self._policy(plan), plan.policy_kind,
+            self.rollout = TensorDictRollout(env_fn, policy, plan.policy_kind,
                                              plan.steps, options, **ids)
         elif options.native_vector:  # resolved to True/False by the collector
             self.rollout = VectorRollout(plan.env_fns[worker_index], options.create_env_kwargs,
-                                         self._policy(plan), plan.policy_kind, plan.spec,
+                                         policy, plan.policy_kind, plan.spec,
                                          plan.steps, options, **ids)
         else:
-            self.rollout = Rollout([env_fn] * options.num_envs, self._policy(plan),
+            self.rollout = Rollout([env_fn] * options.num_envs, policy,
                                    plan.policy_kind, plan.spec, plan.steps, options, **ids)
 
         def per_env_loop(policy, id_counter: int) -> Rollout:
@@ -120,14 +124,14 @@ class EnvWorker:
             self.set_weights(weights, policy_version)
 
     @staticmethod
-    def _policy(plan: WorkerPlan):
+    def _policy(plan: WorkerPlan, device: str | None):
         """The policy this actor runs: built by the factory, moved to its device, compiled."""
         options = plan.options
         policy = plan.policy_factory() if plan.policy_factory is not None else plan.policy
         if policy is None or plan.policy_kind == "random":
             return policy
-        if options.policy_device not in (None, "cpu") and hasattr(policy, "to"):
-            policy = policy.to(options.policy_device)
+        if device not in (None, "cpu") and hasattr(policy, "to"):
+            policy = policy.to(device)
         if options.compile_policy:
             import torch
 

@@ -37,6 +37,44 @@ def policy_kind(policy) -> str:
     )
 
 
+def module_device(policy) -> str | None:
+    """The device of an ``nn.Module`` policy's first parameter or buffer when it is not the
+    CPU (``"cuda:0"``), else ``None``. TorchRL runs a policy where it is unless told otherwise.
+
+    Example:
+        >>> import torch
+        >>> module_device(torch.nn.Linear(2, 2)) is None
+        True
+    """
+    import torch
+
+    if not isinstance(policy, torch.nn.Module):
+        return None
+    for tensor in (*policy.parameters(), *policy.buffers()):
+        return None if tensor.device.type == "cpu" else str(tensor.device)
+    return None
+
+
+def local_device(device: str | None) -> str | None:
+    """``device`` as this process names it. Ray shows an actor that asked for GPUs only the
+    GPUs it was given, renumbered from 0: ``"cuda:1"`` (the trainer's name) is ``"cuda:0"``
+    there when Ray gave it GPU 1, and the first GPU it was given otherwise."""
+    if device is None or not device.startswith("cuda"):
+        return device
+    import torch
+
+    try:
+        import ray
+
+        given = [str(i) for i in ray.get_gpu_ids()] if ray.is_initialized() else []
+    except Exception:  # noqa: BLE001 - not inside a Ray worker: the name stands
+        given = []
+    if not given:
+        return device
+    index = torch.device(device).index
+    return f"cuda:{given.index(str(index)) if str(index) in given else 0}"
+
+
 class PolicyRunner:
     """Calls the policy on ``{key: array[num_envs, ...]}`` and returns ``{key: ndarray}``."""
 

@@ -163,6 +163,7 @@ class TensorDictRollout:
         random_actions = random_actions or self.runner.kind == "random"
         frames, t_env = [], 0.0
         env, policy, clock = self.env, self.policy, time.perf_counter
+        device = self.runner.device  # None: the policy runs on the env's (CPU) data
         with self.runner.context():
             while len(frames) < self.steps:  # a failed step adds no frame: the batch stays full
                 if self.stop_requested:
@@ -172,7 +173,12 @@ class TensorDictRollout:
                     env.rand_action(carrier)
                 else:
                     try:
-                        out = policy(carrier)
+                        if device is None:
+                            out = policy(carrier)
+                        else:  # the policy's device and back: the env keeps its CPU data
+                            moved = carrier.to(device)
+                            out = policy(moved)
+                            out = (moved if out is None else out).cpu()
                     except Exception as exc:  # noqa: BLE001
                         raise PolicyError("the policy raised inside the env worker:\n"
                                           + "".join(traceback.format_exception(exc))) from exc

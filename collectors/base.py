@@ -17,6 +17,7 @@ from actors import driver as driver_body
 from actors.env_worker import WorkerPlan
 from actors.errors import CollectorError
 from actors.options import CollectorOptions, options_doc
+from actors.policy_runner import module_device
 from actors.vector_rollout import AUTO_MIN_ENVS, native_vector_problem
 from collectors import validate
 from collectors.background import BackgroundMixin
@@ -68,6 +69,10 @@ class DataCollectorBase(ControlMixin, BackgroundMixin, FiguresMixin):
         env_fns = self._env_fns(create_env_fn, options.num_workers)
         # a policy built by its factory here too: for the checks, and as the weights' reference
         self._reference_policy = options.policy_factory() if options.policy_factory else policy
+        if options.policy_device is None and module_device(self._reference_policy):
+            # as TorchRL: with no policy_device, the policy runs on the device it lives on
+            options = options.model_copy(
+                update={"policy_device": module_device(self._reference_policy)})
         spec, kind = validate.build_spec(env_fns[0], options.create_env_kwargs,
                                          self._reference_policy, options.num_envs,
                                          options.exploration_type)
@@ -121,6 +126,8 @@ class DataCollectorBase(ControlMixin, BackgroundMixin, FiguresMixin):
         self._filler = None  # start() with a buffer in this process (e.g. TorchRL's)
         self._sync_stop = threading.Event()
         self._direct: DirectRoute | None = None  # when batches take a compiled graph
+        self._driver = None  # the driver actor's handle, once started
+        self._finalizer = None  # kills the driver should this object be dropped unclosed
         self._start_driver(create_env_fn, env_fns, policy, kind, spec, steps)
         try:
             self._direct = DirectRoute(self, self._driver, options, self.worker_info, self._async)
@@ -200,13 +207,13 @@ class DataCollectorBase(ControlMixin, BackgroundMixin, FiguresMixin):
         ensure_ray(**self.config.ray_init_kwargs())
         num_gpus = options.num_gpus
         if num_gpus is None and (options.policy_device or "cpu").startswith("cuda"):
-            num_gpus = 1  # the policy runs on a GPU inside the env actor: Ray must give it one
+            num_gpus = gpu_share(options.num_workers)  # Ray must give the actor (part of) a GPU
         actor_options = self.config.worker_options(num_cpus=options.num_cpus, num_gpus=num_gpus,
                                                    resources=options.resources)
         check_feasible(actor_options, options.num_workers, type(self).__name__)
         ship_by_value(create_env_fn, options.create_env_kwargs, policy, options.policy_factory,
                       options.init_fn)
-        plan = WorkerPlan(env_fns=env_fns, policy=policy, policy_kind=kind, spec=spec,
+        plan = WorkerPlan(env_fns=env_fns, policy=on_cpu(policy), policy_kind=kind, spec=spec,
                           steps=steps, options=options.for_workers(),
                           policy_factory=options.policy_factory)
         try:
@@ -342,7 +349,7 @@ class DataCollectorBase(ControlMixin, BackgroundMixin, FiguresMixin):
         raised is reported as :class:`CollectorError` once everything is stopped; a worker
         that does not close in time is killed, which is not an error. Idempotent.
         """
-        if self._closed:
+        if getattr(self, "_closed", True):  # (True: a constructor that raised before any actor)
             return
         if self._filler is not None:
             self._filler.stop(5.0 if timeout is None else min(float(timeout), 5.0))
@@ -356,6 +363,9 @@ class DataCollectorBase(ControlMixin, BackgroundMixin, FiguresMixin):
                 self._direct.close()  # settles the last batch, then tears the graph down
         except Exception:  # noqa: BLE001 - a dead driver or worker: stopped below anyway
             pass
+        if self._driver is None:  # construction failed before any actor was started
+            self._closed = True
+            return
         try:
             self._final_stats = self._local_stats(ray.get(self._driver.stats.remote(), timeout=min(2.0, timeout)))
         except Exception:  # noqa: BLE001
@@ -388,6 +398,28 @@ class DataCollectorBase(ControlMixin, BackgroundMixin, FiguresMixin):
         return (f"{type(self).__name__}(name={self.name!r}, frames_per_batch="
                 f"{self.frames_per_batch}, total_frames={self.total_frames}, "
                 f"num_workers={self.num_workers}, num_envs={self.num_envs})")
+
+
+def gpu_share(num_workers: int) -> float:
+    """GPUs each env actor asks for when its policy runs on CUDA and ``num_gpus`` is unset: the
+    cluster's GPUs shared out, one at most (2 workers on a 1-GPU machine: 0.5 each, as TorchRL's
+    workers all use the one GPU). With no GPU in the cluster, 1: ``check_feasible`` says so."""
+    total = ray.cluster_resources().get("GPU", 0)
+    if not total:
+        return 1.0
+    return min(1.0, math.floor(total / num_workers * 10_000) / 10_000)
+
+
+def on_cpu(policy):
+    """The policy as the env actors receive it: a CPU copy of one whose weights live on a GPU
+    (the trainer's policy stays where it is). Each actor moves it to ``policy_device``; an
+    actor without a GPU could not even unpickle CUDA tensors."""
+    if not isinstance(policy, torch.nn.Module) or all(
+            t.device.type == "cpu" for t in (*policy.parameters(), *policy.buffers())):
+        return policy
+    import copy
+
+    return copy.deepcopy(policy).to("cpu")
 
 
 def check_feasible(options: dict, num_workers: int, who: str) -> None:

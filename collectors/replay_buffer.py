@@ -196,7 +196,11 @@ class RayReplayBuffer:
     # -- data --------------------------------------------------------------------------------
     def extend(self, td, batch_id=None) -> int:
         """Write frames; returns how many were written. Each call carries a batch id (a fresh
-        one when none is given), so a retry while the actor restarts stores nothing twice."""
+        one when none is given), so a retry while the actor restarts stores nothing twice.
+        Frames on a GPU (``storing_device="cuda"``) are stored from a CPU copy."""
+        device = getattr(td, "device", None)
+        if hasattr(td, "cpu") and (device is None or device.type != "cpu"):
+            td = td.cpu()  # (no copy of leaves already on the CPU)
         return self._call("extend", td, batch_id or (self.name, "extend", uuid.uuid4().hex))
 
     def add(self, td) -> int:

@@ -8,7 +8,7 @@ import numpy as np
 
 from actors.env_worker import make_env_fn
 from actors.errors import EnvCreationError, PolicyOutputError
-from actors.policy_runner import ACTION_KEY, PolicyRunner, policy_kind
+from actors.policy_runner import ACTION_KEY, PolicyRunner, module_device, policy_kind
 from actors.spaces import leaf_spec, observation_spec
 from actors.td_rollout import is_torchrl_env
 
@@ -107,7 +107,8 @@ def torchrl_spec(env, policy, exploration_type: str) -> tuple[dict, str]:
             f"the TorchRL env has batch_size {tuple(env.batch_size)}; give a factory of a single "
             "env (batch_size []) and set num_envs=N, which steps a SerialEnv of N of them.")
     if kind != "random":
-        td = env.reset()
+        device = module_device(policy)
+        td = env.reset() if device is None else env.reset().to(device)
         runner = PolicyRunner(policy, kind, (), 1, exploration_type)
         try:
             with runner.context():
@@ -126,6 +127,7 @@ def torchrl_spec(env, policy, exploration_type: str) -> tuple[dict, str]:
         except Exception as exc:
             raise PolicyOutputError(f"the policy raised on the env's first observation: {exc!r}") from exc
         action = td.get("action", None)
+        action = action if action is None or device is None else action.cpu()
         if action is None:
             raise PolicyOutputError(f"the policy's output has no 'action' entry (keys: "
                                     f"{sorted(map(str, td.keys(True, True)))}).")
@@ -164,7 +166,8 @@ def build_spec(create_env_fn, create_env_kwargs, policy, num_envs: int,
             samples = [first, first]
             batch = {k: np.stack([np.asarray(s[k] if is_dict else s, dtype=obs[k][1]) for s in samples])
                      for k in obs}
-            runner = PolicyRunner(policy, kind, tuple(obs), len(samples), exploration_type)
+            runner = PolicyRunner(policy, kind, tuple(obs), len(samples), exploration_type,
+                                  module_device(policy))
             try:
                 with runner.context():
                     out = runner(batch)

@@ -116,6 +116,24 @@ def test_devices_cpu_accepted_cuda_checked():
             SyncDataCollector(counting_env, policy, frames_per_batch=8, device="cuda")
 
 
+def test_a_cuda_policy_shares_the_clusters_gpus_and_runs_on_the_one_ray_gives(monkeypatch):
+    """(The CUDA runs themselves are in test_cuda.py.) Without num_gpus, workers split the
+    cluster's GPUs, one each at most; inside an actor "cuda:i" names the GPU Ray gave it."""
+    import ray
+
+    from actors.policy_runner import local_device
+    from collectors.base import gpu_share
+
+    for gpus, workers, share in [(1, 1, 1.0), (1, 2, 0.5), (1, 3, 0.3333), (4, 2, 1.0), (0, 2, 1.0)]:
+        monkeypatch.setattr(ray, "cluster_resources", lambda gpus=gpus: {"CPU": 8, "GPU": gpus})
+        assert gpu_share(workers) == share
+    for given, asked, runs_on in [([], "cuda:1", "cuda:1"), ([1], "cuda:1", "cuda:0"),
+                                  ([0, 1], "cuda:1", "cuda:1"), ([2], "cuda", "cuda:0"),
+                                  ([1], "cpu", "cpu")]:
+        monkeypatch.setattr(ray, "get_gpu_ids", lambda given=given: given)
+        assert local_device(asked) == runs_on
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_policy_runs_on_cuda_and_batches_are_stored_where_asked():
     policy = nn.Sequential(nn.Linear(1, 2), ArgmaxLayer())
