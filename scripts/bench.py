@@ -426,7 +426,7 @@ def main(argv=None) -> None:
     if args.part in ("workloads", "all"):
         from bench_workloads import run_workloads
 
-        guarded(run_workloads, min(frames, 2_000), row)
+        guarded(run_workloads, min(frames, 4_000), row)
     if args.part in ("memory", "all"):
         from bench_workloads import pong_memory
 

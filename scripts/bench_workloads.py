@@ -4,6 +4,7 @@ loop, gymnasium's ``SyncVectorEnv(8)`` with the batched policy, TorchRL's ``Coll
 same gymnasium env (``GymWrapper``), and ours with 1 and 8 envs per actor and with 2 workers."""
 from __future__ import annotations
 
+import functools
 import time
 
 import gymnasium as gym
@@ -42,26 +43,40 @@ def vector_loop(make, policy, frames: int, n: int = 8, env=None) -> float:
     return (frames // n) * n / (time.perf_counter() - t0)
 
 
-def torchrl_loop(make, policy, frames: int, fpb: int) -> float:
+def torchrl_loop(make, policy, frames: int, fpb: int, workers: int = 1) -> float:
+    """TorchRL's ``Collector`` (``workers=1``) or ``MultiSyncCollector`` of ``workers``
+    processes, ``fpb`` frames per worker, on ``GymWrapper(make())``."""
     from tensordict.nn import TensorDictModule
-    from torchrl.collectors import Collector
-    from torchrl.envs import GymWrapper
-
-    class Index(torch.nn.Module):
-        def __init__(self, net):
-            super().__init__()
-            self.net = net
-
-        def forward(self, obs):  # TorchRL calls an unbatched env's policy without a batch dim
-            return self.net(obs.unsqueeze(0))[0]
+    from torchrl.collectors import Collector, MultiSyncCollector
 
     module = TensorDictModule(Index(policy), in_keys=["observation"], out_keys=["action"])
-    c = Collector(lambda: GymWrapper(make(), categorical_action_encoding=True), module,
-                  frames_per_batch=fpb, total_frames=-1)
+    if workers == 1:
+        c = Collector(functools.partial(wrapped, make), module, frames_per_batch=fpb,
+                      total_frames=-1)
+    else:
+        c = MultiSyncCollector([functools.partial(wrapped, make)] * workers, module,
+                               frames_per_batch=fpb * workers, total_frames=-1)
     try:
         return timed(c, frames)
     finally:
         c.shutdown()
+
+
+class Index(torch.nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, obs):  # TorchRL calls an unbatched env's policy without a batch dim
+        return self.net(obs.unsqueeze(0))[0]
+
+
+def wrapped(make):
+    """``make()`` as a TorchRL env (a module-level function: TorchRL's worker processes
+    pickle it)."""
+    from torchrl.envs import GymWrapper
+
+    return GymWrapper(make(), categorical_action_encoding=True)
 
 
 def timed(collector, frames: int, warmup: int = 3) -> float:
@@ -77,12 +92,15 @@ def timed(collector, frames: int, warmup: int = 3) -> float:
 
 
 def ours(make, policy, frames: int, fpb: int, num_envs: int = 1, workers: int = 1,
-         compact_obs: bool = False) -> tuple:
-    from collectors import MultiSyncDataCollector, SyncDataCollector
+         compact_obs: bool = False, asynchronous: bool = False) -> tuple:
+    from collectors import MultiaSyncDataCollector, MultiSyncDataCollector, SyncDataCollector
 
     if workers == 1:
         c = SyncDataCollector(make, policy, frames_per_batch=fpb, num_envs=num_envs,
                               compact_obs=compact_obs)
+    elif asynchronous:  # each worker's batch as it comes: no waiting for the slower one
+        c = MultiaSyncDataCollector(make, policy, num_workers=workers, frames_per_batch=fpb,
+                                    num_envs=num_envs)
     else:
         c = MultiSyncDataCollector(make, policy, num_workers=workers, frames_per_batch=fpb * workers,
                                    num_envs=num_envs)
@@ -123,6 +141,12 @@ def run_workloads(frames: int, row) -> None:
         two, two_bps = ours(make, net, frames, fpb, workers=2)
         row("ours, 2 workers (num_envs=1)", two, f"{two / one:.2f}x our 1 worker, "
             f"{two_bps / 1e6:.1f} MB/s through the object store")
+        two_async, _ = ours(make, net, frames, fpb, workers=2, asynchronous=True)
+        row("ours, 2 workers, MultiaSyncDataCollector", two_async, f"{two_async / one:.2f}x our 1 worker")
+        if trl:
+            trl_two = torchrl_loop(make, net, frames, fpb, workers=2)
+            row("TorchRL MultiSyncCollector, 2 workers", trl_two,
+                f"{trl_two / trl:.2f}x its Collector; ours {two / trl_two:.2f}x it")
 
 
 def pong_memory(frames: int, row_fn=None) -> None:
