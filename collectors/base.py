@@ -69,10 +69,11 @@ class DataCollectorBase(ControlMixin, BackgroundMixin, FiguresMixin):
         env_fns = self._env_fns(create_env_fn, options.num_workers)
         # a policy built by its factory here too: for the checks, and as the weights' reference
         self._reference_policy = options.policy_factory() if options.policy_factory else policy
-        if options.policy_device is None and module_device(self._reference_policy):
-            # as TorchRL: with no policy_device, the policy runs on the device it lives on
-            options = options.model_copy(
-                update={"policy_device": module_device(self._reference_policy)})
+        lives_on = module_device(self._reference_policy)
+        if options.policy_device is None and (lives_on or "").startswith("cuda"):
+            # as TorchRL: with no policy_device, the policy runs on the GPU it lives on (one on
+            # another device, e.g. "mps", reaches the actors as a CPU copy and runs there)
+            options = options.model_copy(update={"policy_device": lives_on})
         spec, kind = validate.build_spec(env_fns[0], options.create_env_kwargs,
                                          self._reference_policy, options.num_envs,
                                          options.exploration_type)
