@@ -8,8 +8,8 @@ The env actor spins too while it waits for the next batch to be asked for (Ray 2
 read polls), so a graph stays open only while the trainer asks again promptly: once it is away
 longer than ``AWAY_SHARE`` of a collect (at least ``AWAY_MIN_S``), training between batches,
 the graph is torn down and batches go through the driver, whose worker waits without a core.
-The driver still accounts every batch: ``settle`` is sent without waiting and awaited while the
-next batch is collected, or before the trainer's next call to the driver. A failed batch (worker died, raised, or hung past the
+The driver still accounts every batch: its ``settle`` is sent and awaited while the next batch
+is collected, or before the trainer's next call to the driver. A failed batch (worker died, raised, or hung past the
 driver's timeout) is reported to the driver, which counts and replaces the worker exactly as on
 its own path; the graph is torn down and that round is collected through the driver. The next
 round compiles a graph for the replacement.
@@ -159,6 +159,7 @@ class DirectPath:
         self.driver = driver
         self.handle = handle
         self.timeout_s = float(timeout_s)  # the driver's hang bound for the next batch
+        self.unsent = None  # the last batch's meta, sent to the driver's settle() by settled()
         self.settling = None  # the last settle() call, awaited before the next driver call
         self.recent: deque = deque(maxlen=5)  # the last batches' collect times (s)
         self.dag = None
@@ -174,19 +175,23 @@ class DirectPath:
         try:  # (a dead worker closes the graph's channels: execute itself may raise)
             ref = self.dag.execute(bool(random_actions))
             wake = time.monotonic() + SLEEP_SHARE * (min(self.recent) if self.recent else 0.0)
-            self.settled()  # the previous batch's settle, while this one is collected
+            self.settled()  # the previous batch's settle, sent and awaited while this one is collected
             # sleep through most of the batch: ray.get on a graph's result spins a core
             time.sleep(max(0.0, wake - time.monotonic()))
             batch, meta = ray.get(ref, timeout=self.timeout_s)
         except (GetTimeoutError, RayChannelError, RayActorError, RayTaskError) as exc:
             self._failed(exc)
             return None
-        self.settling = self.driver.settle.remote(0, meta)
+        self.unsent = meta  # (sending it costs about 0.4 ms: done while the next batch runs)
         self.recent.append(meta["collect_time"])
         return batch, meta
 
     def settled(self) -> None:
-        """Wait for the last ``settle`` (the driver's figures then include every batch)."""
+        """Send the last batch's ``settle`` if not yet sent and wait for it (the driver's
+        figures then include every batch)."""
+        if self.unsent is not None:
+            meta, self.unsent = self.unsent, None
+            self.settling = self.driver.settle.remote(0, meta)
         if self.settling is not None:
             ref, self.settling = self.settling, None
             self.timeout_s = float(driver_get(ref, CONTROL_TIMEOUT_S))
@@ -202,6 +207,10 @@ class DirectPath:
             kind, name = "timeout", ""
         else:  # a channel closed under us: the worker is gone
             kind, name = "died", ""
+        try:  # the driver hears of the batches before this one first (calls keep their order)
+            self.settled()
+        except Exception:  # noqa: BLE001 - a dead driver: direct_failed below says so
+            pass
         try:  # the driver counts and replaces (a hung worker is killed), or raises; unbounded
             # here like collect_sync, as the driver bounds the replacement's start-up itself
             driver_get(self.driver.direct_failed.remote(0, self.handle, kind, name, str(exc)))
