@@ -137,8 +137,9 @@ class CollectorOptions(BaseModel):
         None, description="device the policy runs on inside each env actor (default: the "
                           "device of the policy's weights, as TorchRL); a CUDA device makes each "
                           "actor ask Ray for a GPU, or a share of the cluster's GPUs when there "
-                          "are more workers (num_gpus overrides); the actor runs it on the GPU "
-                          "Ray gives it")
+                          "are more workers (num_gpus, or the config's "
+                          "resources.env_worker.num_gpus, overrides); the actor runs it on the "
+                          "GPU Ray gives it")
     env_device: Optional[str] = Field(None, description="device of the env's data: 'cpu' for "
                                                         "gymnasium envs")
     storing_device: Optional[str] = Field(None, description="device of the yielded batches")

@@ -207,7 +207,8 @@ class DataCollectorBase(ControlMixin, BackgroundMixin, FiguresMixin):
         self.config = load_config(options.config)
         ensure_ray(**self.config.ray_init_kwargs())
         num_gpus = options.num_gpus
-        if num_gpus is None and (options.policy_device or "cpu").startswith("cuda"):
+        if num_gpus is None and not self.config.resources.env_worker.num_gpus and \
+                (options.policy_device or "cpu").startswith("cuda"):
             num_gpus = gpu_share(options.num_workers)  # Ray must give the actor (part of) a GPU
         actor_options = self.config.worker_options(num_cpus=options.num_cpus, num_gpus=num_gpus,
                                                    resources=options.resources)
