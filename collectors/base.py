@@ -206,11 +206,8 @@ class DataCollectorBase(ControlMixin, BackgroundMixin, FiguresMixin):
         options = self.options
         self.config = load_config(options.config)
         ensure_ray(**self.config.ray_init_kwargs())
-        num_gpus = options.num_gpus
-        if num_gpus is None and not self.config.resources.env_worker.num_gpus and \
-                (options.policy_device or "cpu").startswith("cuda"):
-            num_gpus = gpu_share(options.num_workers)  # Ray must give the actor (part of) a GPU
-        actor_options = self.config.worker_options(num_cpus=options.num_cpus, num_gpus=num_gpus,
+        actor_options = self.config.worker_options(num_cpus=options.num_cpus,
+                                                   num_gpus=worker_gpus(options, self.config),
                                                    resources=options.resources)
         check_feasible(actor_options, options.num_workers, type(self).__name__)
         ship_by_value(create_env_fn, options.create_env_kwargs, policy, options.policy_factory,
@@ -400,6 +397,17 @@ class DataCollectorBase(ControlMixin, BackgroundMixin, FiguresMixin):
         return (f"{type(self).__name__}(name={self.name!r}, frames_per_batch="
                 f"{self.frames_per_batch}, total_frames={self.total_frames}, "
                 f"num_workers={self.num_workers}, num_envs={self.num_envs})")
+
+
+def worker_gpus(options, config) -> float | None:
+    """GPUs each env actor asks Ray for (``None``: the deployment config's): ``num_gpus`` when
+    given; else the config's ``resources.env_worker.num_gpus`` when it sets one; else, for a
+    policy on CUDA, a share of the cluster's GPUs (``gpu_share``)."""
+    if options.num_gpus is not None:
+        return options.num_gpus
+    if config.resources.env_worker.num_gpus or not (options.policy_device or "cpu").startswith("cuda"):
+        return None
+    return gpu_share(options.num_workers)
 
 
 def gpu_share(num_workers: int) -> float:

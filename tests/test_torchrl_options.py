@@ -121,12 +121,25 @@ def test_a_cuda_policy_shares_the_clusters_gpus_and_runs_on_the_one_ray_gives(mo
     cluster's GPUs, one each at most; inside an actor "cuda:i" names the GPU Ray gave it."""
     import ray
 
+    from actors.options import CollectorOptions
     from actors.policy_runner import local_device
-    from collectors.base import gpu_share
+    from collectors.base import gpu_share, worker_gpus
+    from collectors.config import load_config
 
     for gpus, workers, share in [(1, 1, 1.0), (1, 2, 0.5), (1, 3, 0.3333), (4, 2, 1.0), (0, 2, 1.0)]:
         monkeypatch.setattr(ray, "cluster_resources", lambda gpus=gpus: {"CPU": 8, "GPU": gpus})
         assert gpu_share(workers) == share
+    # (model_copy: a CUDA device would not validate on a machine without one)
+    on_cuda = CollectorOptions(frames_per_batch=8, num_workers=2).model_copy(
+        update={"policy_device": "cuda:0"})
+    config = load_config(None)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8, "GPU": 1})
+    assert worker_gpus(on_cuda, config) == 0.5  # two workers share the one GPU
+    assert worker_gpus(on_cuda.model_copy(update={"num_gpus": 1.0}), config) == 1.0
+    config = load_config({"resources": {"env_worker": {"num_gpus": 0.25}}})  # a config's choice is kept
+    assert worker_gpus(on_cuda, config) is None
+    assert config.worker_options(num_gpus=worker_gpus(on_cuda, config))["num_gpus"] == 0.25
+    assert worker_gpus(CollectorOptions(frames_per_batch=8), load_config(None)) is None
     for given, asked, runs_on in [([], "cuda:1", "cuda:1"), ([1], "cuda:1", "cuda:0"),
                                   ([0, 1], "cuda:1", "cuda:1"), ([2], "cuda", "cuda:0"),
                                   ([1], "cpu", "cpu")]:
@@ -179,3 +192,19 @@ def test_options_a_ray_replay_buffer_would_skip_are_refused():
                 SyncDataCollector(counting_env, frames_per_batch=8, replay_buffer=rb, **{key: value})
     finally:
         rb.shutdown()
+
+
+def test_shutdown_of_a_collector_whose_constructor_raised_is_a_no_op():
+    """The clean-up after a failing test (conftest) shuts down every collector object it finds,
+    including one whose constructor raised before any actor started."""
+    import gc
+
+    with pytest.raises(TypeError, match="pickled") as info:  # (its traceback keeps the object)
+        SyncDataCollector(counting_env, LockedPolicy(), frames_per_batch=8)
+    half_built = [o for o in gc.get_objects() if type(o) is SyncDataCollector and o._driver is None]
+    assert info.value is not None
+    assert half_built
+    for c in half_built:
+        c.shutdown()
+        c.shutdown()  # idempotent
+    SyncDataCollector.__new__(SyncDataCollector).shutdown()  # raised before any attribute was set
