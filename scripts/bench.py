@@ -1,6 +1,6 @@
 """Benchmark: our collectors next to TorchRL's and the raw gymnasium loop, in one process run.
 
-    python scripts/bench.py [--part sync|multi|all] [--frames N] [--quick]
+    python scripts/bench.py [--part sync|multi|...|steady|all] [--frames N] [--quick]
 
 Prints frames/s per row and the ratios the issues set as targets. TorchRL is only needed here
 (``pip install -e .[bench]``); rows whose TorchRL import fails are skipped with a note.
@@ -76,7 +76,7 @@ def vector_loop(frames: int, wrapped: bool = False, native: bool = False, n: int
     return timed_vector_loop(None, policy, frames, n, env=env)
 
 
-WARMUP = 3  # batches before timing, every collector alike (ours opens its compiled graph at the 3rd)
+WARMUP = 6  # batches before timing, every collector alike (ours compiles its graph in the 3rd, then settles)
 
 
 def timed(collector, frames_per_batch: int, warmup: int = WARMUP) -> float:
@@ -403,11 +403,15 @@ def run_buffer(seconds: float) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["sync", "multi", "buffer", "torchrl", "workloads", "memory", "all"],
+    parser.add_argument("--part", choices=["sync", "multi", "buffer", "torchrl", "workloads", "memory", "steady", "all"],
                         default="all")
     parser.add_argument("--frames", type=int, default=30_000)
     parser.add_argument("--quick", action="store_true", help="few frames: a smoke run")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="--part steady: rounds of raw loop / ours / raw loop")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1; got {args.rounds}.")
     frames = 3_000 if args.quick else args.frames
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"python {platform.python_version()}, torch {torch.__version__}, ray {ray.__version__}")
@@ -431,6 +435,10 @@ def main(argv=None) -> None:
         from bench_workloads import pong_memory
 
         guarded(pong_memory, 2_000 if args.quick else 20_000)
+    if args.part in ("steady", "all"):
+        from bench_steady import run_steady
+
+        run_steady(1 if args.quick else args.rounds, 10 if args.quick else 40)
     sys.stdout.flush()
     # TorchRL's RayReplayBuffer and multiprocess collectors can leave non-daemon threads that
     # keep the interpreter from exiting; everything of ours is shut down at this point.
