@@ -202,8 +202,8 @@ def run_sync(frames: int) -> None:
         f"{ours8 / trl:.1f}x TorchRL" if trl else "")
     # the ceilings: gymnasium's vector envs stepping the same envs with the batched MLP. 8 envs
     # (one env object per env, our default below 16) against SyncVectorEnv(8); 16 envs (the
-    # native vector env, our default from 16) against make_vec(16). The make_vec loop counts its
-    # autoreset steps as frames; ours leaves them out, so that ceiling is a few % generous.
+    # native vector env, our default from 16) against make_vec(16). Both ceilings count
+    # transitions only: their next-step autoreset steps (about 10% here) are not frames.
     for wrap in (False, True):
         label = ", MLP in a wrapper" if wrap else ""
         sve = vector_loop(frames * 4, wrap, native=False, n=8)

@@ -1,5 +1,7 @@
-"""The one-env target of issue 14 in steady state: ours at ``frames_per_batch=1000`` with the MLP
-inside a wrapper module, against the raw loop with the same wrapper, over several rounds.
+"""Two targets of issue 14 in steady state, over several rounds: one env at
+``frames_per_batch=1000`` with the MLP inside a wrapper module against the raw loop with the same
+wrapper, and 16 envs stepped by CartPole's native vector env against gymnasium's ``make_vec(16)``
+loop with the same batched MLP (plain and wrapped).
 
     python scripts/bench.py --part steady [--rounds 5]
 
@@ -8,7 +10,8 @@ Each round runs the raw loop (in this process, per 1,000 frames), a fresh ``Sync
 0.1-0.3 s once), and the raw loop again. A round's ratio is ours against the mean of both raw
 runs, from mean times; the ratio of medians is printed next to it (less moved by a host hiccup
 in one run). On a 2-core machine one round's ratio moves by 10% or more; the median over rounds
-is the figure.
+is the figure. The vector rounds time whole runs (25 batches of 4,000 frames against 50,000
+frames of ``make_vec(16)`` before and after).
 """
 from __future__ import annotations
 
@@ -53,8 +56,36 @@ def ours_batches(batches: int) -> tuple[list[float], list[float]]:
     return times[:WARMUP], times[WARMUP:]
 
 
+def vector_rounds(rounds: int, batches: int) -> None:
+    from bench import vector_loop
+    from collectors import SyncDataCollector
+
+    for wrap in (False, True):
+        print(f"\n## 16 envs, native vector env, fpb 4000, {'wrapped' if wrap else 'plain'} MLP: "
+              f"{rounds} round(s) of make_vec(16) / ours / make_vec(16) ({batches} batches, ours "
+              f"after {WARMUP} warm-up batches)\n")
+        print("| round | make_vec(16) frames/s | ours frames/s | ratio |\n|---:|---:|---:|---:|")
+        ratios = []
+        for r in range(rounds):
+            ceiling = vector_loop(batches * 2000, wrap, native=True, n=16)
+            policy = Wrapped(mlp_policy()) if wrap else mlp_policy()
+            with SyncDataCollector("CartPole-v1", policy, frames_per_batch=4000, num_envs=16) as c:
+                it = iter(c)
+                for _ in range(WARMUP):
+                    next(it)
+                n, t0 = 0, time.perf_counter()
+                for _ in range(batches):
+                    n += next(it).numel()
+                ours = n / (time.perf_counter() - t0)
+            ceiling = (ceiling + vector_loop(batches * 2000, wrap, native=True, n=16)) / 2
+            ratios.append(ours / ceiling)
+            print(f"| {r + 1} | {ceiling:,.0f} | {ours:,.0f} | {ratios[-1]:.2f}x |", flush=True)
+        print(f"\nratio over {rounds} round(s): median {statistics.median(ratios):.2f}x, "
+              f"range {min(ratios):.2f}-{max(ratios):.2f}x (target 0.9x)")
+
+
 def run_steady(rounds: int, batches: int = 40) -> None:
-    print(f"\n## One env, MLP in a wrapper, fpb {FPB}: {rounds} rounds of raw / ours / raw "
+    print(f"\n## One env, MLP in a wrapper, fpb {FPB}: {rounds} round(s) of raw / ours / raw "
           f"({batches} batches each, ours after {WARMUP} warm-up batches)\n")
     print("| round | raw frames/s | ours frames/s | ratio (means) | ratio (medians) |\n"
           "|---:|---:|---:|---:|---:|")
@@ -69,8 +100,9 @@ def run_steady(rounds: int, batches: int = 40) -> None:
         print(f"| {r + 1} | {FPB / statistics.mean(raw):,.0f} | {FPB / statistics.mean(ours):,.0f} "
               f"| {ratio:.2f}x | {statistics.median(raw) / statistics.median(ours):.2f}x |",
               flush=True)
-    print(f"\nratio over {rounds} rounds: median {statistics.median(ratios):.2f}x, "
+    print(f"\nratio over {rounds} round(s): median {statistics.median(ratios):.2f}x, "
           f"range {min(ratios):.2f}-{max(ratios):.2f}x (target 0.9x)")
     per_batch = [statistics.median(w[i] for w in warmups) * 1e3 for i in range(WARMUP)]
     print("warm-up batches, median ms each (the graph compiles in the third): "
           + ", ".join(f"{t:.0f}" for t in per_batch))
+    vector_rounds(rounds, max(1, batches * 5 // 8))

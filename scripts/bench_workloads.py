@@ -28,7 +28,9 @@ def raw_loop(make, policy, frames: int) -> float:
 
 def vector_loop(make, policy, frames: int, n: int = 8, env=None) -> float:
     """``SyncVectorEnv(n)`` of ``make`` (or the vector ``env`` given) with the batched policy,
-    storing obs/next obs/action/reward/flags per step."""
+    storing obs/next obs/action/reward/flags per step. Frames/s counts transitions: with
+    gymnasium's default next-step autoreset, the step after an episode's end only resets that
+    env (no transition; a collector delivers no frame for it), so it is not counted."""
     env = env if env is not None else gym.vector.SyncVectorEnv([make] * n)
     obs, _ = env.reset(seed=0)
     store = []
@@ -39,8 +41,12 @@ def vector_loop(make, policy, frames: int, n: int = 8, env=None) -> float:
             nxt, reward, term, trunc, _ = env.step(action)
             store.append((obs, action, reward, term, trunc, nxt))
             obs = nxt
+    elapsed = time.perf_counter() - t0
+    resets = 0  # steps that were an autoreset (counted after the timing)
+    if env.metadata.get("autoreset_mode") == gym.vector.AutoresetMode.NEXT_STEP:
+        resets = sum(int((term | trunc).sum()) for _, _, _, term, trunc, _ in store[:-1])
     env.close()
-    return (frames // n) * n / (time.perf_counter() - t0)
+    return ((frames // n) * n - resets) / elapsed
 
 
 def torchrl_loop(make, policy, frames: int, fpb: int, workers: int = 1) -> float:
