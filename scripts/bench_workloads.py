@@ -42,11 +42,17 @@ def vector_loop(make, policy, frames: int, n: int = 8, env=None) -> float:
             store.append((obs, action, reward, term, trunc, nxt))
             obs = nxt
     elapsed = time.perf_counter() - t0
-    resets = 0  # steps that were an autoreset (counted after the timing)
-    if env.metadata.get("autoreset_mode") == gym.vector.AutoresetMode.NEXT_STEP:
-        resets = sum(int((term | trunc).sum()) for _, _, _, term, trunc, _ in store[:-1])
     env.close()
-    return ((frames // n) * n - resets) / elapsed
+    return transitions(store, env) / elapsed
+
+
+def transitions(store: list, env) -> int:
+    """Frames in ``store`` (one ``(obs, action, reward, term, trunc, next_obs)`` per step of the
+    vector ``env``), less the next-step autoreset steps: each env's step after an episode ended."""
+    frames = sum(len(step[3]) for step in store)
+    if env.metadata.get("autoreset_mode") == gym.vector.AutoresetMode.NEXT_STEP:
+        frames -= sum(int((term | trunc).sum()) for _, _, _, term, trunc, _ in store[:-1])
+    return frames
 
 
 def torchrl_loop(make, policy, frames: int, fpb: int, workers: int = 1) -> float:

@@ -1,0 +1,42 @@
+"""The benchmark scripts' own accounting: what a ceiling counts as a frame, and bad options."""
+import importlib.util
+import os
+import subprocess
+import sys
+
+import gymnasium as gym
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_vector_ceilings_count_transitions_not_autoreset_steps():
+    transitions = load_script("bench_workloads").transitions
+    for env in (gym.make_vec("CartPole-v1", 4, vectorization_mode="vector_entry_point"),
+                gym.vector.SyncVectorEnv([lambda: gym.make("CartPole-v1")] * 3)):
+        obs, _ = env.reset(seed=0)
+        store = []
+        for _ in range(60):  # always push left: episodes of about 10 steps
+            action = np.zeros(env.num_envs, dtype=np.int64)
+            nxt, reward, term, trunc, _ = env.step(action)
+            store.append((obs, action, reward, term, trunc, nxt))
+            obs = nxt
+        # CartPole pays 1 per real step; an autoreset step pays 0
+        real = int(sum((step[2] == 1.0).sum() for step in store))
+        assert real < 60 * env.num_envs  # some steps were resets
+        assert transitions(store, env) == real
+        env.close()
+
+
+def test_bench_refuses_zero_rounds():
+    out = subprocess.run([sys.executable, "scripts/bench.py", "--part", "steady", "--rounds", "0"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "--rounds must be at least 1; got 0" in out.stderr
