@@ -211,11 +211,15 @@ class Collection:
                 raise CollectorError(f"no worker of {self.pool.name!r} is left to collect from.")
             workers = {i for i, _ in self.inflight.values()}
             deadline = min(self.active_since[i] + self.timeout(i) for i in workers)
-            ready, _ = ray.wait(list(self.inflight), num_returns=1,
-                                timeout=max(0.0, deadline - time.monotonic()))
+            refs = list(self.inflight)  # oldest request first
+            ready, _ = ray.wait(refs, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
             if not ready:
                 self._timeout_inflight(random_actions)
                 continue
+            # of all that are ready, serve the oldest: the one ray.wait reports is in no fair
+            # order, and with workers that are always ready it can pass one over for good (a
+            # dead worker then went unnoticed for minutes)
+            ready = ray.wait(refs, num_returns=len(refs), timeout=0)[0] or ready
             i, h = self.inflight.pop(ready[0])
             self.active_since[i] = time.monotonic()  # its next call in flight starts now
             out = self._resolve(ready[0], i, h)

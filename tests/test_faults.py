@@ -468,6 +468,47 @@ def test_adaptive_hang_timeout():
     assert col.timeout(1) == 2.0
 
 
+def test_async_serves_the_oldest_ready_request(monkeypatch):
+    """ray.wait(num_returns=1) reports some ready ref, in no fair order; with workers that are
+    always ready, one could be passed over for good (a dead worker went unnoticed for minutes in
+    the chaos test). The async stream serves the oldest ready request first."""
+    import types
+
+    from actors import collection
+    from actors.metrics import Metrics
+
+    def meta(i):
+        return {"worker": i, "frames": 1, "policy_version": 0, "episode_returns": [],
+                "env_errors": [], "id_counter": 0, "collect_time": 0.001, "env_time": 0.0}
+
+    handles = [types.SimpleNamespace(collect_pair=types.SimpleNamespace(
+        remote=lambda random_actions, i=i: (ray.put(b"batch"), ray.put(meta(i))))) for i in range(3)]
+
+    class Pool:
+        count, version = 3, 0
+
+        def alive(self):
+            return list(enumerate(handles))
+
+        def note_id_counter(self, i, value):
+            pass
+
+    real_wait = ray.wait
+
+    def newest_first(refs, num_returns=1, timeout=None):  # the unfair order, made deterministic
+        ready, rest = real_wait(refs, num_returns=len(refs), timeout=timeout)
+        if num_returns == 1:
+            return ready[-1:], [r for r in refs if r is not ready[-1]]
+        return ready, rest
+
+    monkeypatch.setattr(collection.ray, "wait", newest_first)
+    col = collection.Collection(Pool(), collection.Ledger(3, Metrics("t", "driver")),
+                                frames_per_worker_batch=1, sample_timeout_s=None, prefetch=1,
+                                on_error="restart")
+    served = [col.next_ready()[1]["worker"] for _ in range(9)]
+    assert served == [0, 1, 2] * 3  # without the fix: worker 0 and 1 never, 2 nine times
+
+
 def test_env_reset_raising_is_rebuilt_and_logged():
     env = functools.partial(faulty_counting_env, "raise_reset", [0], 5, 1, 5)
     with SyncDataCollector(env, frames_per_batch=20, seed=7) as c:
