@@ -19,6 +19,8 @@ import ray
 import torch
 from torch import nn
 
+from bench_workloads import WARMUP  # batches before timing, every collector alike
+
 
 class Argmax(nn.Module):
     def forward(self, x):
@@ -76,7 +78,6 @@ def vector_loop(frames: int, wrapped: bool = False, native: bool = False, n: int
     return timed_vector_loop(None, policy, frames, n, env=env)
 
 
-WARMUP = 6  # batches before timing, every collector alike (ours compiles its graph in the 3rd, then settles)
 
 
 def timed(collector, frames_per_batch: int, warmup: int = WARMUP) -> float:

@@ -57,8 +57,7 @@ def ours_batches(batches: int) -> tuple[list[float], list[float]]:
 
 
 def vector_rounds(rounds: int, batches: int) -> None:
-    from bench import vector_loop
-    from collectors import SyncDataCollector
+    from bench import ours_sync, vector_loop
 
     for wrap in (False, True):
         print(f"\n## 16 envs, native vector env, fpb 4000, {'wrapped' if wrap else 'plain'} MLP: "
@@ -68,15 +67,7 @@ def vector_rounds(rounds: int, batches: int) -> None:
         ratios = []
         for r in range(rounds):
             ceiling = vector_loop(batches * 2000, wrap, native=True, n=16)
-            policy = Wrapped(mlp_policy()) if wrap else mlp_policy()
-            with SyncDataCollector("CartPole-v1", policy, frames_per_batch=4000, num_envs=16) as c:
-                it = iter(c)
-                for _ in range(WARMUP):
-                    next(it)
-                n, t0 = 0, time.perf_counter()
-                for _ in range(batches):
-                    n += next(it).numel()
-                ours = n / (time.perf_counter() - t0)
+            ours = ours_sync(batches * 4000, 4000, 16, wrap)  # native: the default at 16 envs
             ceiling = (ceiling + vector_loop(batches * 2000, wrap, native=True, n=16)) / 2
             ratios.append(ours / ceiling)
             print(f"| {r + 1} | {ceiling:,.0f} | {ours:,.0f} | {ratios[-1]:.2f}x |", flush=True)

@@ -12,6 +12,8 @@ import torch
 
 from collectors.workloads import CheetahMLP, NatureDQN, half_cheetah, pong
 
+WARMUP = 6  # batches before timing, every collector alike (ours compiles its graph in the 3rd, then settles)
+
 
 def raw_loop(make, policy, frames: int) -> float:
     env = make()
@@ -91,9 +93,8 @@ def wrapped(make):
     return GymWrapper(make(), categorical_action_encoding=True)
 
 
-def timed(collector, frames: int, warmup: int = 3) -> float:
-    """Frames/s after ``warmup`` batches (every collector alike; a one-worker one of ours opens
-    its compiled graph at the third)."""
+def timed(collector, frames: int, warmup: int = WARMUP) -> float:
+    """Frames/s after ``warmup`` batches."""
     it = iter(collector)
     for _ in range(warmup):
         next(it)
