@@ -1,8 +1,10 @@
 """The benchmark scripts' own accounting: what a ceiling counts as a frame, and bad options."""
+import importlib
 import importlib.util
 import os
 import subprocess
 import sys
+import time
 
 import gymnasium as gym
 import numpy as np
@@ -40,3 +42,26 @@ def test_bench_refuses_zero_rounds():
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "--rounds must be at least 1; got 0" in out.stderr
+
+
+def test_raw_process_ceiling_times_every_frame_and_leaves_no_process():
+    """``--part workers``' ceiling: n bare Pong loops in n processes meeting every chunk."""
+    import psutil
+    import pytest
+
+    pytest.importorskip("ale_py", reason="install the atari extra")
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))  # the spawned processes import it by name
+    try:
+        workers = importlib.import_module("bench_workers")
+        before = {p.pid for p in psutil.Process().children(recursive=True)}
+        t0 = time.perf_counter()
+        rate = workers.raw_processes(2, 64, chunk=32)
+        took = time.perf_counter() - t0
+    finally:
+        sys.path.remove(os.path.join(ROOT, "scripts"))
+    # 2 processes x 2 chunks x 32 frames, timed inside the run: at least 128 frames/took
+    assert 128 / took < rate < float("inf")
+    left = [p for p in psutil.Process().children(recursive=True)
+            if p.pid not in before and p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+            and "resource_tracker" not in " ".join(p.cmdline())]  # (multiprocessing's, one per process)
+    assert not left
