@@ -1,7 +1,14 @@
+import os
 import socket
 
-import pytest
-import ray
+# Everything the tests start listens on 127.0.0.1 only. Ray 2.60 turns a node address of
+# 127.0.0.1 into the machine's address (its gRPC servers then listen on every interface)
+# unless this is 0. Read when ray is imported: so set before that, and inherited by the
+# clusters that tests start in subprocesses.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+import pytest  # noqa: E402
+import ray  # noqa: E402
 
 
 def free_port() -> int:

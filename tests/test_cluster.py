@@ -133,7 +133,10 @@ def test_cluster_started_with_ray_start():
     port = free_port()
     temp_dir = tempfile.mkdtemp(prefix="rc-", dir="/tmp")  # short: Ray's socket paths are limited
     # token authentication stays on: clients of an existing cluster send the token
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token")
+    # `ray start --address` (a second node) refuses to run with the loopback-only setting of
+    # conftest, so this one cluster uses the machine's address (token authentication still on)
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token",
+               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1")
     head = subprocess.Popen(
         ["ray", "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
          "--num-cpus=1", "--include-dashboard=false", f"--temp-dir={temp_dir}"],

@@ -166,3 +166,27 @@ def test_cli_job_with_a_replay_buffer_writes_into_it(tmp_path):
     out = subprocess.run([sys.executable, "-m", "collectors", "run", str(job)],
                          capture_output=True, text=True, timeout=180)
     assert out.returncode == 2 and "job.replay_buffer must be a mapping" in out.stderr, out.stderr
+
+
+def test_the_test_session_ray_listens_on_loopback_only():
+    """Every socket the session's Ray (started by conftest, with a collector's workers running)
+    listens on is bound to 127.0.0.1: nothing the tests start is reachable from the network."""
+    import psutil
+    import ray
+
+    loopback = ("127.0.0.1", "::ffff:127.0.0.1", "::1")
+    assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+    with MultiSyncDataCollector(counting_env, None, num_workers=2, frames_per_batch=20,
+                                total_frames=40) as c:
+        for _ in c:
+            pass
+        listening = []
+        for proc in psutil.Process().children(recursive=True):
+            try:
+                listening += [(proc.name(), conn.laddr) for conn in proc.net_connections("inet")
+                              if conn.status == psutil.CONN_LISTEN]
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+    assert len(listening) >= 3  # the GCS, the raylet, the dashboard at least
+    exposed = [(name, addr) for name, addr in listening if addr.ip not in loopback]
+    assert not exposed, exposed
