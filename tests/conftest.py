@@ -25,15 +25,12 @@ START_ATTEMPTS = 3
 
 def log_tails(lines: int = 20) -> str:
     """The end of the newest Ray session's raylet and GCS logs, to say why a start failed."""
-    import glob
-    import os
-
     parts = []
     for name in ("raylet.out", "raylet.err", "gcs_server.out", "gcs_server.err"):
         path = os.path.join("/tmp/ray/session_latest/logs", name)
-        for found in glob.glob(path):
-            with open(found, errors="replace") as f:
-                parts.append(f"--- {found}\n" + "".join(f.readlines()[-lines:]))
+        if os.path.exists(path):
+            with open(path, errors="replace") as f:
+                parts.append(f"--- {path}\n" + "".join(f.readlines()[-lines:]))
     return "\n".join(parts) or "(no Ray session logs found)"
 
 
