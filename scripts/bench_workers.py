@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from bench_workloads import WARMUP, timed
+from bench_workloads import WARMUP, ours
 from collectors.workloads import NatureDQN, pong
 
 CHUNK = 256  # frames per worker per batch: the half of a 2-worker batch of 512
@@ -69,19 +69,9 @@ def raw_processes(n: int, frames: int, chunk: int = CHUNK) -> float:
     return n * chunks * chunk / elapsed
 
 
-def ours(workers: int, frames: int, asynchronous: bool = False) -> float:
-    from collectors import MultiaSyncDataCollector, MultiSyncDataCollector, SyncDataCollector
-
-    policy = NatureDQN()
-    if workers == 1:
-        c = SyncDataCollector(pong, policy, frames_per_batch=CHUNK)
-    elif asynchronous:
-        c = MultiaSyncDataCollector(pong, policy, num_workers=workers, frames_per_batch=CHUNK)
-    else:
-        c = MultiSyncDataCollector(pong, policy, num_workers=workers,
-                                   frames_per_batch=CHUNK * workers)
-    with c:
-        return timed(c, frames, WARMUP)
+def ours_rate(workers: int, frames: int, asynchronous: bool = False) -> float:
+    """Frames/s of ours on Pong: 1 worker, or ``workers`` with ``CHUNK`` frames each a batch."""
+    return ours(pong, NatureDQN(), frames, CHUNK, workers=workers, asynchronous=asynchronous)[0]
 
 
 def run_workers(rounds: int, frames: int) -> None:
@@ -95,10 +85,10 @@ def run_workers(rounds: int, frames: int) -> None:
         met = raw_processes(2, frames // 2)
         free = raw_processes(2, frames // 2, chunk=frames // 2)
         raw1 = (raw1 + raw_processes(1, frames)) / 2
-        one = ours(1, frames)
-        sync = ours(2, frames)
-        asyn = ours(2, frames, asynchronous=True)
-        one = (one + ours(1, frames)) / 2
+        one = ours_rate(1, frames)
+        sync = ours_rate(2, frames)
+        asyn = ours_rate(2, frames, asynchronous=True)
+        one = (one + ours_rate(1, frames)) / 2
         for key, value, base in (("met", met, raw1), ("free", free, raw1), ("sync", sync, one),
                                  ("async", asyn, one)):
             ratios[key].append(value / base)
