@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import multiprocessing
 import statistics
+import threading
 import time
 
 import torch
@@ -29,20 +30,25 @@ TIMEOUT_S = 300.0
 
 
 def raw_process(barrier, chunks: int, chunk: int) -> None:
-    """One raw Pong loop: warm up, meet the others, then meet them after every ``chunk`` frames."""
-    torch.set_num_threads(1)
-    env, policy = pong(), NatureDQN()
-    obs, _ = env.reset(seed=0)
-    with torch.no_grad():
-        for step in range(-64, chunks * chunk):
-            if step == 0 or (step > 0 and step % chunk == 0):
-                barrier.wait(TIMEOUT_S)
-            action = policy(torch.as_tensor(obs)[None])[0].item()
-            obs, _, term, trunc, _ = env.step(action)
-            if term or trunc:
-                obs, _ = env.reset()
-    barrier.wait(TIMEOUT_S)
-    env.close()
+    """One raw Pong loop: warm up, meet the others, then meet them after every ``chunk`` frames.
+    A failure breaks the barrier, so nobody waits for this process any more."""
+    try:
+        torch.set_num_threads(1)
+        env, policy = pong(), NatureDQN()
+        obs, _ = env.reset(seed=0)
+        with torch.no_grad():
+            for step in range(-64, chunks * chunk):
+                if step == 0 or (step > 0 and step % chunk == 0):
+                    barrier.wait(TIMEOUT_S)
+                action = policy(torch.as_tensor(obs)[None])[0].item()
+                obs, _, term, trunc, _ = env.step(action)
+                if term or trunc:
+                    obs, _ = env.reset()
+        barrier.wait(TIMEOUT_S)
+        env.close()
+    except BaseException:
+        barrier.abort()
+        raise
 
 
 def raw_processes(n: int, frames: int, chunk: int = CHUNK) -> float:
@@ -61,6 +67,9 @@ def raw_processes(n: int, frames: int, chunk: int = CHUNK) -> float:
         for _ in range(chunks):
             barrier.wait(TIMEOUT_S)
         elapsed = time.perf_counter() - t0
+    except threading.BrokenBarrierError:
+        raise RuntimeError("a raw Pong process failed or took over "
+                           f"{TIMEOUT_S:g} s (its traceback is above)") from None
     finally:
         for proc in procs:
             proc.join(TIMEOUT_S if proc.is_alive() else 0)
