@@ -61,18 +61,20 @@ def raw_processes(n: int, frames: int, chunk: int = CHUNK) -> float:
              for _ in range(n)]
     for proc in procs:
         proc.start()
+    done = False
     try:
         barrier.wait(TIMEOUT_S)  # all warmed up
         t0 = time.perf_counter()
         for _ in range(chunks):
             barrier.wait(TIMEOUT_S)
         elapsed = time.perf_counter() - t0
+        done = True
     except threading.BrokenBarrierError:
         raise RuntimeError("a raw Pong process failed or took over "
                            f"{TIMEOUT_S:g} s (its traceback is above)") from None
     finally:
-        for proc in procs:
-            proc.join(TIMEOUT_S if proc.is_alive() else 0)
+        for proc in procs:  # they end after the last meeting; after a failure, 5 s at most
+            proc.join(TIMEOUT_S if done else 5)
             if proc.is_alive():
                 proc.kill()
     return n * chunks * chunk / elapsed
