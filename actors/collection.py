@@ -87,6 +87,7 @@ class Collection:
         self.slowest = [None] * pool.count  # slowest batch (s) of each worker so far
         self.active_since: dict = {}  # async: worker -> when its oldest call in flight began
         self.batch_refs: dict = {}  # meta ref -> batch ref, for every call not yet resolved
+        self.newest_version = 0  # the trainer's newest policy version (weights on the board)
 
     def timeout(self, i: int) -> float:
         """How long worker ``i`` may take for one batch before it counts as hung."""
@@ -122,7 +123,7 @@ class Collection:
     def settle(self, i: int, meta: dict) -> None:
         """Account a batch worker ``i`` delivered."""
         self.pool.note_id_counter(i, meta["id_counter"])
-        self.ledger.account(meta, self.pool.version)
+        self.ledger.account(meta, max(self.pool.version, self.newest_version))
         took = meta.get("collect_time", 0.0)
         self.slowest[i] = took if self.slowest[i] is None else max(self.slowest[i], took)
 

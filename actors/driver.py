@@ -45,6 +45,7 @@ class Driver:
         self.actor_options = dict(actor_options)
         self.placement = placement or {}
         self.closed = False
+        self.board: dict | None = None  # the weight board's spec: replacements read it too
         self.info: list[dict] = []
         self.metrics = Metrics(name, "driver")
         self.pg = self._placement_group()
@@ -90,7 +91,7 @@ class Driver:
             name=name, max_restarts=0, **options)
         return cls.remote(self.plan_ref[0], worker_index=i, id_counter=id_counter,
                           restarts=restarts, weights=weights, policy_version=policy_version,
-                          seed=seed)
+                          seed=seed, board=self.board)
 
     def ready(self) -> list[dict]:
         """Wait until every worker has built its envs; raise within ``startup_timeout_s``."""
@@ -149,16 +150,23 @@ class Driver:
             self.writer.write(buffer, refs, meta)
         return [meta for _, meta in results]
 
-    # -- the direct path: a batch the trainer took from a worker itself (compiled graph) -----
+    # -- the local route: batches the trainer took from the workers itself (shared memory) ---
     def batch_timeout(self, i: int) -> float:
         """How long worker ``i`` may take for its next batch before it counts as hung."""
         return self.collection.timeout(i)
 
-    def settle(self, i: int, meta: dict) -> float:
-        """Account a batch the trainer took from worker ``i`` directly, as ``collect_sync``
-        would; returns the worker's timeout for its next batch."""
-        self.collection.settle(i, meta)
-        return self.collection.timeout(i)
+    def settle_many(self, items: list, newest_version: int) -> list[float]:
+        """Account batches the trainer took from the workers itself, in bulk: ``[(i, meta)]``.
+        Returns every worker's timeout for its next batch."""
+        self.collection.newest_version = max(self.collection.newest_version, int(newest_version))
+        for i, meta in items:
+            self.collection.settle(i, meta)
+        return [self.collection.timeout(i) for i in range(self.num_workers)]
+
+    def use_board(self, spec: dict) -> None:
+        """The workers (and every replacement) take their weights from this board from now on."""
+        self.board = spec
+        self._call_all(self.pool.alive(), "attach_board", spec)
 
     def direct_failed(self, i: int, handle, kind: str, cause: str, message: str) -> None:
         """Such a batch failed (see ``Collection.failed``); nothing to do if ``handle`` (equal

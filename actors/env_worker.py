@@ -17,11 +17,13 @@ from typing import Any
 import ray
 
 from actors.compact import compact_arrays
+from actors.handoff import HandoffServer
 from actors.options import CollectorOptions
 from actors.policy_runner import local_device
 from actors.rollout import Rollout
 from actors.td_rollout import TensorDictRollout, is_torchrl_env
 from actors.vector_rollout import VectorRollout
+from actors.weight_board import BoardReader
 
 log = logging.getLogger("ray_collectors.worker")
 
@@ -72,9 +74,11 @@ class EnvWorker:
 
     def __init__(self, plan: WorkerPlan, *, worker_index: int = 0, id_counter: int = 0,
                  restarts: int = 0, weights=None, policy_version: int = 0,
-                 seed: tuple | None = None):
+                 seed: tuple | None = None, board: dict | None = None):
         options = plan.options
         self.worker_index = worker_index
+        self._board: BoardReader | None = None  # the policy's weights in shared memory
+        self._handoff: HandoffServer | None = None  # batches to a trainer on this node
         self.restarts = restarts
         self.batches = 0
         self._collecting = None
@@ -122,6 +126,8 @@ class EnvWorker:
             self.rollout.set_seed(seed[0], static_seed=True)
         if weights is not None:
             self.set_weights(weights, policy_version)
+        if board is not None:
+            self.attach_board(board)
 
     @staticmethod
     def _policy(plan: WorkerPlan, device: str | None):
@@ -149,6 +155,10 @@ class EnvWorker:
         with self._lock:
             self._run_deferred()
             self._collecting = self.batches + 1
+            if self._board is not None:  # new weights on the board: taken between batches only
+                version = self._board.poll()
+                if version is not None:
+                    self.rollout.policy_version = version
         gc.disable()  # the loop makes no cycles; a full collection of Ray's heap mid-batch costs
         self.rollout.stop_requested = False
         self.rollout.episode_returns = []
@@ -200,7 +210,29 @@ class EnvWorker:
         ``ray.put`` here (about 1.8 ms per batch less, measured)."""
         return self.collect(random_actions)
 
+    def serve(self) -> str:
+        """Hand batches to the trainer that connects to ``open_handoff``'s socket until it says
+        stop or goes away (see :mod:`actors.handoff`); returns why it ended."""
+        server, self._handoff = self._handoff, None
+        if server is None:
+            return "no hand-off opened"
+        return server.serve(self.collect)
+
     # -- control: a thread of its own, never queued behind a batch in flight ------------------
+    @ray.method(concurrency_group="control")
+    def open_handoff(self, folder: str) -> str:
+        """Listen for the trainer in ``folder``; ``serve()`` then answers it. Returns the address."""
+        self._handoff = HandoffServer(folder, f"w{self.worker_index}-r{self.restarts}")
+        return self._handoff.address
+
+    @ray.method(concurrency_group="control")
+    def attach_board(self, spec: dict) -> None:
+        """Take weights from the board in shared memory from the next batch on."""
+        def attach():
+            self._board = BoardReader(spec, self.worker_index, self.rollout.runner.module)
+
+        self._apply(attach)
+
     def _run_deferred(self) -> None:
         deferred, self._deferred = self._deferred, []
         for fn in deferred:
@@ -274,6 +306,8 @@ class EnvWorker:
             r.policy_version = int(state.get("policy_version", r.policy_version))
             if "policy_state_dict" in state:
                 r.runner.load_weights(state["policy_state_dict"])
+                if self._board is not None:  # the restored weights stand, with their version
+                    self._board.mark_seen()
             r.reset()  # fresh episodes: their ids continue after the restored counter
 
         self._apply(load)

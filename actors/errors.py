@@ -60,6 +60,11 @@ class EnvSpecError(FatalWorkerError, ValueError):
     """The env returned data that does not match its declared spaces (or is not finite)."""
 
 
+class WeightSyncError(FatalWorkerError, RuntimeError):
+    """The weights in shared memory cannot be loaded (the actor's policy differs from the
+    trainer's, or the board stayed mid-write): not cured by a restart."""
+
+
 class EnvRestartsExhausted(FatalWorkerError, RuntimeError):
     """An env kept failing: more restarts than allowed within the window."""
 

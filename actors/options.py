@@ -100,16 +100,17 @@ class CollectorOptions(BaseModel):
                           "'vector_entry_point'), e.g. CartPole) as one vector env: None uses it "
                           "from 16 envs per actor (where it is faster) if the options allow, "
                           "True requires it, False never")
-    compiled_graph: Optional[StrictBool] = Field(
-        None, description="one-worker sync collectors: take batches from the env actor through a "
-                          "Ray compiled graph (shared-memory channels; about 4 ms less per batch "
-                          "than the driver's calls) from the third batch on; the driver still "
-                          "accounts each batch and handles failures. None: where possible (the "
-                          "worker on the trainer's node, no RayReplayBuffer, no "
-                          "preemptive_threshold) and while the trainer asks for the next batch "
-                          "promptly (the env actor spins a core waiting on a graph, so a trainer "
-                          "that works between batches gets the driver path); True: require it, "
-                          "even then; False: never")
+    shared_memory: Optional[StrictBool] = Field(
+        None, description="when every env actor runs on the trainer's node (x86 Linux with "
+                          "/dev/shm): weights go to the actors through one shared-memory copy "
+                          "(each copies a change in before its next batch), and sync "
+                          "collectors' batches come back through a shared-memory slot per actor "
+                          "with blocking wake-ups (no Ray call per batch; the driver still "
+                          "keeps the ledger and handles failures). None: where possible (for "
+                          "batches: a sync collector, not during start(), no RayReplayBuffer, "
+                          "no preemptive_threshold); True: require it for batches and weights "
+                          "(refused where it cannot apply); False: never (Ray calls and the "
+                          "object store)")
     compact_obs: StrictBool = Field(
         False, description="store each observation once (TorchRL's option): yielded batches "
                            "leave out the ('next', obs) copies of observation and state keys; "

@@ -106,6 +106,20 @@ def remove_stale() -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
+def private_folder(prefix: str = "") -> tuple[str, int]:
+    """A new 0700 folder under the private root, and the fd of its ``writer.lock``, locked
+    exclusively for this process's life: ``remove_stale`` deletes the folder once it is gone."""
+    folder = os.path.join(private_root(), prefix + uuid.uuid4().hex)
+    os.mkdir(folder, 0o700)
+    try:
+        fd = os.open(os.path.join(folder, LOCK), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return folder, fd
+
+
 def _reserve(path: str, nbytes: int) -> None:
     """Create ``path`` (0600, new) with ``nbytes`` reserved: ENOSPC here, not SIGBUS later."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
@@ -141,12 +155,8 @@ class SharedRing:
     """The writer side: ``tensors`` (key -> ``[capacity, ...]`` tensor) live in shared files."""
 
     def __init__(self, template: dict, capacity: int):
-        self.dir = os.path.join(private_root(), uuid.uuid4().hex)
-        os.mkdir(self.dir, 0o700)
-        self._lock_fd = None
+        self.dir, self._lock_fd = private_folder()
         try:
-            self._lock_fd = os.open(os.path.join(self.dir, LOCK), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)  # held for this process's life
             self.layout = []  # (key, file, per-frame shape, dtype name)
             self.tensors = {}
             for i, (key, value) in enumerate(template.items()):

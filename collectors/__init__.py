@@ -28,6 +28,7 @@ _EXPORTS = {
     "RayCollectorsError": "collectors.errors",
     "ReplayBufferUnavailable": "collectors.errors",
     "StartupTimeout": "collectors.errors",
+    "WeightSyncError": "collectors.errors",
     "DeploymentConfig": "collectors.config",
     "load_config": "collectors.config",
 }

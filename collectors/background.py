@@ -26,7 +26,7 @@ class BackgroundMixin:
                                "building the collector.")
         if self._t_start is None:
             self._t_start = time.perf_counter()
-        self._direct.close()  # a thread collects from here on: batches go through the driver
+        self._route.stop_serving()  # a thread collects from here on: batches go through the driver
         if not hasattr(self.replay_buffer, "actor"):  # a buffer in this process: a thread fills it
             from collectors.local_fill import LocalFiller
 

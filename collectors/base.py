@@ -23,7 +23,7 @@ from collectors import validate
 from collectors.background import BackgroundMixin
 from collectors.batch import assemble, mark_truncated, split_trajectories
 from collectors.control import CONTROL_TIMEOUT_S, ControlMixin
-from collectors.direct_path import DirectRoute, direct_problem
+from collectors.local_route import LocalRoute, batch_problem
 from collectors.figures import FiguresMixin
 from collectors.runtime import driver_get as _ray_get
 from collectors.runtime import ensure_ray, kill_quietly as _kill_quietly, near_caller
@@ -126,12 +126,15 @@ class DataCollectorBase(ControlMixin, BackgroundMixin, FiguresMixin):
         self._sync_thread: threading.Thread | None = None
         self._filler = None  # start() with a buffer in this process (e.g. TorchRL's)
         self._sync_stop = threading.Event()
-        self._direct: DirectRoute | None = None  # when batches take a compiled graph
+        self._route: LocalRoute | None = None  # shared memory with workers on this node
         self._driver = None  # the driver actor's handle, once started
         self._finalizer = None  # kills the driver should this object be dropped unclosed
         self._start_driver(create_env_fn, env_fns, policy, kind, spec, steps)
         try:
-            self._direct = DirectRoute(self, self._driver, options, self.worker_info, self._async)
+            owner = weakref.ref(self)
+            self._route = LocalRoute(self, self._driver, options, self.worker_info,
+                                     is_async=self._async,
+                                     version=lambda: getattr(owner(), "policy_version", 0))
         except BaseException:
             self.shutdown(timeout=5.0, raise_on_error=False)
             raise
@@ -165,10 +168,10 @@ class DataCollectorBase(ControlMixin, BackgroundMixin, FiguresMixin):
         if options.num_workers > 1 and not self._multi:
             raise TypeError(f"{cls_name} has one env actor; got num_workers="
                             f"{options.num_workers}. Use a multi collector for several.")
-        problem = direct_problem(options, self._async, cls_name)
-        if options.compiled_graph and problem:
-            raise ValueError(f"{cls_name}: compiled_graph=True, but {problem}. Pass "
-                             "compiled_graph=None (use it where possible) or False.")
+        problem = batch_problem(options, self._async, cls_name)
+        if options.shared_memory and problem:
+            raise ValueError(f"{cls_name}: shared_memory=True, but {problem}. Pass "
+                             "shared_memory=None (use it where possible) or False.")
 
     @staticmethod
     def _native_vector(options: CollectorOptions, env_fns: tuple, spec: dict,
@@ -240,7 +243,7 @@ class DataCollectorBase(ControlMixin, BackgroundMixin, FiguresMixin):
 
     def _collect_through_driver(self, random_actions: bool) -> tuple[list, list]:
         """The driver asks the workers; this fetches their batches: ``(arrays, metas)``."""
-        self._direct.settled()
+        self._route.settled()
         for _ in range(3):
             if self._async:
                 results = [_ray_get(self._driver.next_ready.remote(random_actions))]
@@ -300,12 +303,8 @@ class DataCollectorBase(ControlMixin, BackgroundMixin, FiguresMixin):
             self._frames += sum(m["frames"] for m in metas)
             self._iter += 1
             return None
-        direct = self._direct.batch(random_actions, self._iter)
-        if direct is not None:
-            parts, metas = [direct[0]], [direct[1]]
-        else:
-            parts, metas = self._collect_through_driver(random_actions)
-        self._direct.collected(metas)
+        local = self._route.collect(random_actions)
+        parts, metas = local if local is not None else self._collect_through_driver(random_actions)
         workers = [m["worker"] for m in metas] if self._multi else None
         layout = "single" if self._async else self._layout
         batch = assemble(parts, workers, layout, self.options.compact_obs)
@@ -358,8 +357,8 @@ class DataCollectorBase(ControlMixin, BackgroundMixin, FiguresMixin):
         timeout = 10.0 if timeout is None else float(timeout)
         deadline = time.monotonic() + timeout
         try:
-            if self._direct is not None:
-                self._direct.close()  # settles the last batch, then tears the graph down
+            if self._route is not None:
+                self._route.close()  # settles the last batches, stops the hand-offs
         except Exception:  # noqa: BLE001 - a dead driver or worker: stopped below anyway
             pass
         if self._driver is None:  # construction failed before any actor was started

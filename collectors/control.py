@@ -57,7 +57,9 @@ class ControlMixin:
 
     def update_policy_weights_(self, policy_or_weights=None, *, worker_ids=None,
                                weights_dict=None, model_id=None) -> None:
-        """Send new weights to the workers, once, through Ray's object store.
+        """Send new weights to the workers: through shared memory when they all run on this
+        node (written once, each worker copies it in before its next batch), else once through
+        Ray's object store.
 
         With no argument the weights are read from the policy object given at construction.
         Accepts an ``nn.Module``, a TensorDict of parameters (``TensorDict.from_module``) or a
@@ -73,7 +75,10 @@ class ControlMixin:
             raise TypeError("pass policy_or_weights or weights_dict, not both.")
         if self.policy_kind == "random" and policy_or_weights is None and weights_dict is None:
             return
-        weights = self._state_dict_from(weights_dict if weights_dict is not None else policy_or_weights)
+        source = weights_dict if weights_dict is not None else policy_or_weights
+        board = self._route is not None and self._route.board is not None
+        # the board copies the tensors itself: no clone for it
+        weights = self._state_dict_from(source, copy=not board)
         if isinstance(worker_ids, int) and not isinstance(worker_ids, bool):
             worker_ids = [worker_ids]
         if worker_ids is not None:
@@ -86,9 +91,11 @@ class ControlMixin:
             if self._watcher is not None and policy_or_weights is None and weights_dict is None \
                     and worker_ids is None:
                 self._watcher.mark_current()
-            ref = ray.put(weights)
             self.policy_version += 1
-            self._direct.settled()  # (the driver's policy-lag figures follow the order of events)
+            if self._route.push(weights, self.policy_version, worker_ids):
+                return  # in shared memory: each worker copies it in before its next batch
+            ref = ray.put(weights)
+            self._route.settled()  # (the driver's policy-lag figures follow the order of events)
             _ray_get(self._driver.set_weights.remote([ref], self.policy_version, worker_ids), timeout=CONTROL_TIMEOUT_S)
 
     def _sync_if_changed(self) -> None:
@@ -106,12 +113,17 @@ class ControlMixin:
             except Exception:  # noqa: BLE001 - the collector is closing; nothing to sync into
                 return
 
-    def _state_dict_from(self, source) -> dict:
+    def _state_dict_from(self, source, copy: bool = True) -> dict:
+        """The weights to send, checked against the policy; detached CPU clones with ``copy``,
+        else the tensors themselves (any device)."""
         if source is None:
             if self.policy is None:
                 raise TypeError("this collector's policy is built by policy_factory inside the env "
                                 "actors: pass the weights, update_policy_weights_(weights).")
             source = self.policy
+        if source is self._reference_policy and isinstance(source, torch.nn.Module):
+            sd = source.state_dict()  # the policy itself: its keys and shapes are the reference
+            return {k: v.detach().to("cpu").clone() for k, v in sd.items()} if copy else sd
         if isinstance(source, torch.nn.Module):
             sd = source.state_dict()
         elif hasattr(source, "flatten_keys"):  # a TensorDict of parameters
@@ -136,11 +148,13 @@ class ControlMixin:
             if tuple(v.shape) != tuple(ref_sd[k].shape):
                 raise ValueError(
                     f"weight {k!r}: expected shape {tuple(ref_sd[k].shape)}, got {tuple(v.shape)}.")
+        if not copy:
+            return sd
         return {k: v.detach().to("cpu").clone() for k, v in sd.items()}
 
     def state_dict(self) -> dict:
         self._check_open()
-        self._direct.settled()
+        self._route.settled()
         out = {"frames": self._frames, "iter": self._iter, "policy_version": self.policy_version,
                "worker_states": _ray_get(self._driver.broadcast.remote("state_dict"), timeout=CONTROL_TIMEOUT_S)}
         if isinstance(self.policy, torch.nn.Module):

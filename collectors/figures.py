@@ -14,8 +14,8 @@ class FiguresMixin:
         if self._closed:
             return dict(self._final_stats or self._local_stats({}))
         try:
-            if self._direct is not None:  # (None only while construction fails)
-                self._direct.settled()
+            if self._route is not None:  # (None only while construction fails)
+                self._route.settled()
             driver = ray.get(self._driver.stats.remote(), timeout=10)
         except Exception:  # noqa: BLE001 - stats never raise
             driver = {}
@@ -52,7 +52,8 @@ class FiguresMixin:
             # the node each env worker started on (``ray.get_runtime_context().get_node_id()``)
             "worker_nodes": [info.get("node_id") for info in self.worker_info],
             "placement": (self.config.placement.strategy if self.config else None) or "none",
-            "compiled_graph_batches": self._direct.batches if self._direct else 0,
+            # batches handed over through shared memory (the local route), not the driver
+            "shared_memory_batches": self._route.batches if self._route else 0,
         }
         for i, p in enumerate(per):
             for key in ("frames", "delivered", "policy_version", "restarts", "env_errors", "timeouts"):

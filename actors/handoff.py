@@ -1,0 +1,200 @@
+"""Batches from an env actor to a trainer on the same node, through shared memory.
+
+Each env actor listens on a Unix socket in the collector's private folder (see
+:mod:`actors.shared_ring`; 0700, so only this user reaches it) and keeps a slot file there. The
+trainer connects, then per batch sends one byte (collect, with random actions or not) and waits
+for the reply; the actor collects, writes the arrays into its slot and replies with the small
+meta and the slot's layout. Both sides block in the kernel while they wait (a socket read, or
+``select`` with a deadline on the trainer's side): no core spins. A dead actor closes its end,
+which the trainer reads as end-of-file at once; a hung one misses its deadline.
+
+A slot holds one batch. The trainer copies a batch out before it asks for the next one, so the
+batch a user holds is never overwritten. A batch larger than the slot makes the actor write a new,
+larger slot file (its name goes with the reply); arrays of Python objects go inside the reply.
+
+    >>> import tempfile
+    >>> folder = tempfile.mkdtemp()
+    >>> server = HandoffServer(folder, "w0")
+    >>> client = HandoffClient(folder, server.address)
+"""
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import traceback
+from multiprocessing.connection import Connection
+
+import numpy as np
+
+from actors.errors import FatalWorkerError
+
+ALIGN = 64
+COLLECT, RANDOM, STOP = b"c", b"r", b"s"
+CONNECT_TIMEOUT_S = 30.0
+
+
+class SlotWriter:
+    """The actor's slot file: ``write(arrays)`` gives ``(path, layout, inline)``."""
+
+    def __init__(self, folder: str, name: str):
+        self.folder, self.name = folder, name
+        self.generation = 0
+        self.path: str | None = None
+        self.buf: np.memmap | None = None
+
+    def write(self, arrays: dict) -> tuple[str | None, list, dict]:
+        layout, inline, offset = [], {}, 0
+        for key, a in arrays.items():
+            if a.dtype.hasobject:
+                inline[key] = a
+                continue
+            offset = -(-offset // ALIGN) * ALIGN
+            layout.append((key, a.dtype.str, a.shape, offset))
+            offset += a.nbytes
+        if layout and (self.buf is None or offset > self.buf.shape[0]):
+            self._grow(offset)
+        for key, dtype, shape, off in layout:
+            dst = np.ndarray(shape, dtype=dtype, buffer=self.buf, offset=off)
+            np.copyto(dst, arrays[key], casting="no")
+        return self.path, layout, inline
+
+    def _grow(self, nbytes: int) -> None:
+        size = max(nbytes, 2 * (0 if self.buf is None else self.buf.shape[0]), 4096)
+        self.generation += 1
+        path = os.path.join(self.folder, f"{self.name}-{self.generation}.slot")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, size)  # ENOSPC now rather than SIGBUS at a write
+        finally:
+            os.close(fd)
+        old, self.path = self.path, path
+        self.buf = np.memmap(path, dtype=np.uint8, mode="r+", shape=(size,))
+        if old is not None:
+            os.unlink(old)  # the trainer maps the new file when a reply names it
+
+    def close(self) -> None:
+        self.buf = None
+        if self.path is not None and os.path.exists(self.path):
+            os.unlink(self.path)
+
+
+class HandoffServer:
+    """The env actor's side: a listening socket and a slot; ``serve(collect)`` runs the loop."""
+
+    def __init__(self, folder: str, name: str):
+        self.address = os.path.join(folder, f"{name}.sock")
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(self.address)
+        self.listener.listen(1)
+        self.slot = SlotWriter(folder, name)
+
+    def serve(self, collect, connect_timeout_s: float = CONNECT_TIMEOUT_S) -> str:
+        """Answer requests with ``collect(random_actions) -> (arrays, meta)`` until the trainer
+        says stop or goes away, or a batch fails (the failure is the last reply). Returns why
+        it ended."""
+        self.listener.settimeout(connect_timeout_s)
+        try:
+            sock, _ = self.listener.accept()
+        except OSError:
+            return "no trainer connected"
+        finally:
+            self.listener.close()
+        sock.settimeout(None)
+        conn = Connection(sock.detach())
+        try:
+            while True:
+                try:
+                    request = conn.recv_bytes()
+                except (EOFError, OSError):
+                    return "trainer gone"
+                if request == STOP:
+                    return "stopped"
+                try:
+                    arrays, meta = collect(request == RANDOM)
+                    reply = ("ok", meta, *self.slot.write(arrays))
+                except Exception as exc:  # noqa: BLE001 - reported to the trainer, then we end
+                    kind = "fatal" if isinstance(exc, FatalWorkerError) else "error"
+                    reply = ("error", kind, exc, "".join(traceback.format_exception(exc))[-8000:])
+                try:
+                    conn.send(reply)
+                except (OSError, ValueError):
+                    return "trainer gone"
+                except Exception:  # noqa: BLE001 - an exception that does not pickle
+                    conn.send(reply[:2] + (None,) + reply[3:])
+                if reply[0] == "error":
+                    return "failed"
+        finally:
+            conn.close()
+            self.slot.close()
+
+
+class WorkerFailed(Exception):
+    """The actor's reply to a request was an error: ``kind`` ("error" or "fatal"), the original
+    exception when it pickled (``cause``) and the traceback text."""
+
+    def __init__(self, kind: str, cause: BaseException | None, text: str):
+        super().__init__(text)
+        self.kind, self.cause, self.text = kind, cause, text
+
+
+class HandoffClient:
+    """The trainer's side of one actor's hand-off: ``request`` then ``receive``."""
+
+    def __init__(self, folder: str, address: str):
+        if os.path.dirname(address) != folder:
+            raise OSError(f"{address} is not in the collector's folder {folder}")
+        self.folder = folder
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(CONNECT_TIMEOUT_S)
+        try:
+            sock.connect(address)
+        except BaseException:
+            sock.close()
+            raise
+        sock.settimeout(None)
+        self.conn = Connection(sock.detach())
+        self.maps: dict[str, np.memmap] = {}
+
+    def fileno(self) -> int:
+        return self.conn.fileno()
+
+    def request(self, random_actions: bool) -> None:
+        """Ask for one batch (``OSError`` if the actor is gone)."""
+        self.conn.send_bytes(RANDOM if random_actions else COLLECT)
+
+    def receive(self) -> tuple[dict, dict]:
+        """The reply: ``(arrays, meta)``; the arrays are views of the slot, valid until the next
+        request. ``EOFError``/``OSError``: the actor is gone; ``WorkerFailed``: it raised."""
+        reply = self.conn.recv()
+        if reply[0] == "error":
+            raise WorkerFailed(reply[1], reply[2], reply[3])
+        _, meta, path, layout, inline = reply
+        buf = self._map(path) if layout else None
+        arrays = {key: np.ndarray(shape, dtype=dtype, buffer=buf, offset=off)
+                  for key, dtype, shape, off in layout}
+        arrays.update(inline)
+        return arrays, meta
+
+    def _map(self, path: str) -> np.memmap:
+        buf = self.maps.get(path)
+        if buf is None:
+            st = os.lstat(path)
+            if os.path.dirname(path) != self.folder or not stat.S_ISREG(st.st_mode) \
+                    or st.st_uid != os.getuid():
+                raise OSError(f"slot {path} is not a regular file of ours in {self.folder}")
+            self.maps = {path: np.memmap(path, dtype=np.uint8, mode="r", shape=(st.st_size,))}
+            buf = self.maps[path]
+        return buf
+
+    def close(self, stop: bool = True) -> None:
+        """Tell the actor to stop serving (it then takes plain calls again); idempotent."""
+        if self.conn.closed:
+            return
+        if stop:
+            try:
+                self.conn.send_bytes(STOP)
+            except OSError:
+                pass
+        self.conn.close()
+        self.maps = {}

@@ -1,0 +1,237 @@
+"""The local route: batches and weights between the trainer and env actors on its node go
+through shared memory, while Ray stays the control plane.
+
+- Weights: a :class:`~actors.weight_board.WeightBoard` in the collector's private folder. The
+  trainer writes a change once; each actor copies it in before its next batch. Used whenever
+  every worker runs on this node and the policy is an ``nn.Module``, for every collector.
+- Batches (sync collectors, not during ``start()``, no ``RayReplayBuffer`` or
+  ``preemptive_threshold``): each actor serves :mod:`actors.handoff` requests; the trainer asks
+  all workers of a round, then waits on their sockets with the driver's hang deadline.
+- The driver keeps the ledger: the batches' metas reach it in bulk (``settle_many``, every
+  ``SETTLE_EVERY`` batches or ``SETTLE_AFTER_S``, and before any other call to the driver, so
+  its figures always include every batch). A batch that fails (the actor died, raised or missed
+  its deadline) is reported to it; it counts the frames dropped and replaces the actor (or
+  raises ``CollectorError``), and the trainer asks the replacement in the same round.
+
+    >>> route = LocalRoute(collector, driver, options, worker_info, version=lambda: 0)  # doctest: +SKIP
+    >>> parts, metas = route.collect(random_actions=False)  # None: use the driver
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import weakref
+from multiprocessing.connection import wait as wait_ready
+
+import ray
+import torch
+
+from actors.errors import CollectorError
+from actors.handoff import HandoffClient, WorkerFailed
+from actors.shared_ring import private_folder, shareable
+from actors.weight_board import WeightBoard
+from collectors.control import CONTROL_TIMEOUT_S
+from collectors.runtime import driver_get
+
+SETTLE_EVERY = 64  # batches whose metas go to the driver in one call
+SETTLE_AFTER_S = 0.25  # or after this long, whichever comes first
+
+
+def batch_problem(options, is_async: bool, cls_name: str) -> str | None:
+    """Why a collector's batches cannot take the local route (None: they can, if local)."""
+    if is_async:
+        return f"{cls_name} yields batches as they come; the local route serves sync rounds"
+    if hasattr(options.replay_buffer, "actor"):
+        return "with a RayReplayBuffer batches go from the env actors to the buffer actor"
+    if options.preemptive_threshold is not None:
+        return "preemptive_threshold needs the driver to watch every batch"
+    return None
+
+
+class LocalRoute:
+    """Shared-memory batches and weights for ``owner`` (a collector) when its workers run on
+    this node. ``version()`` gives the trainer's newest policy version."""
+
+    def __init__(self, owner, driver, options, worker_info: list, *, is_async: bool, version):
+        self.name = owner.name
+        self.driver = driver
+        self.version = version
+        self.folder: str | None = None
+        self._lock_fd: int | None = None
+        self.board: WeightBoard | None = None
+        self.clients: dict[int, tuple] = {}  # worker -> (handle, HandoffClient)
+        self.timeouts: dict[int, float] = {}  # worker -> its hang deadline (s)
+        self.unsent: list = []  # [(worker, meta)] not yet sent to the driver
+        self.unsent_since = 0.0
+        self.settling = None  # the settle_many call in flight
+        self.batches = 0  # batches that came through the hand-off
+        self.serving = False
+        here = ray.get_runtime_context().get_node_id()
+        nodes = {info.get("node_id") for info in worker_info}
+        problem = None
+        if options.shared_memory is False:
+            problem = "shared_memory=False"
+        elif nodes != {here}:
+            problem = f"env actors run on nodes {sorted(map(str, nodes))}, not only on the trainer's ({here})"
+        elif not shareable(1 << 20):
+            problem = "this machine has no /dev/shm, or is not x86 (the weights' seqlock needs it)"
+        batches = problem or batch_problem(options, is_async, type(owner).__name__)
+        if options.shared_memory is True and batches:
+            raise ValueError(f"{type(owner).__name__}: shared_memory=True, but {batches}. Pass "
+                             "shared_memory=None (use it where possible) or False.")
+        if problem:
+            return
+        self.folder, self._lock_fd = private_folder("collector-")
+        # left to the garbage collector, the route closes before the driver is killed
+        weakref.finalize(owner, self.close)
+        policy = owner._reference_policy
+        if isinstance(policy, torch.nn.Module) and owner.policy_kind != "random":
+            self.board = WeightBoard(self.folder, policy.state_dict(), options.num_workers)
+            driver_get(driver.use_board.remote(self.board.spec()), CONTROL_TIMEOUT_S)
+        if batches is None:
+            self.serving = True
+            self._attach(range(options.num_workers))
+
+    # -- weights -----------------------------------------------------------------------------
+    def push(self, state: dict, version: int, worker_ids=None) -> bool:
+        """Write ``state`` to the board for ``worker_ids`` (all by default); False: no board."""
+        if self.board is None:
+            return False
+        self.board.write(state, version, worker_ids)
+        return True
+
+    # -- batches -----------------------------------------------------------------------------
+    def _attach(self, indices) -> None:
+        """Connect to workers ``indices`` (the driver's current ones); a dead one is reported."""
+        handles = driver_get(self.driver.worker_handles.remote(), CONTROL_TIMEOUT_S)
+        timeouts = driver_get(self.driver.settle_many.remote([], self.version()), CONTROL_TIMEOUT_S)
+        opening = [(i, handles[i], handles[i].open_handoff.remote(self.folder))
+                   for i in indices if handles[i] is not None]
+        for i, handle, ref in opening:
+            try:
+                address = ray.get(ref, timeout=CONTROL_TIMEOUT_S)
+            except Exception as exc:  # noqa: BLE001 - dead or hung: the driver replaces it
+                self._report(i, handle, "died", "", repr(exc))
+                self._attach([i])  # (bounded: the driver raises once its restarts run out)
+                continue
+            handle.serve.remote()
+            self.clients[i] = (handle, HandoffClient(self.folder, address))
+            self.timeouts[i] = timeouts[i]
+
+    def collect(self, random_actions: bool):
+        """One batch from every worker, in worker order: ``(arrays list, metas list)``, or
+        ``None`` when batches do not take this route. The arrays are views of the workers'
+        slots: copy them before the next call."""
+        if not self.serving:
+            return None
+        pending: dict = {}  # worker -> deadline
+        for i in sorted(self.clients):
+            self._ask(i, random_actions, pending)
+        results = {}
+        while pending:
+            now = time.monotonic()
+            conns = {self.clients[i][1].conn: i for i in pending}
+            ready = wait_ready(list(conns), timeout=max(0.0, min(pending.values()) - now))
+            if not ready:
+                for i, deadline in list(pending.items()):
+                    if deadline <= time.monotonic():
+                        del pending[i]
+                        self._failed(i, "timeout", "", f"no batch within {self.timeouts[i]:g}s")
+                        self._ask(i, random_actions, pending)
+                continue
+            for conn in ready:
+                i = conns[conn]
+                del pending[i]
+                try:
+                    results[i] = self.clients[i][1].receive()
+                except WorkerFailed as exc:
+                    self._failed(i, exc.kind, type(exc.cause).__name__ if exc.cause else "", exc.text)
+                    self._ask(i, random_actions, pending)
+                except (EOFError, OSError) as exc:
+                    self._failed(i, "died", "", repr(exc))
+                    self._ask(i, random_actions, pending)
+        if not results:
+            raise CollectorError(f"no worker of {self.name!r} is left to collect from.")
+        order = sorted(results)
+        metas = [results[i][1] for i in order]
+        self.unsent.extend(zip(order, metas))
+        self.batches += 1
+        self._settle_in_bulk()
+        return [results[i][0] for i in order], metas
+
+    def _ask(self, i: int, random_actions: bool, pending: dict) -> None:
+        """Send worker ``i`` a request (replacing it first while it is gone); no-op for a worker
+        the driver could not replace."""
+        for _ in range(100):  # each failure uses up the driver's restart budget, which raises
+            if i not in self.clients:
+                return
+            try:
+                self.clients[i][1].request(random_actions)
+            except OSError as exc:
+                self._failed(i, "died", "", repr(exc))
+                continue
+            pending[i] = time.monotonic() + self.timeouts[i]
+            return
+        raise CollectorError(f"worker {i} of {self.name!r} could not be asked for a batch.", worker=i)
+
+    def _failed(self, i: int, kind: str, cause: str, message: str) -> None:
+        handle, client = self.clients.pop(i)
+        client.close(stop=False)
+        self._report(i, handle, kind, cause, message)
+        self._attach([i])
+
+    def _report(self, i: int, handle, kind: str, cause: str, message: str) -> None:
+        """The driver counts the batch dropped and replaces worker ``i`` (or raises)."""
+        try:  # it hears of the batches before this one first
+            self.settled()
+        except Exception:  # noqa: BLE001 - a dead driver: direct_failed below says so
+            pass
+        driver_get(self.driver.direct_failed.remote(i, handle, kind, cause, message))
+
+    # -- the ledger --------------------------------------------------------------------------
+    def _settle_in_bulk(self) -> None:
+        now = time.monotonic()
+        if len(self.unsent) == 1:
+            self.unsent_since = now
+        if len(self.unsent) >= SETTLE_EVERY or now - self.unsent_since >= SETTLE_AFTER_S:
+            self._send_settle()
+
+    def _send_settle(self) -> None:
+        self._await_settle()
+        items, self.unsent = self.unsent, []
+        self.settling = self.driver.settle_many.remote(items, self.version())
+
+    def _await_settle(self) -> None:
+        if self.settling is not None:
+            ref, self.settling = self.settling, None
+            timeouts = driver_get(ref, CONTROL_TIMEOUT_S)
+            self.timeouts = {i: timeouts[i] for i in self.timeouts}
+
+    def settled(self) -> None:
+        """Before any other call to the driver: its figures include every batch so far."""
+        if self.unsent:
+            self._send_settle()
+        self._await_settle()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def stop_serving(self) -> None:
+        """Batches go through the driver from here on (the board stays); idempotent."""
+        self.serving = False
+        clients, self.clients = self.clients, {}
+        for _, client in clients.values():
+            client.close()
+        try:
+            self.settled()
+        except Exception:  # noqa: BLE001 - closing: the driver's answer no longer matters
+            pass
+
+    def close(self) -> None:
+        """Stop serving and remove the folder (board, sockets, slots); idempotent."""
+        self.stop_serving()
+        folder, self.folder = self.folder, None
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
