@@ -86,6 +86,7 @@ class HandoffServer:
         self.address = os.path.join(folder, f"{name}.sock")
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(self.address)
+        os.chmod(self.address, 0o600)  # (its folder is 0700 already)
         self.listener.listen(1)
         self.slot = SlotWriter(folder, name)
 
@@ -100,6 +101,7 @@ class HandoffServer:
             return "no trainer connected"
         finally:
             self.listener.close()
+            os.unlink(self.address)  # one trainer per hand-off
         sock.settimeout(None)
         conn = Connection(sock.detach())
         try:

@@ -28,30 +28,47 @@ def assemble(parts: list[dict], worker_ids: list[int] | None, layout: str,
     if compact_obs:
         dropped = {("next", *k) for k in compacted_keys(keys)}
         keys = [k for k in keys if ((k,) if isinstance(k, str) else tuple(k)) not in dropped]
+    squeeze = num_envs == 1  # one env per worker: no env dimension, as TorchRL
     flat = {}
     for key in keys:
-        if layout == "single":
-            arr = np.array(parts[0][key])  # copy out of the read-only object-store buffer
+        if layout == "single":  # (a copy: out of the slot or the read-only object-store buffer)
+            arr = np.array(parts[0][key][0] if squeeze else parts[0][key])
         elif layout == "stack":
-            arr = np.stack([p[key] for p in parts])
+            arr = np.stack([p[key][0] if squeeze else p[key] for p in parts])
         else:
             arr = np.concatenate([p[key] for p in parts], axis=1)
+            arr = arr[0] if squeeze else arr
         flat[key] = torch.from_numpy(arr)
+    batch_shape = flat[("collector", "traj_ids")].shape
     if worker_ids is not None:
         ids = torch.tensor(worker_ids, dtype=torch.int64)
-        shape = flat[("collector", "traj_ids")].shape
         if layout == "stack":
-            w = ids.view(-1, *([1] * (len(shape) - 1))).expand(shape)
+            w = ids.view(-1, *([1] * (len(batch_shape) - 1))).expand(batch_shape)
         else:
-            w = ids.repeat_interleave(steps).view(1, -1).expand(shape)
+            w = ids.repeat_interleave(steps).view(*([1] * (len(batch_shape) - 1)), -1).expand(batch_shape)
         flat[("collector", "worker_id")] = w.contiguous()
-    batch_shape = flat[("collector", "traj_ids")].shape
-    if num_envs == 1:  # one env per worker: no env dimension, as TorchRL
-        axis = 1 if layout == "stack" else 0
-        flat = {k: v.squeeze(axis) for k, v in flat.items()}
-        batch_shape = flat[("collector", "traj_ids")].shape
     names = [None] * (len(batch_shape) - 1) + ["time"]
-    return TensorDict(flat, batch_size=batch_shape, names=names)
+    return nested_tensordict(flat, batch_shape, names)
+
+
+def nested_tensordict(flat: dict, batch_size, names: list) -> TensorDict:
+    """``TensorDict(flat, batch_size, names=names)`` for tensors already checked to have that
+    batch shape (built level by level without re-validating each entry: a fifth of the cost)."""
+    root: dict = {}
+    for key, value in flat.items():
+        node = root
+        if isinstance(key, tuple):
+            for part in key[:-1]:
+                node = node.setdefault(part, {})
+            key = key[-1]
+        node[key] = value
+    batch_size = torch.Size(batch_size)
+
+    def build(node: dict) -> TensorDict:
+        source = {k: build(v) if isinstance(v, dict) else v for k, v in node.items()}
+        return TensorDict._new_unsafe(source, batch_size=batch_size, names=names)
+
+    return build(root)
 
 
 def split_trajectories(batch: TensorDict) -> TensorDict:

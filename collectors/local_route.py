@@ -29,7 +29,7 @@ import torch
 
 from actors.errors import CollectorError
 from actors.handoff import HandoffClient, WorkerFailed
-from actors.shared_ring import private_folder, shareable
+from actors.shared_ring import private_folder, remove_stale, shareable
 from actors.weight_board import WeightBoard
 from collectors.control import CONTROL_TIMEOUT_S
 from collectors.runtime import driver_get
@@ -82,6 +82,7 @@ class LocalRoute:
                              "shared_memory=None (use it where possible) or False.")
         if problem:
             return
+        remove_stale()  # folders of trainers that died (their lock is free)
         self.folder, self._lock_fd = private_folder("collector-")
         # left to the garbage collector, the route closes before the driver is killed
         weakref.finalize(owner, self.close)

@@ -20,17 +20,38 @@ Example:
 """
 from __future__ import annotations
 
+import torch
+
+_registrations = [0]  # parameters and buffers (re)assigned on any module since import
+
+
+def _registered(*_args):
+    _registrations[0] += 1
+
+
+torch.nn.modules.module.register_module_parameter_registration_hook(_registered)
+torch.nn.modules.module.register_module_buffer_registration_hook(_registered)
+torch.nn.modules.module.register_module_module_registration_hook(_registered)
+
 
 class WeightWatcher:
-    """``changed()`` is True once after each change of ``module``'s parameters or buffers."""
+    """``changed()`` is True once after each change of ``module``'s parameters or buffers.
+
+    The module's tensors are listed once and again only after a parameter, buffer or submodule
+    was assigned somewhere (torch's registration hooks say so), so a check costs a few
+    microseconds."""
 
     def __init__(self, module):
         self.module = module
+        self._tensors: list = []
+        self._listed_at = -1
         self.last = self.fingerprint()
 
     def fingerprint(self) -> tuple:
-        tensors = [*self.module.parameters(), *self.module.buffers()]
-        return tuple((t._version, t.data_ptr()) for t in tensors)
+        if self._listed_at != _registrations[0]:
+            self._listed_at = _registrations[0]
+            self._tensors = [*self.module.parameters(), *self.module.buffers()]
+        return tuple((t._version, t.data_ptr()) for t in self._tensors)
 
     def changed(self) -> bool:
         now = self.fingerprint()
