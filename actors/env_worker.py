@@ -159,6 +159,7 @@ class EnvWorker:
                 version = self._board.poll()
                 if version is not None:
                     self.rollout.policy_version = version
+        t_weights = time.perf_counter() - t0
         gc.disable()  # the loop makes no cycles; a full collection of Ray's heap mid-batch costs
         self.rollout.stop_requested = False
         self.rollout.episode_returns = []
@@ -190,6 +191,7 @@ class EnvWorker:
             "policy_version": self.rollout.policy_version,
             "env_time": self.rollout.last_env_time,
             "collect_time": time.perf_counter() - t0,
+            "weights_time": t_weights,  # of which applying deferred calls and new weights
             "restarts": self.restarts,
         }
         return batch, meta

@@ -1,6 +1,6 @@
 """Benchmark: our collectors next to TorchRL's and the raw gymnasium loop, in one process run.
 
-    python scripts/bench.py [--part sync|multi|...|steady|workers|all] [--frames N] [--quick]
+    python scripts/bench.py [--part sync|multi|...|steady|workers|small|all] [--frames N] [--quick]
 
 Prints frames/s per row and the ratios the issues set as targets. TorchRL is only needed here
 (``pip install -e .[bench]``); rows whose TorchRL import fails are skipped with a note.
@@ -404,12 +404,13 @@ def run_buffer(seconds: float) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["sync", "multi", "buffer", "torchrl", "workloads", "memory", "steady", "workers", "all"],
+    parser.add_argument("--part", choices=["sync", "multi", "buffer", "torchrl", "workloads", "memory", "steady", "workers",
+                                 "small", "all"],
                         default="all")
     parser.add_argument("--frames", type=int, default=30_000)
     parser.add_argument("--quick", action="store_true", help="few frames: a smoke run")
     parser.add_argument("--rounds", type=int, default=5,
-                        help="--part steady and workers: how many rounds")
+                        help="--part steady, workers and small: how many rounds")
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1; got {args.rounds}.")
@@ -440,6 +441,10 @@ def main(argv=None) -> None:
         from bench_steady import run_steady
 
         run_steady(1 if args.quick else args.rounds, 10 if args.quick else 40)
+    if args.part in ("small", "all"):
+        from bench_small import run_small
+
+        guarded(run_small, 1 if args.quick else args.rounds, 200 if args.quick else 1_500)
     if args.part in ("workers", "all"):
         from bench_workers import run_workers
 

@@ -11,6 +11,7 @@ minus the raw loop's. Then the weight push of a 10 MB policy to 8 same-node work
 """
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 
@@ -94,6 +95,118 @@ def ours(batches: int, change: bool) -> float:
         c.shutdown()
 
 
+def _bare_child(conn, shared: dict) -> None:
+    """The raw loop's work in a second process, one batch per request; new weights (when the
+    request says so) are copied in from ``shared`` (tensors in shared memory) first."""
+    torch.set_num_threads(1)
+    env, policy = gym.make("CartPole-v1"), mlp()
+    obs, _ = env.reset(seed=0)
+    params = policy.state_dict()
+    while True:
+        request = conn.recv_bytes()
+        if request == b"s":
+            return
+        if request == b"w":
+            with torch.no_grad():
+                for k, t in params.items():
+                    t.copy_(shared[k])
+        rows = []
+        with torch.no_grad():
+            for _ in range(FPB):
+                action = policy(torch.as_tensor(obs)).item()
+                nxt, reward, term, trunc, _ = env.step(action)
+                rows.append((obs, action, reward, term, trunc))
+                obs = nxt
+                if term or trunc:
+                    obs, _ = env.reset()
+        conn.send(rows)
+
+
+def bare_process(batches: int, change: bool) -> float:
+    """Batches/s of the raw loop in a second process asked over a pipe per batch (weights, when
+    changed, through shared tensors): the floor of any design with the env in another process."""
+    import multiprocessing as mp
+
+    policy = mlp()
+    shared = {k: v.clone().share_memory_() for k, v in policy.state_dict().items()}
+    ctx = mp.get_context("spawn")
+    ours_end, child_end = ctx.Pipe()
+    proc = ctx.Process(target=_bare_child, args=(child_end, shared), daemon=True)
+    proc.start()
+    t0 = None
+    try:
+        for b in range(batches + WARMUP):
+            if b == WARMUP:
+                t0 = time.perf_counter()
+            if change:
+                step_weights(policy)
+                for k, v in policy.state_dict().items():
+                    shared[k].copy_(v)
+            ours_end.send_bytes(b"w" if change else b"c")
+            ours_end.recv()
+        return batches / (time.perf_counter() - t0)
+    finally:
+        ours_end.send_bytes(b"s")
+        proc.join(10)
+
+
+def stages(batches: int, change: bool, torchrl_env: bool) -> dict:
+    """Median ms per batch of each stage, measured on both sides of ours."""
+    from actors import handoff
+    from collectors import SyncDataCollector
+    import collectors.base as base
+    import collectors.local_route as route
+
+    times: dict = {k: [] for k in ("total", "weights (trainer: check, write)", "request",
+                                   "wait", "receive", "assemble (TensorDict)",
+                                   "worker: collect, all", "worker: weights in")}
+    patched = []
+
+    def wrap(owner, name, key):
+        fn = getattr(owner, name)
+        patched.append((owner, name, fn))
+
+        def timed_fn(*a, **k):
+            t0 = time.perf_counter()
+            out = fn(*a, **k)
+            times[key].append(time.perf_counter() - t0)
+            if name == "receive":
+                times["worker: collect, all"].append(out[1]["collect_time"])
+                times["worker: weights in"].append(out[1]["weights_time"])
+            return out
+
+        setattr(owner, name, timed_fn)
+
+    policy = mlp()
+    env = "CartPole-v1"
+    if torchrl_env:
+        from torchrl.envs import GymEnv
+
+        env = functools.partial(GymEnv, "CartPole-v1", categorical_action_encoding=True)
+    c = SyncDataCollector(env, policy, frames_per_batch=FPB, total_frames=-1, seed=0)
+    try:
+        wrap(c, "_sync_if_changed", "weights (trainer: check, write)")
+        wrap(handoff.HandoffClient, "request", "request")
+        wrap(handoff.HandoffClient, "receive", "receive")
+        wrap(route, "wait_ready", "wait")
+        wrap(base, "assemble", "assemble (TensorDict)")
+        it = iter(c)
+        for b in range(batches + WARMUP):
+            if b == WARMUP:
+                for v in times.values():
+                    v.clear()
+            t0 = time.perf_counter()
+            next(it)
+            times["total"].append(time.perf_counter() - t0)
+            if change:
+                step_weights(policy)
+    finally:
+        for owner, name, fn in patched:
+            setattr(owner, name, fn)
+        c.shutdown()
+    return {k: statistics.median(v) * 1e3 for k, v in times.items() if v}
+
+
 def weight_push(workers: int = 8, mbytes: int = 10, pushes: int = 20) -> tuple[float, int]:
     """Median ms of ``update_policy_weights_()`` for a ``mbytes`` MB policy pushed to
     ``workers`` same-node workers (each push followed by a batch, so every worker applies it),
@@ -128,22 +241,29 @@ def run_small(rounds: int = 1, batches: int = BATCHES) -> None:
     print(f"\n## Small batches: CartPole-v1, MLP 4-256-256-2, frames_per_batch={FPB}\n")
     print("| weights | row | batches/s | ms per batch | fixed cost (ms) | vs TorchRL |\n"
           "|---|---|---:|---:|---:|---:|")
+    rows = (("raw", "raw gymnasium loop (the ceiling)", raw),
+            ("bare", "raw loop in a 2nd process, a pipe per batch", bare_process),
+            ("torchrl", "TorchRL Collector", torchrl), ("ours", "ours SyncDataCollector", ours))
     for change in (True, False):
-        rates = {"raw": [], "torchrl": [], "ours": []}
+        rates = {key: [] for key, _, _ in rows}
         for _ in range(rounds):
-            rates["raw"].append(raw(batches, change))
-            rates["torchrl"].append(torchrl(batches, change))
-            rates["ours"].append(ours(batches, change))
+            for key, _, fn in rows:
+                rates[key].append(fn(batches, change))
         med = {k: statistics.median(v) for k, v in rates.items()}
         label = "changed every batch" if change else "unchanged"
-        for name, text in (("raw", "raw gymnasium loop"), ("torchrl", "TorchRL Collector"),
-                           ("ours", "ours SyncDataCollector")):
-            fixed = 1e3 / med[name] - 1e3 / med["raw"]
-            print(f"| {label} | {text} | {med[name]:,.0f} | {1e3 / med[name]:.2f} | "
-                  f"{fixed:.2f} | {med[name] / med['torchrl']:.2f}x |", flush=True)
+        for key, text, _ in rows:
+            fixed = 1e3 / med[key] - 1e3 / med["raw"]
+            print(f"| {label} | {text} | {med[key]:,.0f} | {1e3 / med[key]:.2f} | "
+                  f"{fixed:.2f} | {med[key] / med['torchrl']:.2f}x |", flush=True)
+    print("\nstages of ours, median ms per batch (weights changed every batch):\n")
+    print("| stage | gymnasium env | TorchRL GymEnv |\n|---|---:|---:|")
+    gym_stages, trl_stages = stages(batches, True, False), stages(batches, True, True)
+    for key, value in gym_stages.items():
+        print(f"| {key} | {value:.3f} | {trl_stages.get(key, float('nan')):.3f} |")
     ms, nbytes = weight_push()
     print(f"\nweight push, 10 MB policy ({nbytes / 2**20:.1f} MiB), 8 same-node workers: "
-          f"update_policy_weights_() {ms:.2f} ms (median of 20)", flush=True)
+          f"update_policy_weights_() {ms:.2f} ms (median of 20), {nbytes / 2**20:.1f} MiB "
+          "copied once on the trainer's side (each worker copies it into its policy)", flush=True)
 
 
 if __name__ == "__main__":

@@ -233,9 +233,10 @@ def test_node_loss_recreates_workers_on_the_remaining_node():
     assert "AFTER (2, 20) 2 True" in out, out
 
 
-def test_compiled_graph_only_with_the_worker_on_the_trainers_node():
-    """The head (this process) has no CPUs, so the env actor runs on another node: the direct
-    path stays off by itself, and compiled_graph=True is refused with the two nodes named."""
+def test_shared_memory_only_with_the_workers_on_the_trainers_node():
+    """The head (this process) has no CPUs, so the env actor runs on another node: batches and
+    weights go through Ray by themselves, and shared_memory=True is refused with the nodes
+    named."""
     out = run_in_cluster("""
         from collectors import SyncDataCollector
         from collectors.testing import counting_env
@@ -244,12 +245,12 @@ def test_compiled_graph_only_with_the_worker_on_the_trainers_node():
         with SyncDataCollector(counting_env, frames_per_batch=10, total_frames=60,
                                config=pinned, name="remote-auto") as c:
             n = sum(b.numel() for b in c)
-            print("AUTO", n, c.stats()["compiled_graph_batches"], c.worker_info[0]["node_id"] != here)
+            print("AUTO", n, c.stats()["shared_memory_batches"], c.worker_info[0]["node_id"] != here)
         try:
-            SyncDataCollector(counting_env, frames_per_batch=10, compiled_graph=True,
+            SyncDataCollector(counting_env, frames_per_batch=10, shared_memory=True,
                               config=pinned, name="remote-required")
         except ValueError as exc:
-            print("REFUSED", "not on the trainer's" in str(exc))
+            print("REFUSED", "not only on the trainer's" in str(exc))
         from ray.util.state import list_actors
         print("LEFT", [a.name for a in list_actors(filters=[("state", "=", "ALIVE")])])
     """)
