@@ -123,6 +123,9 @@ class Collection:
     def settle(self, i: int, meta: dict) -> None:
         """Account a batch worker ``i`` delivered."""
         self.pool.note_id_counter(i, meta["id_counter"])
+        # (weights in shared memory reach the workers without the driver: the newest version
+        # it knows is the trainer's last word or the newest any batch ran)
+        self.newest_version = max(self.newest_version, meta["policy_version"])
         self.ledger.account(meta, max(self.pool.version, self.newest_version))
         took = meta.get("collect_time", 0.0)
         self.slowest[i] = took if self.slowest[i] is None else max(self.slowest[i], took)

@@ -87,7 +87,7 @@ class Driver:
             options.pop("resources", None)
             options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                 self.pg, placement_group_bundle_index=i)
-        cls = ray.remote(concurrency_groups={"control": 1})(EnvWorker).options(
+        cls = ray.remote(concurrency_groups=EnvWorker.CONCURRENCY)(EnvWorker).options(
             name=name, max_restarts=0, **options)
         return cls.remote(self.plan_ref[0], worker_index=i, id_counter=id_counter,
                           restarts=restarts, weights=weights, policy_version=policy_version,

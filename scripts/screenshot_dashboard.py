@@ -1,7 +1,7 @@
 """Screenshot of the Ray dashboard's actor list while a collection runs (for the README).
 
     pip install playwright && apt-get install chromium
-    python scripts/screenshot_dashboard.py [--out scripts/results/dashboard_actors.png]
+    python scripts/screenshot_dashboard.py [--out docs/results/dashboard_actors.png]
 
 Authenticates with Ray's token (the dashboard's `ray-authentication-token` cookie) and drives
 headless Chromium.
@@ -16,7 +16,7 @@ import time
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--out", default="scripts/results/dashboard_actors.png")
+    p.add_argument("--out", default="docs/results/dashboard_actors.png")
     p.add_argument("--chromium", default="/usr/bin/chromium")
     args = p.parse_args()
     import ray
