@@ -23,7 +23,6 @@ from actors.policy_runner import local_device
 from actors.rollout import Rollout
 from actors.td_rollout import TensorDictRollout, is_torchrl_env
 from actors.vector_rollout import VectorRollout
-from actors.weight_board import BoardReader
 
 log = logging.getLogger("ray_collectors.worker")
 
@@ -81,7 +80,7 @@ class EnvWorker:
                  seed: tuple | None = None, board: dict | None = None):
         options = plan.options
         self.worker_index = worker_index
-        self._board: BoardReader | None = None  # the policy's weights in shared memory
+        self._board = None  # a BoardReader: the policy's weights in shared memory
         self._handoff: HandoffServer | None = None  # batches to a trainer on this node
         self.restarts = restarts
         self.batches = 0
@@ -240,6 +239,8 @@ class EnvWorker:
     @ray.method(concurrency_group="control")
     def attach_board(self, spec: dict) -> None:
         """Take weights from the board in shared memory from the next batch on."""
+        from actors.weight_board import BoardReader  # (torch: only for a module policy)
+
         def attach():
             self._board = BoardReader(spec, self.worker_index, self.rollout.runner.module)
 

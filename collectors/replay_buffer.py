@@ -29,20 +29,33 @@ class RayReplayBuffer:
         batch_size: default for ``sample()``.
         sampler: a name or a TorchRL sampler object (``RandomSampler``,
             ``SamplerWithoutReplacement``, ``PrioritizedSampler``, ``SliceSampler``, mapped onto
-            ours); ``"random"`` (uniform with replacement), ``"without_replacement"`` (epochs;
-            ``drop_last=True`` skips an epoch's last, short batch and starts the next epoch),
-            ``"prioritized"`` (``alpha``, ``beta``, ``eps``) or ``"slice"`` (``slice_len`` or
-            ``num_slices``).
+            ours); ``"random"`` (uniform with replacement), ``"without_replacement"`` (epochs),
+            ``"prioritized"`` or ``"slice"``.
+        alpha: prioritized sampler: priority exponent (0 is uniform).
+        beta: prioritized sampler: importance-weight exponent (``priority_weight`` in samples).
+        eps: prioritized sampler: added to every priority, so none is zero.
+        slice_len: slice sampler: frames per slice (give it or ``num_slices``).
+        num_slices: slice sampler: slices per batch (``batch_size / num_slices`` frames each).
+        drop_last: sampler without replacement: skip an epoch's last, short batch and start the
+            next epoch.
         min_size: frames needed before ``sample()`` returns.
-        samples_per_insert, error_buffer: Reverb's sample-to-insert rate limiter.
-        checkpoint_dir: restore from it at start (and after a crash); with
-            ``checkpoint_every=k`` a checkpoint is written every k batches from collectors.
+        samples_per_insert: Reverb's rate limiter: samples allowed per inserted frame
+            (``None``: no limit).
+        error_buffer: the band around ``samples_per_insert`` within which neither side waits
+            (a band that could deadlock is refused).
+        checkpoint_dir: restore from it at start (and after a crash), and write checkpoints
+            there.
+        checkpoint_every: ``k > 0``: a checkpoint every ``k`` batches from collectors (on a
+            thread of the actor); 0: only when ``checkpoint()`` is called.
         prefetch: ``k`` (``True`` is 1): ``sample()`` fetches ``k`` batches per actor call and
             keeps the next call in flight, so a training loop rarely waits on a round trip.
             Batches are then drawn up to ``2k`` steps ahead (with ``"prioritized"``, before the
             latest ``update_priority``); ``False`` draws each batch when asked. Not used while
             sampling locally.
         timeout_s: default bound of every blocking call.
+        max_restarts: how often Ray restarts a dead buffer actor (``None``: forever with a
+            ``checkpoint_dir``, to restore from it; else never; ``-1``: forever).
+        seed: seeds the samplers (the actor's and the local one), for reproducible samples.
         local_sampling: with the uniform sampler and no ``samples_per_insert``, the storage
             lives in shared memory and a process on the buffer's node samples it directly,
             without a call to the actor (``None``: whenever possible; ``False``: always call).
@@ -56,6 +69,11 @@ class RayReplayBuffer:
             a slot keeps its newest frame and the stack is rebuilt from the slots before it
             where the data shows it is the previous stack shifted (the rest is kept whole).
             About a quarter of ``True``'s memory for 4-frame stacks.
+        name: names the actor ``<name>/replay-buffer`` (default: a fresh unique name); a
+            collector writing to it names its batches after itself.
+        config: the deployment config (a path, a dict or a ``DeploymentConfig``; default
+            ``configs/local.yaml``'s settings): where Ray runs and ``resources.replay_buffer``
+            (CPUs, a node to pin the actor to).
 
     Example:
         >>> rb = RayReplayBuffer(10_000, batch_size=256)

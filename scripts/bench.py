@@ -14,41 +14,12 @@ import sys
 import time
 
 
-import gymnasium as gym
 import ray
 import torch
 from torch import nn
 
-from bench_workloads import WARMUP  # batches before timing, every collector alike
-
-
-class Argmax(nn.Module):
-    def forward(self, x):
-        return x.argmax(-1)
-
-
-def mlp_policy(seed: int = 0) -> nn.Module:
-    """obs(4) -> 64 -> 64 -> 2 logits -> argmax: the policy every row uses."""
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(4, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(),
-                         nn.Linear(64, 2), Argmax())
-
-
-class Wrapped(nn.Module):
-    """The same MLP one module call deeper: ``policy(x)`` as in the raw loop, no fast path."""
-
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x):
-        return self.net(x)
-
-
-def make_env(heavy: bool):
-    from collectors.testing import heavy_cartpole
-
-    return heavy_cartpole(1.0) if heavy else gym.make("CartPole-v1")
+from bench_common import (WARMUP, Wrapped, guarded, make_env, mlp_policy, ours_sync, row, timed,
+                          cartpole_vector_loop)
 
 
 def raw_loop(frames: int, heavy: bool = False, wrapped: bool = False) -> float:
@@ -62,32 +33,6 @@ def raw_loop(frames: int, heavy: bool = False, wrapped: bool = False) -> float:
             if term or trunc:
                 obs, _ = env.reset()
     return frames / (time.perf_counter() - t0)
-
-
-def vector_loop(frames: int, wrapped: bool = False, native: bool = False, n: int = 8) -> float:
-    """A gymnasium vector env of ``n`` CartPoles with the batched MLP, storing obs / next obs /
-    action / reward / flags per step: ``SyncVectorEnv`` over ``gym.make``, or CartPole's native
-    vectorized implementation (``make_vec(..., vectorization_mode="vector_entry_point")``)."""
-    from bench_workloads import vector_loop as timed_vector_loop
-
-    if native:
-        env = gym.make_vec("CartPole-v1", n, vectorization_mode="vector_entry_point")
-    else:
-        env = gym.vector.SyncVectorEnv([lambda: gym.make("CartPole-v1")] * n)
-    policy = Wrapped(mlp_policy()) if wrapped else mlp_policy()
-    return timed_vector_loop(None, policy, frames, n, env=env)
-
-
-
-
-def timed(collector, frames_per_batch: int, warmup: int = WARMUP) -> float:
-    it = iter(collector)
-    for _ in range(warmup):
-        next(it)
-    n, t0 = 0, time.perf_counter()
-    for batch in it:
-        n += batch.numel()
-    return n / (time.perf_counter() - t0)
 
 
 # -- TorchRL ---------------------------------------------------------------------------------
@@ -135,17 +80,6 @@ def torchrl_multi(kind: str, workers: int, frames: int, fpb: int, heavy: bool) -
 
 
 # -- ours ------------------------------------------------------------------------------------
-def ours_sync(frames: int, fpb: int, num_envs: int = 1, wrapped: bool = False,
-              native_vector: bool | None = None) -> float:
-    from collectors import SyncDataCollector
-
-    policy = Wrapped(mlp_policy()) if wrapped else mlp_policy()
-    with SyncDataCollector("CartPole-v1", policy, frames_per_batch=fpb,
-                           total_frames=frames + WARMUP * fpb, num_envs=num_envs,
-                           native_vector=native_vector) as c:
-        return timed(c, fpb)
-
-
 def ours_multi(kind: str, workers: int, frames: int, fpb: int, heavy: bool) -> float:
     from collectors import MultiaSyncDataCollector, MultiSyncDataCollector
     from collectors.testing import heavy_cartpole
@@ -166,19 +100,6 @@ def first_batch_latency() -> float:
     latency = time.perf_counter() - t0
     c.shutdown()
     return latency
-
-
-def row(name: str, fps: float | None, note: str = "") -> None:
-    value = "skipped" if fps is None else f"{fps:10,.0f}"
-    print(f"| {name:<46} | {value:>10} | {note} |", flush=True)
-
-
-def guarded(fn, *args):
-    try:
-        return fn(*args)
-    except ImportError as exc:
-        print(f"  (skipped: {exc})")
-        return None
 
 
 def run_sync(frames: int) -> None:
@@ -207,11 +128,11 @@ def run_sync(frames: int) -> None:
     # transitions only: their next-step autoreset steps (about 10% here) are not frames.
     for wrap in (False, True):
         label = ", MLP in a wrapper" if wrap else ""
-        sve = vector_loop(frames * 4, wrap, native=False, n=8)
+        sve = cartpole_vector_loop(frames * 4, wrap, native=False, n=8)
         row(f"gymnasium SyncVectorEnv(8){label}", sve)
         mine = ours_sync(frames * 4, 4000, 8, wrap)
         row(f"ours, num_envs=8 (fpb 4000){label}", mine, f"{mine / sve:.2f}x SyncVectorEnv(8)")
-        native = vector_loop(frames * 4, wrap, native=True, n=16)
+        native = cartpole_vector_loop(frames * 4, wrap, native=True, n=16)
         row(f"gymnasium make_vec(16, vector_entry_point){label}", native)
         per_env = ours_sync(frames * 4, 4000, 16, wrap, native_vector=False)
         row(f"ours, num_envs=16, one env object per env{label}", per_env,

@@ -21,7 +21,7 @@ import time
 import gymnasium as gym
 import torch
 
-from bench import WARMUP, Wrapped, mlp_policy  # WARMUP 6: 2 via the driver, the compile, 3 more
+from bench_common import WARMUP, Wrapped, mlp_policy, ours_sync, cartpole_vector_loop
 
 FPB = 1000
 
@@ -57,7 +57,6 @@ def ours_batches(batches: int) -> tuple[list[float], list[float]]:
 
 
 def vector_rounds(rounds: int, batches: int) -> None:
-    from bench import ours_sync, vector_loop
 
     for wrap in (False, True):
         print(f"\n## 16 envs, native vector env, fpb 4000, {'wrapped' if wrap else 'plain'} MLP: "
@@ -66,9 +65,9 @@ def vector_rounds(rounds: int, batches: int) -> None:
         print("| round | make_vec(16) frames/s | ours frames/s | ratio |\n|---:|---:|---:|---:|")
         ratios = []
         for r in range(rounds):
-            ceiling = vector_loop(batches * 2000, wrap, native=True, n=16)
+            ceiling = cartpole_vector_loop(batches * 2000, wrap, native=True, n=16)
             ours = ours_sync(batches * 4000, 4000, 16, wrap)  # native: the default at 16 envs
-            ceiling = (ceiling + vector_loop(batches * 2000, wrap, native=True, n=16)) / 2
+            ceiling = (ceiling + cartpole_vector_loop(batches * 2000, wrap, native=True, n=16)) / 2
             ratios.append(ours / ceiling)
             print(f"| {r + 1} | {ceiling:,.0f} | {ours:,.0f} | {ratios[-1]:.2f}x |", flush=True)
         print(f"\nratio over {rounds} round(s): median {statistics.median(ratios):.2f}x, "

@@ -7,12 +7,11 @@ from __future__ import annotations
 import functools
 import time
 
-import gymnasium as gym
 import torch
 
 from collectors.workloads import CheetahMLP, NatureDQN, half_cheetah, pong
 
-WARMUP = 6  # batches before timing, every collector alike (ours compiles its graph in the 3rd, then settles)
+from bench_common import WARMUP, vector_env_loop  # WARMUP: batches before timing, every collector alike
 
 
 def raw_loop(make, policy, frames: int) -> float:
@@ -26,35 +25,6 @@ def raw_loop(make, policy, frames: int) -> float:
             if term or trunc:
                 obs, _ = env.reset()
     return frames / (time.perf_counter() - t0)
-
-
-def vector_loop(make, policy, frames: int, n: int = 8, env=None) -> float:
-    """``SyncVectorEnv(n)`` of ``make`` (or the vector ``env`` given) with the batched policy,
-    storing obs/next obs/action/reward/flags per step. Frames/s counts transitions: with
-    gymnasium's default next-step autoreset, the step after an episode's end only resets that
-    env (no transition; a collector delivers no frame for it), so it is not counted."""
-    env = env if env is not None else gym.vector.SyncVectorEnv([make] * n)
-    obs, _ = env.reset(seed=0)
-    store = []
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        for _ in range(frames // n):
-            action = policy(torch.as_tensor(obs)).numpy()
-            nxt, reward, term, trunc, _ = env.step(action)
-            store.append((obs, action, reward, term, trunc, nxt))
-            obs = nxt
-    elapsed = time.perf_counter() - t0
-    env.close()
-    return transitions(store, env) / elapsed
-
-
-def transitions(store: list, env) -> int:
-    """Frames in ``store`` (one ``(obs, action, reward, term, trunc, next_obs)`` per step of the
-    vector ``env``), less the next-step autoreset steps: each env's step after an episode ended."""
-    frames = sum(len(step[3]) for step in store)
-    if env.metadata.get("autoreset_mode") == gym.vector.AutoresetMode.NEXT_STEP:
-        frames -= sum(int((term | trunc).sum()) for _, _, _, term, trunc, _ in store[:-1])
-    return frames
 
 
 def torchrl_loop(make, policy, frames: int, fpb: int, workers: int = 1) -> float:
@@ -134,7 +104,7 @@ def run_workloads(frames: int, row) -> None:
         print("| row | frames/s | ratio |\n|---|---:|---|")
         raw = raw_loop(make, net, frames)
         row("raw loop", raw)
-        vec = vector_loop(make, net, frames)
+        vec = vector_env_loop(make, net, frames)
         row("gymnasium SyncVectorEnv(8), batched policy", vec)
         try:
             trl = torchrl_loop(make, net, frames, fpb)

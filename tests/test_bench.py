@@ -20,7 +20,7 @@ def load_script(name: str):
 
 
 def test_vector_ceilings_count_transitions_not_autoreset_steps():
-    transitions = load_script("bench_workloads").transitions
+    transitions = load_script("bench_common").transitions
     for env in (gym.make_vec("CartPole-v1", 4, vectorization_mode="vector_entry_point"),
                 gym.vector.SyncVectorEnv([lambda: gym.make("CartPole-v1")] * 3)):
         obs, _ = env.reset(seed=0)
