@@ -13,17 +13,18 @@ import ray
 import torch
 from ray.exceptions import ObjectLostError
 
-from actors import driver as driver_body
-from actors.env_worker import WorkerPlan
+from actors.coordination import driver as driver_body
+from actors.stepping.env_worker import WorkerPlan
 from actors.errors import CollectorError
 from actors.options import CollectorOptions, options_doc
-from actors.policy_runner import module_device
-from actors.vector_rollout import AUTO_MIN_ENVS, native_vector_problem
+from actors.stepping.policy_runner import module_device
+from actors.stepping.vector_rollout import AUTO_MIN_ENVS, native_vector_problem
 from collectors import validate
 from collectors.background import BackgroundMixin
 from collectors.batch import assemble, mark_truncated, split_trajectories
 from collectors.control import CONTROL_TIMEOUT_S, ControlMixin
 from collectors.local_route import LocalRoute, batch_problem
+from collectors.resources import check_feasible, on_cpu, worker_gpus
 from collectors.figures import FiguresMixin
 from collectors.runtime import driver_get as _ray_get
 from collectors.runtime import ensure_ray, kill_quietly as _kill_quietly, near_caller
@@ -396,64 +397,6 @@ class DataCollectorBase(ControlMixin, BackgroundMixin, FiguresMixin):
         return (f"{type(self).__name__}(name={self.name!r}, frames_per_batch="
                 f"{self.frames_per_batch}, total_frames={self.total_frames}, "
                 f"num_workers={self.num_workers}, num_envs={self.num_envs})")
-
-
-def worker_gpus(options, config) -> float | None:
-    """GPUs each env actor asks Ray for (``None``: the deployment config's): ``num_gpus`` when
-    given; else the config's ``resources.env_worker.num_gpus`` when it sets one; else, for a
-    policy on CUDA, a share of the cluster's GPUs (``gpu_share``)."""
-    if options.num_gpus is not None:
-        return options.num_gpus
-    if config.resources.env_worker.num_gpus or not (options.policy_device or "cpu").startswith("cuda"):
-        return None
-    return gpu_share(options.num_workers)
-
-
-def gpu_share(num_workers: int) -> float:
-    """GPUs each env actor asks for when its policy runs on CUDA and ``num_gpus`` is unset: the
-    cluster's GPUs shared out, one at most (2 workers on a 1-GPU machine: 0.5 each, as TorchRL's
-    workers all use the one GPU). With no GPU in the cluster, 1: ``check_feasible`` says so."""
-    total = ray.cluster_resources().get("GPU", 0)
-    if not total:
-        return 1.0
-    return min(1.0, math.floor(total / num_workers * 10_000) / 10_000)
-
-
-def on_cpu(policy):
-    """The policy as the env actors receive it: a CPU copy of one whose weights live on a GPU
-    (the trainer's policy stays where it is). Each actor moves it to ``policy_device``; an
-    actor without a GPU could not even unpickle CUDA tensors."""
-    if not isinstance(policy, torch.nn.Module) or all(
-            t.device.type == "cpu" for t in (*policy.parameters(), *policy.buffers())):
-        return policy
-    import copy
-
-    return copy.deepcopy(policy).to("cpu")
-
-
-def check_feasible(options: dict, num_workers: int, who: str) -> None:
-    """Reject at once a worker request that no node, or the whole cluster, can hold.
-
-    (A request that fits the totals but cannot be placed still fails, after
-    ``startup_timeout_s`` or the placement timeout, instead of pending forever.)
-    """
-    need = {"CPU": float(options.get("num_cpus", 0) or 0), "GPU": float(options.get("num_gpus", 0) or 0)}
-    need.update({k: float(v) for k, v in (options.get("resources") or {}).items()})
-    need = {k: v for k, v in need.items() if v > 0}
-    if not need:
-        return
-    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
-    if not any(all(node.get(k, 0) >= v for k, v in need.items()) for node in nodes):
-        raise ValueError(
-            f"{who}: each env worker asks for {need}, but no node has that much "
-            f"(nodes: {[{k: node.get(k, 0) for k in need} for node in nodes]}). Lower "
-            "num_cpus/num_gpus/resources (or resources.env_worker in the config).")
-    total = {k: sum(node.get(k, 0) for node in nodes) for k in need}
-    short = {k: v * num_workers for k, v in need.items() if v * num_workers > total[k] + 1e-9}
-    if short:
-        raise ValueError(
-            f"{who}: {num_workers} env workers need {short} in all, but the cluster has "
-            f"{ {k: total[k] for k in short} }. Use fewer workers or smaller requests.")
 
 
 def _document(cls) -> None:

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from tensordict import TensorDict
 
-from actors.compact import compacted_keys
+from actors.stepping.compact import compacted_keys
 
 
 def frames_tensordict(flat: dict, batch_size) -> TensorDict:

@@ -1,11 +1,11 @@
 """The local route: batches and weights between the trainer and env actors on its node go
 through shared memory, while Ray stays the control plane.
 
-- Weights: a :class:`~actors.weight_board.WeightBoard` in the collector's private folder. The
+- Weights: a :class:`~actors.shm.weight_board.WeightBoard` in the collector's private folder. The
   trainer writes a change once; each actor copies it in before its next batch. Used whenever
   every worker runs on this node and the policy is an ``nn.Module``, for every collector.
 - Batches (sync collectors, not during ``start()``, no ``RayReplayBuffer`` or
-  ``preemptive_threshold``): each actor serves :mod:`actors.handoff` requests; the trainer asks
+  ``preemptive_threshold``): each actor serves :mod:`actors.shm.handoff` requests; the trainer asks
   all workers of a round, then waits on their sockets with the driver's hang deadline.
 - The driver keeps the ledger: the batches' metas reach it in bulk (``settle_many``, every
   ``SETTLE_EVERY`` batches or ``SETTLE_AFTER_S``, and before any other call to the driver, so
@@ -28,9 +28,9 @@ import ray
 import torch
 
 from actors.errors import CollectorError
-from actors.handoff import HandoffClient, WorkerFailed
-from actors.shared_ring import private_folder, remove_stale, shareable
-from actors.weight_board import WeightBoard
+from actors.shm.handoff import HandoffClient, WorkerFailed
+from actors.shm.folders import private_folder, remove_stale, shareable
+from actors.shm.weight_board import WeightBoard
 from collectors.control import CONTROL_TIMEOUT_S
 from collectors.runtime import driver_get
 

@@ -14,7 +14,7 @@ import ray
 from ray.exceptions import ActorUnavailableError, RayActorError
 from tensordict import TensorDict
 
-from actors.shared_ring import RingReader
+from actors.storage.shared_ring import RingReader
 from collectors.runtime import buffer_gone
 
 CHECK_S = 0.5  # how often the actor is asked whether its storage moved (restart, restore)

@@ -10,9 +10,9 @@ from collections import deque
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError
 
-from actors import replay_buffer as buffer_body
+from actors.storage import replay_buffer as buffer_body
 from actors.errors import unwrap
-from actors.samplers import SAMPLERS
+from actors.storage.samplers import SAMPLERS
 from collectors.errors import ReplayBufferUnavailable
 from collectors.local_sampler import LocalSampler
 from collectors.runtime import buffer_gone, ensure_ray, kill_quietly, near_caller, wait_dead
@@ -141,7 +141,7 @@ class RayReplayBuffer:
             raise ValueError(f"timeout_s must be positive (nothing waits forever); got {timeout_s!r}.")
         buffer_body.RateLimiter(min_size, samples_per_insert, error_buffer)  # rejects deadlocking bands now
         if checkpoint_dir is not None:
-            from actors.checkpoints import check_claimable
+            from actors.storage.checkpoints import check_claimable
 
             check_claimable(os.path.abspath(checkpoint_dir))  # a foreign directory: refused here
         if not isinstance(drop_last, bool):
@@ -177,7 +177,7 @@ class RayReplayBuffer:
     @classmethod
     def from_checkpoint(cls, path: str, capacity: int | None = None, **kwargs) -> "RayReplayBuffer":
         """A new buffer restored from a checkpoint written by :meth:`checkpoint`."""
-        from actors.checkpoints import current_meta
+        from actors.storage.checkpoints import current_meta
 
         meta = current_meta(path)
         kwargs.setdefault("sampler", meta["sampler"])

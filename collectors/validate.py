@@ -6,11 +6,11 @@ import importlib
 import gymnasium
 import numpy as np
 
-from actors.env_worker import make_env_fn
+from actors.stepping.env_worker import make_env_fn
 from actors.errors import EnvCreationError, PolicyOutputError
-from actors.policy_runner import ACTION_KEY, PolicyRunner, module_device, policy_kind
-from actors.spaces import leaf_spec, observation_spec
-from actors.td_rollout import is_torchrl_env
+from actors.stepping.policy_runner import ACTION_KEY, PolicyRunner, module_device, policy_kind
+from actors.stepping.spaces import leaf_spec, observation_spec
+from actors.stepping.td_rollout import is_torchrl_env
 
 ANY = object()  # every value changes nothing here
 # TorchRL 0.14.1 collector options that we know of but do not implement, with the values at

@@ -152,7 +152,7 @@ def bare_process(batches: int, change: bool) -> float:
 
 def stages(batches: int, change: bool, torchrl_env: bool) -> dict:
     """Median ms per batch of each stage, measured on both sides of ours."""
-    from actors import handoff
+    from actors.shm import handoff
     from collectors import SyncDataCollector
     import collectors.base as base
     import collectors.local_route as route

@@ -12,8 +12,8 @@ import pytest
 import torch
 from tensordict import NonTensorData, TensorDict
 
-from actors.checkpoints import CheckpointError
-from actors.replay_buffer import ReplayBufferActor
+from actors.storage.checkpoints import CheckpointError
+from actors.storage.replay_buffer import ReplayBufferActor
 from collectors import RayReplayBuffer
 
 
@@ -83,7 +83,7 @@ def test_damaged_versions_fall_back_or_fail_clearly(tmp_path):
 KILLER = textwrap.dedent("""
     import sys, torch
     from tensordict import TensorDict
-    from actors.replay_buffer import ReplayBufferActor
+    from actors.storage.replay_buffer import ReplayBufferActor
     path = sys.argv[1]
     rb = ReplayBufferActor(4000, checkpoint_dir=path)
     n = rb.write_count

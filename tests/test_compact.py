@@ -5,8 +5,8 @@ import pytest
 import torch
 from tensordict import TensorDict
 
-from actors.compact_storage import CompactNext
-from actors.replay_buffer import ReplayBufferActor
+from actors.storage.compact_storage import CompactNext
+from actors.storage.replay_buffer import ReplayBufferActor
 from collectors import MultiSyncDataCollector, RayReplayBuffer, SyncDataCollector
 from collectors.testing import counting_env
 
@@ -162,8 +162,8 @@ def test_env_actors_ship_compact_batches_that_expand_exactly():
     """With compact_obs the worker leaves out the next observations the following step holds;
     the buffer side puts back exactly what the full batch had (episode ends, row ends, a
     preempted tail), and the shipped batch is about half the observation bytes."""
-    from actors.compact import compact_arrays, expand_arrays
-    from actors.env_worker import EnvWorker, WorkerPlan
+    from actors.stepping.compact import compact_arrays, expand_arrays
+    from actors.stepping.env_worker import EnvWorker, WorkerPlan
     from actors.options import CollectorOptions
     from collectors.validate import build_spec
 

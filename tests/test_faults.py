@@ -451,8 +451,8 @@ def test_async_replaces_only_the_hung_worker_while_the_other_delivers():
 
 
 def test_adaptive_hang_timeout():
-    from actors.collection import Collection, Ledger
-    from actors.metrics import Metrics
+    from actors.coordination.collection import Collection, Ledger
+    from actors.coordination.metrics import Metrics
 
     class Pool:
         count = 2
@@ -474,8 +474,8 @@ def test_async_serves_the_oldest_ready_request(monkeypatch):
     the chaos test). The async stream serves the oldest ready request first."""
     import types
 
-    from actors import collection
-    from actors.metrics import Metrics
+    from actors.coordination import collection
+    from actors.coordination.metrics import Metrics
 
     def meta(i):
         return {"worker": i, "frames": 1, "policy_version": 0, "episode_returns": [],

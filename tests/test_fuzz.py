@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from actors.errors import RayCollectorsError
 from actors.options import CollectorOptions
-from actors.rollout import Rollout
+from actors.stepping.rollout import Rollout
 from collectors import ConfigError, SyncDataCollector, load_config
 from collectors.validate import build_spec
 

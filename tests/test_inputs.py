@@ -9,7 +9,7 @@ import yaml
 from tensordict import TensorDict
 from torch import nn
 
-from actors.replay_buffer import ReplayBufferActor
+from actors.storage.replay_buffer import ReplayBufferActor
 from collectors import (CollectorError, ConfigError, EnvCreationError, MultiSyncDataCollector,
                         RayReplayBuffer, SyncDataCollector, load_config)
 from collectors.testing import counting_env, faulty_counting_env

@@ -17,7 +17,7 @@ import ray
 import torch
 from torch import nn
 
-from actors.shared_ring import private_root
+from actors.shm.folders import private_root
 from collectors import (CollectorError, MultiaSyncDataCollector, MultiSyncDataCollector,
                         RayReplayBuffer, SyncDataCollector)
 from collectors.testing import counting_env, faulty_counting_env, kill_worker

@@ -6,7 +6,7 @@ import pytest
 import torch
 from tensordict import TensorDict
 
-from actors.replay_buffer import ReplayBufferActor
+from actors.storage.replay_buffer import ReplayBufferActor
 from collectors import RayReplayBuffer, ReplayBufferUnavailable
 
 

@@ -1,9 +1,9 @@
 """The actor bodies without Ray: the rollout loop and the env worker, in this process."""
 import numpy as np
 
-from actors.env_worker import EnvWorker, WorkerPlan
+from actors.stepping.env_worker import EnvWorker, WorkerPlan
 from actors.options import CollectorOptions
-from actors.rollout import Rollout
+from actors.stepping.rollout import Rollout
 from collectors.testing import CountingEnv
 from collectors.validate import build_spec
 
@@ -42,7 +42,7 @@ def test_sequential_policy_runs_its_layers_directly_unless_hooked():
     import torch
     from torch import nn
 
-    from actors.policy_runner import PolicyRunner, sequential_chain
+    from actors.stepping.policy_runner import PolicyRunner, sequential_chain
     from collectors.policies import ArgmaxLayer
 
     torch.manual_seed(0)

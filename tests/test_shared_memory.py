@@ -7,26 +7,26 @@ import pytest
 import torch
 from tensordict import TensorDict
 
-from actors import shared_ring
-from actors.replay_buffer import ReplayBufferActor
-from actors.shared_ring import RingReader, SharedRing
+from actors.shm import folders
+from actors.storage.replay_buffer import ReplayBufferActor
+from actors.storage.shared_ring import RingReader, SharedRing
 
 TEMPLATE = {"x": torch.zeros(1, 4), ("next", "y"): torch.zeros(1, dtype=torch.int64)}
 
 
 def test_root_is_private_and_checked(tmp_path):
-    root = shared_ring.private_root()
+    root = folders.private_root()
     st = os.lstat(root)
     assert st.st_mode & 0o777 == 0o700 and st.st_uid == os.getuid()
     loose = tmp_path / "loose"
     loose.mkdir(mode=0o755)
     os.chmod(loose, 0o755)
     with pytest.raises(OSError, match="mode"):
-        shared_ring._check_private(str(loose))
+        folders.check_private(str(loose))
     link = tmp_path / "link"
     link.symlink_to(loose)
     with pytest.raises(OSError, match="not a plain directory"):
-        shared_ring._check_private(str(link))
+        folders.check_private(str(link))
 
 
 def test_reader_maps_read_only_and_never_creates_files():
@@ -74,21 +74,21 @@ def test_a_slot_left_mid_write_is_never_returned():
 
 
 def test_a_dead_writer_is_noticed_by_its_lock_and_its_ring_removed():
-    code = ("import time, torch\nfrom actors.shared_ring import SharedRing\n"
+    code = ("import time, torch\nfrom actors.storage.shared_ring import SharedRing\n"
             "r = SharedRing({'x': torch.zeros(1, 2)}, 8)\nprint(r.dir, flush=True)\ntime.sleep(60)\n")
     proc = subprocess.Popen(["python", "-c", code], stdout=subprocess.PIPE, text=True,
                             cwd=os.path.dirname(os.path.dirname(__file__)))
     try:
         folder = proc.stdout.readline().strip()
-        lock = os.path.join(folder, shared_ring.LOCK)
-        assert not shared_ring._writer_gone(lock)
-        shared_ring.remove_stale()
+        lock = os.path.join(folder, folders.LOCK)
+        assert not folders.writer_gone(lock)
+        folders.remove_stale()
         assert os.path.isdir(folder)  # alive: kept
     finally:
         proc.kill()
         proc.wait(10)
-    assert shared_ring._writer_gone(lock)
-    shared_ring.remove_stale()
+    assert folders.writer_gone(lock)
+    folders.remove_stale()
     assert not os.path.exists(folder)
 
 
@@ -99,7 +99,7 @@ def small_shm(tmp_path, monkeypatch):
     mount.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)]).returncode:
         pytest.fail("could not mount a tmpfs; this test needs root (as in CI)")
-    monkeypatch.setattr(shared_ring, "SHM", str(mount))
+    monkeypatch.setattr(folders, "SHM", str(mount))
     try:
         yield mount
     finally:
@@ -110,9 +110,8 @@ def test_a_short_shm_fails_at_allocation_and_the_buffer_falls_back(small_shm, mo
     big = {"x": torch.zeros(1, 1024)}  # 4 KiB per frame: 1000 frames need about 4 MiB
     with pytest.raises(OSError):
         SharedRing(big, 1000)
-    assert os.listdir(shared_ring.private_root()) == []  # nothing half-made is left
-    monkeypatch.setattr(shared_ring, "shareable", lambda nbytes: True)
-    import actors.replay_buffer as body
+    assert os.listdir(folders.private_root()) == []  # nothing half-made is left
+    import actors.storage.replay_buffer as body
 
     monkeypatch.setattr(body, "shareable", lambda nbytes: True)
     rb = ReplayBufferActor(1000, share=True)

@@ -18,9 +18,9 @@ import collectors
 from actors.errors import (CollectorError, EnvStepError, PolicyError, ReplayBufferUnavailable,
                            StartupTimeout)
 from actors.options import CollectorOptions
-from actors.restarts import RestartBudget
-from actors.samplers import PrioritizedSampler, WithoutReplacementSampler
-from actors.worker_pool import WorkerPool
+from actors.coordination.restarts import RestartBudget
+from actors.storage.samplers import PrioritizedSampler, WithoutReplacementSampler
+from actors.coordination.worker_pool import WorkerPool
 from collectors import (MultiaSyncDataCollector, MultiSyncDataCollector, RayReplayBuffer,
                         SyncDataCollector)
 from collectors.policies import ArgmaxLayer
@@ -425,7 +425,7 @@ def test_env_actor_modules_leave_torch_and_tensordict_out_of_start_up():
     """An env actor imports these modules before its first batch; torch and tensordict cost
     seconds to import and a gymnasium env with a random policy needs neither (importing them
     here once added 3.5 s to the first batch)."""
-    script = ("import sys\nimport actors.env_worker, actors.vector_rollout, actors.compact\n"
+    script = ("import sys\nimport actors.stepping.env_worker, actors.stepping.vector_rollout, actors.stepping.compact\n"
               "print(sorted(m for m in ('torch', 'tensordict') if m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

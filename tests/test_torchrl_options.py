@@ -122,8 +122,8 @@ def test_a_cuda_policy_shares_the_clusters_gpus_and_runs_on_the_one_ray_gives(mo
     import ray
 
     from actors.options import CollectorOptions
-    from actors.policy_runner import local_device
-    from collectors.base import gpu_share, worker_gpus
+    from actors.stepping.policy_runner import local_device
+    from collectors.resources import gpu_share, worker_gpus
     from collectors.config import load_config
 
     for gpus, workers, share in [(1, 1, 1.0), (1, 2, 0.5), (1, 3, 0.3333), (4, 2, 1.0), (0, 2, 1.0)]:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from actors.options import CollectorOptions
-from actors.vector_rollout import VectorRollout, native_vector_problem
+from actors.stepping.vector_rollout import VectorRollout, native_vector_problem
 from collectors import MultiSyncDataCollector, SyncDataCollector
 
 SPEC = {"obs": {"observation": ((1,), "float32")}, "obs_is_dict": False,

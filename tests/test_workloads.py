@@ -80,7 +80,7 @@ def test_batch_equals_the_raw_loop(make, policy):
 def test_pong_frame_storage_equals_the_plain_storage():
     """compact_obs='frames' on real Pong batches from 2 workers, in a ring that wraps: every
     slot reads back as the plain storage holds it, with about a frame per slot."""
-    from actors.replay_buffer import ReplayBufferActor
+    from actors.storage.replay_buffer import ReplayBufferActor
 
     with MultiSyncDataCollector(pong, None, num_workers=2, frames_per_batch=200,
                                 total_frames=1200) as c:

@@ -16,7 +16,7 @@ import time
 from typing import Any, Callable
 
 from actors.errors import CollectorError
-from actors.restarts import RestartBudget
+from actors.coordination.restarts import RestartBudget
 
 log = logging.getLogger("ray_collectors.pool")
 

@@ -1,4 +1,4 @@
-"""The env-stepping actor body: one :class:`~actors.rollout.Rollout` plus weights and accounting.
+"""The env-stepping actor body: one :class:`~actors.stepping.rollout.Rollout` plus weights and accounting.
 
 Made remote by the driver side with ``ray.remote(EnvWorker)``; usable in-process for tests.
 """
@@ -16,13 +16,13 @@ from typing import Any
 
 import ray
 
-from actors.compact import compact_arrays
-from actors.handoff import HandoffServer
+from actors.stepping.compact import compact_arrays
+from actors.shm.handoff import HandoffServer
 from actors.options import CollectorOptions
-from actors.policy_runner import local_device
-from actors.rollout import Rollout
-from actors.td_rollout import TensorDictRollout, is_torchrl_env
-from actors.vector_rollout import VectorRollout
+from actors.stepping.policy_runner import local_device
+from actors.stepping.rollout import Rollout
+from actors.stepping.td_rollout import TensorDictRollout, is_torchrl_env
+from actors.stepping.vector_rollout import VectorRollout
 
 log = logging.getLogger("ray_collectors.worker")
 
@@ -223,7 +223,7 @@ class EnvWorker:
     @ray.method(concurrency_group="handoff")
     def serve(self) -> str:
         """Hand batches to the trainer that connects to ``open_handoff``'s socket until it says
-        stop or goes away (see :mod:`actors.handoff`); returns why it ended."""
+        stop or goes away (see :mod:`actors.shm.handoff`); returns why it ended."""
         server, self._handoff = self._handoff, None
         if server is None:
             return "no hand-off opened"
@@ -239,7 +239,7 @@ class EnvWorker:
     @ray.method(concurrency_group="control")
     def attach_board(self, spec: dict) -> None:
         """Take weights from the board in shared memory from the next batch on."""
-        from actors.weight_board import BoardReader  # (torch: only for a module policy)
+        from actors.shm.weight_board import BoardReader  # (torch: only for a module policy)
 
         def attach():
             self._board = BoardReader(spec, self.worker_index, self.rollout.runner.module)

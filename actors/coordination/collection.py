@@ -12,8 +12,8 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from actors.errors import CollectorError, FatalWorkerError, unwrap
-from actors.metrics import Metrics
-from actors.worker_pool import WorkerPool
+from actors.coordination.metrics import Metrics
+from actors.coordination.worker_pool import WorkerPool
 
 ENV_ERRORS_KEPT = 50
 # hang detection when sample_timeout_s is None (the default): a worker is hung once it spends

@@ -5,7 +5,7 @@ TorchRL's ``Collector`` does: the policy reads the carrier (observations, done f
 ``is_init``, ``step_count``, recurrent states from primers...) and writes its outputs into it,
 ``env.step_and_maybe_reset`` fills ``"next"`` and resets finished envs, and the step's snapshot
 is kept. A batch is the time-stack of the snapshots, handed on as the same flat
-``{key: ndarray[num_envs, T, ...]}`` dict as the gymnasium loop (:mod:`actors.rollout`), so
+``{key: ndarray[num_envs, T, ...]}`` dict as the gymnasium loop (:mod:`actors.stepping.rollout`), so
 everything downstream (assembly, buffers, accounting) is shared. ``num_envs > 1`` steps a
 ``SerialEnv`` of the factory, like TorchRL's ``Collector`` over ``SerialEnv(N, fn)``.
 """
@@ -16,8 +16,8 @@ import traceback
 
 from actors.errors import EnvRestartsExhausted, EnvStepError, PolicyError
 from actors.options import CollectorOptions
-from actors.policy_runner import PolicyRunner
-from actors.restarts import RestartBudget
+from actors.stepping.policy_runner import PolicyRunner
+from actors.coordination.restarts import RestartBudget
 
 TRAJ_KEY = ("collector", "traj_ids")
 VERSION_KEY = ("collector", "policy_version")

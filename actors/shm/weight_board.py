@@ -2,7 +2,7 @@
 copies them into its policy between batches when their version moved. No Ray call, no object
 store copy, no message per worker.
 
-One file per collector in its private folder (see :mod:`actors.shared_ring`): a header of int64
+One file per collector in its private folder (see :mod:`actors.storage.shared_ring`): a header of int64
 ``[seq, version, wanted[0], ..., wanted[W-1]]``, then every tensor of the policy's state dict at
 a 64-byte aligned offset. ``seq`` is a seqlock: odd while the trainer writes, so a reader that
 saw an odd value, or a different one after its copy, copies again and never keeps a torn set.

@@ -18,7 +18,7 @@ from collections import deque
 import ray
 from ray.exceptions import GetTimeoutError, ObjectLostError, OwnerDiedError, RayActorError, RayTaskError
 
-from actors.collection import Collection, Ledger
+from actors.coordination.collection import Collection, Ledger
 from actors.errors import ReplayBufferUnavailable, unwrap
 
 log = logging.getLogger("ray_collectors.writer")

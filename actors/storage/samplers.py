@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from actors.sum_tree import SumTree
+from actors.storage.sum_tree import SumTree
 
 TRAJ_KEY = ("collector", "traj_ids")
 

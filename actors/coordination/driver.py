@@ -1,9 +1,9 @@
 """The driver actor body: one collector's coordinator, made of three parts.
 
-- :class:`~actors.worker_pool.WorkerPool`: spawns, places and replaces the env actors;
-- :class:`~actors.collection.Collection`: asks them for batches (sync rounds or async stream),
-  with the :class:`~actors.collection.Ledger` accounting for every frame;
-- :class:`~actors.background_writer.BackgroundWriter`: streams batches into a replay buffer.
+- :class:`~actors.coordination.worker_pool.WorkerPool`: spawns, places and replaces the env actors;
+- :class:`~actors.coordination.collection.Collection`: asks them for batches (sync rounds or async stream),
+  with the :class:`~actors.coordination.collection.Ledger` accounting for every frame;
+- :class:`~actors.coordination.background_writer.BackgroundWriter`: streams batches into a replay buffer.
 
 It handles ObjectRefs and small metadata only; batches go from the env workers' object store
 entries straight to their consumer (the trainer, or the replay-buffer actor). Internal: made
@@ -17,13 +17,13 @@ import time
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from actors.background_writer import BackgroundWriter
-from actors.collection import Collection, Ledger
-from actors.env_worker import EnvWorker
+from actors.coordination.background_writer import BackgroundWriter
+from actors.coordination.collection import Collection, Ledger
+from actors.stepping.env_worker import EnvWorker
 from actors.errors import EnvCreationError, StartupTimeout, unwrap
-from actors.metrics import Metrics
-from actors.restarts import RestartBudget
-from actors.worker_pool import WorkerPool
+from actors.coordination.metrics import Metrics
+from actors.coordination.restarts import RestartBudget
+from actors.coordination.worker_pool import WorkerPool
 
 log = logging.getLogger("ray_collectors.driver")
 

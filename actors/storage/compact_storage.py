@@ -12,7 +12,7 @@ always overwritten before slot ``s + 1`` (modulo the capacity) is; while ``s`` i
 slot after it still holds what was written with it.
 
 With ``frames=True`` stacked observations (``[S, ...]``, as gymnasium's
-``FrameStackObservation`` makes them) also store each frame once: see :mod:`actors.frame_stacks`.
+``FrameStackObservation`` makes them) also store each frame once: see :mod:`actors.storage.frame_stacks`.
 
 Example:
     >>> import torch
@@ -34,9 +34,9 @@ from __future__ import annotations
 import torch
 from tensordict import TensorDict
 
-from actors.compact import compacted_keys
-from actors.frame_stacks import FrameStacks
-from actors.side_store import SideStore
+from actors.stepping.compact import compacted_keys
+from actors.storage.frame_stacks import FrameStacks
+from actors.storage.side_store import SideStore
 
 
 class CompactNext:

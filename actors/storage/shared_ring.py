@@ -22,102 +22,20 @@ their program order on x86 (TSO), which is what this relies on; elsewhere it is 
 """
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
-import platform
 import shutil
 import stat
-import uuid
 import warnings
 
 import numpy as np
 import torch
 
+from actors.shm.folders import LOCK, check_private, private_folder, shm_root, writer_gone
+
 log = logging.getLogger("ray_collectors.shared_ring")
 
-SHM = "/dev/shm"
 HEADER = 2  # [size, closed]
-LOCK = "writer.lock"
-
-
-def shm_root() -> str:
-    return os.path.join(SHM, f"ray-collectors-{os.getuid()}")
-
-
-def _check_private(path: str) -> None:
-    """``path`` is a real directory of ours that nobody else can enter; else ``OSError``."""
-    st = os.lstat(path)
-    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
-        raise OSError(f"{path} is not a plain directory")
-    if st.st_uid != os.getuid():
-        raise OSError(f"{path} belongs to uid {st.st_uid}, not {os.getuid()}")
-    if st.st_mode & 0o077:
-        raise OSError(f"{path} has mode {oct(st.st_mode & 0o777)}; expected 0700")
-
-
-def private_root() -> str:
-    """The per-user root, created 0700 if missing and verified either way."""
-    root = shm_root()
-    try:
-        os.mkdir(root, 0o700)
-    except FileExistsError:
-        pass
-    _check_private(root)
-    return root
-
-
-def shareable(nbytes: int) -> bool:
-    """True when ``nbytes`` of storage fits comfortably in ``/dev/shm`` on an x86 machine."""
-    if platform.machine().lower() not in ("x86_64", "amd64") or not os.path.isdir(SHM):
-        return False
-    try:
-        st = os.statvfs(SHM)
-    except OSError:
-        return False
-    return nbytes * 2 < st.f_bavail * st.f_frsize
-
-
-def _writer_gone(lock_path: str) -> bool:
-    """True when nobody holds the writer's exclusive lock (its process ended)."""
-    try:
-        fd = os.open(lock_path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError:
-        return True
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    finally:
-        os.close(fd)  # also releases a shared lock we may have taken
-    return True
-
-
-def remove_stale() -> None:
-    """Delete ring folders whose writer is gone (a buffer actor that was killed)."""
-    try:
-        root = private_root()
-        names = os.listdir(root)
-    except OSError:
-        return
-    for name in names:
-        folder = os.path.join(root, name)
-        if os.path.isdir(folder) and not os.path.islink(folder) and _writer_gone(os.path.join(folder, LOCK)):
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-def private_folder(prefix: str = "") -> tuple[str, int]:
-    """A new 0700 folder under the private root, and the fd of its ``writer.lock``, locked
-    exclusively for this process's life: ``remove_stale`` deletes the folder once it is gone."""
-    folder = os.path.join(private_root(), prefix + uuid.uuid4().hex)
-    os.mkdir(folder, 0o700)
-    try:
-        fd = os.open(os.path.join(folder, LOCK), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-    except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)
-        raise
-    return folder, fd
 
 
 def _reserve(path: str, nbytes: int) -> None:
@@ -210,8 +128,8 @@ class RingReader:
         self.dir = location["dir"]
         if os.path.dirname(self.dir) != shm_root():
             raise OSError(f"{self.dir} is not under this user's {shm_root()}")
-        _check_private(shm_root())
-        _check_private(self.dir)
+        check_private(shm_root())
+        check_private(self.dir)
         self.tensors = {key: _read_only(path, tuple(shape), getattr(torch, dtype))
                         for key, path, shape, dtype in location["layout"]
                         if os.path.dirname(path) == self.dir}
@@ -226,7 +144,7 @@ class RingReader:
 
     def usable(self) -> bool:
         """False once the writer closed the ring or its process is gone."""
-        return int(self.header[1]) == 0 and not _writer_gone(self.lock_path)
+        return int(self.header[1]) == 0 and not writer_gone(self.lock_path)
 
     def size(self) -> int:
         return int(self.header[0])

@@ -1,7 +1,7 @@
 """Batches from an env actor to a trainer on the same node, through shared memory.
 
 Each env actor listens on a Unix socket in the collector's private folder (see
-:mod:`actors.shared_ring`; 0700, so only this user reaches it) and keeps a slot file there. The
+:mod:`actors.storage.shared_ring`; 0700, so only this user reaches it) and keeps a slot file there. The
 trainer connects, then per batch sends one byte (collect, with random actions or not) and waits
 for the reply; the actor collects, writes the arrays into its slot and replies with the small
 meta and the slot's layout. Both sides block in the kernel while they wait (a socket read, or

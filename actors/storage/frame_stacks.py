@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 from tensordict import TensorDict
 
-from actors.side_store import SideStore
+from actors.storage.side_store import SideStore
 
 
 class FrameStacks:

@@ -1,7 +1,7 @@
 """Which ``("next", ...)`` entries ``compact_obs`` leaves out, and compact worker batches.
 
 Numpy only (env actors import it; torch and tensordict stay out of their start-up). The replay
-buffer's compact storage is :mod:`actors.compact_storage`.
+buffer's compact storage is :mod:`actors.storage.compact_storage`.
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ Such envs reset a finished env at its *next* step (gymnasium's ``NEXT_STEP`` aut
 step returns the reset observation with reward 0 and is not a transition. It is left out, so an
 env that finished falls one step behind the others; a batch still holds exactly ``T``
 consecutive frames per env, and the frames an env collected beyond ``T`` wait for the next batch
-(``carry``). The batch layout and keys are the gymnasium loop's (:mod:`actors.rollout`).
+(``carry``). The batch layout and keys are the gymnasium loop's (:mod:`actors.stepping.rollout`).
 
 Example:
     >>> from actors.options import CollectorOptions
@@ -31,10 +31,10 @@ import numpy as np
 
 from actors.errors import EnvRestartsExhausted, EnvSpecError, EnvStepError, PolicyError
 from actors.options import CollectorOptions
-from actors.policy_runner import ACTION_KEY, PolicyRunner
-from actors.restarts import RestartBudget
-from actors.rollout import (COLLECTOR, NEXT, account_returns, allocate, check_finite,
-                            check_policy_output, derive_seed)
+from actors.stepping.policy_runner import ACTION_KEY, PolicyRunner
+from actors.coordination.restarts import RestartBudget
+from actors.stepping.batch_layout import (COLLECTOR, NEXT, account_returns, allocate,
+                                          check_finite, check_policy_output, derive_seed)
 
 
 # From this many envs per actor, the native vector env is what ``native_vector=None`` picks: it
