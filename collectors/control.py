@@ -122,7 +122,8 @@ class ControlMixin:
                                 "actors: pass the weights, update_policy_weights_(weights).")
             source = self.policy
         if source is self._reference_policy and isinstance(source, torch.nn.Module):
-            sd = source.state_dict()  # the policy itself: its keys and shapes are the reference
+            # the policy itself: its keys and shapes are the reference
+            sd = self._watcher.state() if self._watcher is not None else source.state_dict()
             return {k: v.detach().to("cpu").clone() for k, v in sd.items()} if copy else sd
         if isinstance(source, torch.nn.Module):
             sd = source.state_dict()

@@ -44,14 +44,30 @@ class WeightWatcher:
     def __init__(self, module):
         self.module = module
         self._tensors: list = []
+        self._state: dict = {}
+        self._ptrs: tuple = ()
         self._listed_at = -1
         self.last = self.fingerprint()
 
-    def fingerprint(self) -> tuple:
+    def _relist(self) -> None:
         if self._listed_at != _registrations[0]:
             self._listed_at = _registrations[0]
             self._tensors = [*self.module.parameters(), *self.module.buffers()]
+            self._state = self.module.state_dict()
+            self._ptrs = tuple(t.data_ptr() for t in self._tensors)
+
+    def fingerprint(self) -> tuple:
+        self._relist()
         return tuple((t._version, t.data_ptr()) for t in self._tensors)
+
+    def state(self) -> dict:
+        """``module.state_dict()`` (its tensors share the module's storage), listed again only
+        after an assignment, like the fingerprint."""
+        self._relist()
+        if tuple(t.data_ptr() for t in self._tensors) != self._ptrs:  # ``p.data = ...``
+            self._listed_at = -1
+            self._relist()
+        return self._state
 
     def changed(self) -> bool:
         now = self.fingerprint()

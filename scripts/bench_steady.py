@@ -6,8 +6,8 @@ loop with the same batched MLP (plain and wrapped).
     python scripts/bench.py --part steady [--rounds 5]
 
 Each round runs the raw loop (in this process, per 1,000 frames), a fresh ``SyncDataCollector``
-(per batch, after ``WARMUP`` batches: its compiled graph opens at the third and costs about
-0.1-0.3 s once), and the raw loop again. A round's ratio is ours against the mean of both raw
+(per batch, after ``WARMUP`` batches, so the new process has warmed up), and the raw loop
+again. A round's ratio is ours against the mean of both raw
 runs, from mean times; the ratio of medians is printed next to it (less moved by a host hiccup
 in one run). On a 2-core machine one round's ratio moves by 10% or more; the median over rounds
 is the figure. The vector rounds time whole runs (25 batches of 4,000 frames against 50,000

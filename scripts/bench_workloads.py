@@ -114,7 +114,7 @@ def run_workloads(frames: int, row) -> None:
             print(f"  (TorchRL skipped: {exc})")
         one, bps = ours(make, net, frames, fpb)
         row("ours, num_envs=1", one, f"{one / raw:.2f}x raw" + (f", {one / trl:.2f}x TorchRL" if trl else "")
-            + f", {bps / 1e6:.1f} MB/s from the env actor (a compiled graph's channel)")
+            + f", {bps / 1e6:.1f} MB/s from the env actor (through its shared-memory slot)")
         if make is pong:  # env actors ship each observation once
             small, small_bps = ours(make, net, frames, fpb, compact_obs=True)
             row("ours, num_envs=1, compact_obs=True", small,
