@@ -327,13 +327,22 @@ def test_wheel_installs_and_runs_the_demo(tmp_path):
                             "-q", "-w", str(wheel_dir), ROOT], capture_output=True, text=True)
     assert build.returncode == 0, build.stderr[-2000:]
     (wheel,) = wheel_dir.glob("ray_collectors-*.whl")
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    # a bare venv that sees this interpreter's packages (the dependencies) behind its own, so
+    # the test also passes when it runs inside a virtual environment; the repo is not on its path
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     py = str(venv / "bin" / "python")
+    theirs = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    repo = os.path.realpath(ROOT)
+    ours = [p for p in dict.fromkeys(sys.path) if p and os.path.isdir(p)
+            and not os.path.realpath(p).startswith(repo)]  # what this interpreter imports from
+    with open(os.path.join(theirs, "outer-packages.pth"), "w") as fh:
+        fh.write("\n".join(ours) + "\n")
     install = subprocess.run([py, "-m", "pip", "install", "-q", "--no-deps", str(wheel)],
                              capture_output=True, text=True)
     assert install.returncode == 0, install.stderr[-2000:]
     demo = (
-        "import collectors, actors\n"
+        "import collectors, actors, actors.shm.handoff, actors.stepping.env_worker\n"
         "assert collectors.__file__.startswith(%r), collectors.__file__\n"
         "from collectors import SyncDataCollector\n"
         "c = SyncDataCollector('CartPole-v1', frames_per_batch=200, total_frames=1000, seed=0)\n"
