@@ -24,6 +24,7 @@ import time
 import weakref
 from multiprocessing.connection import wait as wait_ready
 
+import numpy as np
 import ray
 import torch
 
@@ -47,6 +48,19 @@ def batch_problem(options, is_async: bool, cls_name: str) -> str | None:
     if options.preemptive_threshold is not None:
         return "preemptive_threshold needs the driver to watch every batch"
     return None
+
+
+def batch_bytes(spec: dict, frames: int) -> int:
+    """About how many bytes one worker batch of ``frames`` takes in its slot (observations
+    twice, the policy's outputs, 256 bytes of flags and ids; 4 KiB a frame for a TorchRL env's
+    spec, which does not say)."""
+    if "obs" not in spec:
+        return 4096 * frames
+    per_frame = 256
+    for part, copies in (("obs", 2), ("outputs", 1)):
+        for shape, dtype in spec.get(part, {}).values():
+            per_frame += copies * int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    return per_frame * frames
 
 
 class LocalRoute:
@@ -77,6 +91,12 @@ class LocalRoute:
         elif not shareable(1 << 20):
             problem = "this machine has no /dev/shm, or is not x86 (the weights' seqlock needs it)"
         batches = problem or batch_problem(options, is_async, type(owner).__name__)
+        slots = options.num_workers * batch_bytes(
+            owner.spec, -(-owner.requested_frames_per_batch // max(1, options.num_workers)))
+        if batches is None and not shareable(slots):
+            batches = (f"/dev/shm has room for less than twice the {options.num_workers} env "
+                       f"actors' batch slots (about {slots / 2**20:.0f} MiB); give /dev/shm more "
+                       "room (e.g. docker run --shm-size) or collect smaller batches")
         if options.shared_memory is True and batches:
             raise ValueError(f"{type(owner).__name__}: shared_memory=True, but {batches}. Pass "
                              "shared_memory=None (use it where possible) or False.")

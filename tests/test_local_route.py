@@ -293,3 +293,17 @@ def test_async_collectors_take_weights_from_the_board():
     for b in seen:  # one version per batch, and its action with it
         versions = b.get(("collector", "policy_version")).unique().tolist()
         assert len(versions) == 1 and (b["action"] == 5 * versions[0]).all()
+
+
+def test_a_short_dev_shm_keeps_batches_on_the_driver_and_weights_on_the_board(monkeypatch):
+    import collectors.local_route as route
+
+    monkeypatch.setattr(route, "shareable", lambda nbytes: nbytes <= 1 << 20)  # 1 MiB of room
+    policy = ConstAction()
+    with SyncDataCollector(counting_env, policy, frames_per_batch=20_000, total_frames=-1) as c:
+        policy.a.fill_(4)  # (a 20,000-frame slot needs about 6 MiB)
+        batch = c.next()
+        assert c.stats()["shared_memory_batches"] == 0 and c._route.board.writes == 1
+    assert (batch["action"] == 4).all() and batch.numel() == 20_000
+    with pytest.raises(ValueError, match="shared_memory=True.*/dev/shm has room"):
+        SyncDataCollector(counting_env, frames_per_batch=20_000, shared_memory=True)
