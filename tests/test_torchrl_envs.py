@@ -175,3 +175,28 @@ def test_importing_collectors_does_not_import_torchrl():
             "assert 'torchrl' not in sys.modules, 'torchrl imported'\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+def q_actor():
+    from torchrl.modules import MLP, QValueActor
+
+    env = cartpole()
+    mlp = MLP(in_features=4, out_features=env.action_spec.shape[-1], num_cells=[16])
+    return QValueActor(mlp, spec=env.action_spec, in_keys=["observation"])
+
+
+@pytest.mark.parametrize("cls", [SyncDataCollector, MultiSyncDataCollector])
+def test_batches_keep_the_policy_outputs_while_actions_are_random(cls):
+    """As TorchRL: during init_random_frames the policy's other outputs (a QValueActor's
+    action_value and chosen_action_value) are there, zero-filled, so a lazily built storage
+    sees one key set from the first batch on."""
+    kwargs = {"num_workers": 2} if cls is MultiSyncDataCollector else {}
+    with cls(cartpole, q_actor(), frames_per_batch=10, total_frames=40, init_random_frames=20,
+             **kwargs) as c:
+        batches = list(c)
+    keys = [set(b.keys(True, True)) for b in batches]
+    assert all(k == keys[-1] for k in keys), keys
+    assert {"action_value", "chosen_action_value"} <= keys[0]
+    assert (batches[0]["action_value"] == 0).all() and (batches[0]["chosen_action_value"] == 0).all()
+    assert (batches[-1]["action_value"] != 0).any()
+    assert batches[0]["action_value"].dtype == batches[-1]["action_value"].dtype

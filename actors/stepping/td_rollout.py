@@ -66,6 +66,9 @@ class TensorDictRollout:
         self.returns = [0.0] * self.num_envs  # each env's return so far in that episode
         self._build()
         self.policy = self._as_td_policy(policy, policy_kind)
+        # the policy's other outputs, zero-filled while actions are random (as TorchRL), so
+        # every batch has one key set
+        self._zero_outputs = self._output_template() if options.init_random_frames > 0 else None
 
     # -- env ---------------------------------------------------------------------------------
     def _build(self, fresh_ids: bool = True) -> None:
@@ -104,6 +107,21 @@ class TensorDictRollout:
         if fresh_ids or self.traj_ids is None:
             self.traj_ids = self._new_ids(self.num_envs)
             self.returns = [0.0] * self.num_envs
+
+    def _output_template(self):
+        """Zeros shaped like what the policy adds to the carrier besides the action (``None``
+        when it adds nothing): the policy is run once on a copy of the first carrier."""
+        if self.runner.kind == "random":
+            return None
+        carrier = self.carrier.clone()
+        before = set(carrier.keys(True, True))
+        with self.runner.context():
+            out = self.policy(carrier if self.runner.device is None else carrier.to(self.runner.device))
+        out = (carrier if out is None else out).cpu()
+        action_keys = set(self.env.action_keys)
+        added = [k for k in out.keys(True, True) if k not in before and k not in action_keys
+                 and isinstance(out.get(k), self.torch.Tensor)]
+        return out.select(*added).apply(self.torch.zeros_like) if added else None
 
     def _as_td_policy(self, policy, kind):
         """A plain ``nn.Module`` reads the observation and writes the action, as TorchRL's
@@ -171,6 +189,8 @@ class TensorDictRollout:
                 carrier = self.carrier
                 if random_actions:
                     env.rand_action(carrier)
+                    if self._zero_outputs is not None:
+                        carrier.update(self._zero_outputs.clone())
                 else:
                     try:
                         if device is None:
