@@ -81,12 +81,11 @@ def test_in_place_weight_changes_reach_the_next_batch_through_the_board():
     policy = ConstAction()
     with SyncDataCollector(counting_env, policy, frames_per_batch=10, total_frames=-1) as c:
         assert (c.next()["action"] == 0).all()
-        driver_calls = c._driver.stats.remote  # (unused: the point is that no call is needed)
         policy.a.fill_(1)
         batch = c.next()
         assert (batch["action"] == 1).all()
         assert (batch.get(("collector", "policy_version")) == 1).all()
-        assert c._route.board.writes == 1 and driver_calls is not None
+        assert c._route.board.writes == 1  # written once into shared memory
         batch = c.next()  # unchanged: nothing written
         assert c._route.board.writes == 1 and (batch["action"] == 1).all()
 

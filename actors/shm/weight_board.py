@@ -66,7 +66,6 @@ class WeightBoard:
         self.header = buf[:8 * (2 + self.num_workers)].numpy().view(np.int64)
         self.views = _views(buf, self.layout)
         self.writes = 0  # how many times the weights were written
-        self.bytes_written = 0
 
     def spec(self) -> dict:
         """What a reader needs (small, picklable)."""
@@ -88,7 +87,6 @@ class WeightBoard:
         for i in range(self.num_workers) if worker_ids is None else worker_ids:
             hdr[2 + int(i)] = int(version)
         self.writes += 1
-        self.bytes_written += sum(n for *_, n in self.layout)
 
 
 class BoardReader:
