@@ -99,6 +99,9 @@ def _bare_child(conn, shared: dict) -> None:
     """The raw loop's work in a second process, one batch per request; new weights (when the
     request says so) are copied in from ``shared`` (tensors in shared memory) first."""
     torch.set_num_threads(1)
+    shared = {k: v if isinstance(v, torch.Tensor) else
+              torch.from_file(v[0], shared=True, size=v[1], dtype=v[2]).view(v[3])
+              for k, v in shared.items()}
     env, policy = gym.make("CartPole-v1"), mlp()
     obs, _ = env.reset(seed=0)
     params = policy.state_dict()
@@ -148,6 +151,77 @@ def bare_process(batches: int, change: bool) -> float:
     finally:
         ours_end.send_bytes(b"s")
         proc.join(10)
+
+
+class _BareActor:
+    """The raw loop's work in a plain Ray actor, one batch per request over a Unix socket: the
+    floor of any design whose env steps in an env actor (a Ray worker process)."""
+
+    def listen(self, path: str) -> None:
+        import socket
+
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path)
+        self.listener.listen(1)
+
+    def run(self, shared: dict) -> None:
+        from multiprocessing.connection import Connection
+
+        sock, _ = self.listener.accept()
+        self.listener.close()
+        _bare_child(Connection(sock.detach()), shared)
+
+
+def bare_ray_actor(batches: int, change: bool) -> float:
+    """Batches/s of the raw loop in a plain Ray actor asked over a Unix socket per batch
+    (weights, when changed, through a shared-memory file copied in before the batch)."""
+    import os
+    import socket
+    import sys
+    import tempfile
+    from multiprocessing.connection import Connection
+
+    import ray
+    from ray import cloudpickle
+
+    from collectors.runtime import ensure_ray
+
+    ensure_ray()
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # scripts/ is not a package
+    policy = mlp()
+    folder = tempfile.mkdtemp(dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    shared = {}
+    for i, (k, v) in enumerate(policy.state_dict().items()):
+        shared[k] = torch.from_file(os.path.join(folder, f"t{i}"), shared=True,
+                                    size=v.numel(), dtype=v.dtype).view(v.shape)
+        shared[k].copy_(v)
+    actor = ray.remote(num_cpus=0)(_BareActor).remote()
+    path = os.path.join(folder, "sock")
+    ray.get(actor.listen.remote(path))
+    done = actor.run.remote({k: (os.path.join(folder, f"t{i}"), v.numel(), v.dtype, v.shape)
+                             for i, (k, v) in enumerate(shared.items())})
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(path)
+    conn, t0 = Connection(sock.detach()), None
+    try:
+        for b in range(batches + WARMUP):
+            if b == WARMUP:
+                t0 = time.perf_counter()
+            if change:
+                step_weights(policy)
+                for k, v in policy.state_dict().items():
+                    shared[k].copy_(v)
+            conn.send_bytes(b"w" if change else b"c")
+            conn.recv()
+        return batches / (time.perf_counter() - t0)
+    finally:
+        conn.send_bytes(b"s")
+        ray.get(done, timeout=30)
+        ray.kill(actor)
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def stages(batches: int, change: bool, torchrl_env: bool) -> dict:
@@ -243,6 +317,7 @@ def run_small(rounds: int = 1, batches: int = BATCHES) -> None:
           "|---|---|---:|---:|---:|---:|")
     rows = (("raw", "raw gymnasium loop (the ceiling)", raw),
             ("bare", "raw loop in a 2nd process, a pipe per batch", bare_process),
+            ("bare_ray", "raw loop in a plain Ray actor, a socket per batch", bare_ray_actor),
             ("torchrl", "TorchRL Collector", torchrl), ("ours", "ours SyncDataCollector", ours))
     for change in (True, False):
         rates = {key: [] for key, _, _ in rows}

@@ -65,3 +65,31 @@ def test_raw_process_ceiling_times_every_frame_and_leaves_no_process():
             if p.pid not in before and p.is_running() and p.status() != psutil.STATUS_ZOMBIE
             and "resource_tracker" not in " ".join(p.cmdline())]  # (multiprocessing's, one per process)
     assert not left
+
+
+def test_bare_ray_actor_floor_serves_batches_and_leaves_nothing_behind():
+    """``--part small``'s floor for an env stepped in a Ray actor: it times real round trips,
+    then removes its actor and its shared-memory folder."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    try:
+        small = importlib.import_module("bench_small")
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        before = set(os.listdir(shm)) if shm else set()
+        t0 = time.perf_counter()
+        rate = small.bare_ray_actor(40, change=True)
+        took = time.perf_counter() - t0
+    finally:
+        sys.path.remove(os.path.join(ROOT, "scripts"))
+    assert 40 / took < rate < 100_000  # only the 40 timed batches count, and they ran
+    if shm:
+        assert set(os.listdir(shm)) - before == set()
+    from ray.util.state import list_actors
+
+    deadline = time.monotonic() + 20  # ray.kill returns before the state API sees it dead
+    while True:
+        alive = [a for a in list_actors(filters=[("class_name", "=", "_BareActor")])
+                 if a.state == "ALIVE"]
+        if not alive or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert alive == []
