@@ -63,7 +63,8 @@ class CollectorOptions(BaseModel):
         None, description="truncate episodes after this many steps and record step_count; "
                           "None, 0 or -1: no limit")
     init_random_frames: int = Field(
-        0, description="the first frames use uniformly random actions instead of the policy")
+        0, description="the first frames use uniformly random actions instead of the policy "
+                       "(None, 0 or -1: none)")
     reset_at_each_iter: StrictBool = Field(
         False, description="start fresh episodes in every env at the start of each batch")
     split_trajs: StrictBool = Field(
@@ -192,8 +193,8 @@ class CollectorOptions(BaseModel):
     @field_validator("max_restarts", "init_random_frames", mode="before")
     @classmethod
     def _non_negative_int(cls, v, info):
-        if info.field_name == "init_random_frames" and v is None:
-            return 0
+        if info.field_name == "init_random_frames" and (v is None or (type(v) is int and v == -1)):
+            return 0  # TorchRL: None and -1 mean none
         return _integer(info.field_name, v, 0)
 
     @field_validator("worker_nice", mode="before")

@@ -77,32 +77,40 @@ class DataCollectorBase(ControlMixin, BackgroundMixin, FiguresMixin):
             options = options.model_copy(update={"policy_device": lives_on})
         spec, kind = validate.build_spec(env_fns[0], options.create_env_kwargs,
                                          self._reference_policy, options.num_envs,
-                                         options.exploration_type)
+                                         options.exploration_type, options.max_frames_per_traj)
         for other in {id(f): f for f in env_fns[1:] if f is not env_fns[0]}.values():
             other_spec, _ = validate.build_spec(other, options.create_env_kwargs,
                                                 self._reference_policy, options.num_envs,
-                                                options.exploration_type)
+                                                options.exploration_type,
+                                                options.max_frames_per_traj)
             if other_spec != spec:
                 raise ValueError(f"{cls_name}: the env factories of the workers make different "
                                  f"envs (spaces {other_spec} vs {spec}); their batches could not "
                                  "be stacked. Give every worker the same kind of env.")
+        if spec.get("env_batch") and options.num_envs > 1:
+            raise ValueError(
+                f"{cls_name}: the env is batched already (batch_size [{spec['env_batch']}]) and "
+                f"num_envs={options.num_envs}; pass num_envs=1 with a batched env, or a factory "
+                "of a single env with num_envs.")
         options = self._native_vector(options, env_fns, spec, cls_name)
+        # envs per worker: num_envs, or a batched TorchRL env's batch size
+        self._width = options.num_envs * (spec.get("env_batch") or 1)
         steps, self.requested_frames_per_batch = self._batch_geometry(options)
         if self.requested_frames_per_batch != options.frames_per_batch:
             warnings.warn(
                 f"{cls_name}: frames_per_batch={options.frames_per_batch} is rounded up to "
-                f"{self.requested_frames_per_batch} (a multiple of num_envs"
+                f"{self.requested_frames_per_batch} (a multiple of the envs per worker"
                 f"{'' if self._async else ' x num_workers'}), as TorchRL does; "
                 "stats()['requested_frames_per_batch'] says so too.", stacklevel=3)
         capacity = getattr(options.replay_buffer, "capacity", None)
-        if isinstance(capacity, int) and capacity < steps * options.num_envs:
+        if isinstance(capacity, int) and capacity < steps * self._width:
             raise ValueError(
                 f"{cls_name}: the replay buffer holds {capacity} frames, less than one worker "
-                f"batch of {steps * options.num_envs}; raise its capacity or lower frames_per_batch.")
+                f"batch of {steps * self._width}; raise its capacity or lower frames_per_batch.")
         self.options = options
         self.frames_per_batch = self.requested_frames_per_batch
         self.total_frames = options.total_frames
-        self.num_envs = options.num_envs
+        self.num_envs = self._width
         self.num_workers = options.num_workers
         self.policy = policy
         self.policy_kind = kind
@@ -201,8 +209,8 @@ class DataCollectorBase(ControlMixin, BackgroundMixin, FiguresMixin):
         """Steps per worker batch, and the frames per yielded batch after rounding up."""
         workers = 1 if self._async else options.num_workers
         per_worker = math.ceil(options.frames_per_batch / workers)
-        steps = math.ceil(per_worker / options.num_envs)
-        return steps, steps * options.num_envs * workers
+        steps = math.ceil(per_worker / self._width)
+        return steps, steps * self._width * workers
 
     def _start_driver(self, create_env_fn, env_fns, policy, kind, spec, steps) -> None:
         from collectors.config import load_config  # late: config imports are optional weight
@@ -231,7 +239,8 @@ class DataCollectorBase(ControlMixin, BackgroundMixin, FiguresMixin):
             **near_caller(self.config.driver_options()))
         self._driver = driver_cls.remote(
             self.name, [self._plan_ref], options.for_workers(), actor_options,
-            steps_per_worker=steps, placement=self.config.placement_options())
+            steps_per_worker=steps, envs_per_worker=self._width,
+            placement=self.config.placement_options())
         self._finalizer = weakref.finalize(self, _kill_quietly, self._driver)
         startup = options.startup_timeout_s + (self.config.placement.timeout_s
                                                if self.config.placement.strategy else 0.0)

@@ -37,9 +37,10 @@ def _module_names(obj, seen: set) -> set[str]:
         for value in obj.values():
             names |= _module_names(value, seen)
         return names
-    for attr in ("create_env_fn", "env_fn"):  # TorchRL's EnvCreator and similar wrappers
-        inner = getattr(obj, attr, None) if not isinstance(obj, type) else None
-        if callable(inner) and inner is not obj:
+    for attr in ("create_env_fn", "env_fn"):  # TorchRL's EnvCreator, SerialEnv, ParallelEnv...
+        # (read from the instance: a batched env's __getattr__ recurses before it starts)
+        inner = None if isinstance(obj, type) else getattr(obj, "__dict__", {}).get(attr)
+        if isinstance(inner, (list, tuple)) or (callable(inner) and inner is not obj):
             names |= _module_names(inner, seen)
     modules = getattr(obj, "modules", None)
     if callable(modules) and hasattr(obj, "parameters"):  # an nn.Module: every submodule's class

@@ -10,7 +10,8 @@ from actors.stepping.env_worker import make_env_fn
 from actors.errors import EnvCreationError, PolicyOutputError
 from actors.stepping.policy_runner import ACTION_KEY, PolicyRunner, module_device, policy_kind
 from actors.stepping.spaces import leaf_spec, observation_spec
-from actors.stepping.td_rollout import is_torchrl_env
+from actors.stepping.td_policy import prepare_td_policy
+from actors.stepping.td_rollout import is_torchrl_env, with_step_counter
 
 ANY = object()  # every value changes nothing here
 # TorchRL 0.14.1 collector options that we know of but do not implement, with the values at
@@ -100,54 +101,67 @@ def make_probe_env(create_env_fn, create_env_kwargs):
 
 
 def torchrl_spec(env, policy, exploration_type: str) -> tuple[dict, str]:
-    """Check a TorchRL env and the policy on one reset: the policy must write ``"action"``."""
+    """Check a TorchRL env (single, or batched along one dimension) and the policy on one
+    reset: the policy must write every one of the env's action keys, shaped as its spec."""
     kind = policy_kind(policy)
-    if tuple(env.batch_size) != ():
+    shape = tuple(env.batch_size)
+    if len(shape) > 1:
         raise EnvCreationError(
-            f"the TorchRL env has batch_size {tuple(env.batch_size)}; give a factory of a single "
-            "env (batch_size []) and set num_envs=N, which steps a SerialEnv of N of them.")
+            f"the TorchRL env has batch_size {shape}; a collector steps a single env (batch_size "
+            "[]) or a batched env with one batch dimension (a SerialEnv, a ParallelEnv).")
     if kind != "random":
-        device = module_device(policy)
-        td = env.reset() if device is None else env.reset().to(device)
-        runner = PolicyRunner(policy, kind, (), 1, exploration_type)
         try:
-            with runner.context():
-                if kind == "module":
-                    obs = list(env.observation_spec.keys(True, True))
-                    if len(obs) != 1:
-                        raise PolicyOutputError(
-                            f"a plain nn.Module policy takes one observation, but the env has "
-                            f"{obs}; wrap it in a TensorDictModule naming its in_keys.")
-                    td.set("action", policy(td.get(obs[0])))
-                else:
-                    out = policy(td)
-                    td = td if out is None else out
+            td_policy = prepare_td_policy(policy, kind, env)
+            device = module_device(policy)
+            td = env.reset() if device is None else env.reset().to(device)
+            with PolicyRunner(policy, kind, (), 1, exploration_type).context():
+                out = td_policy(td)
+            td = td if out is None else out
         except PolicyOutputError:
             raise
-        except Exception as exc:
-            raise PolicyOutputError(f"the policy raised on the env's first observation: {exc!r}") from exc
-        action = td.get("action", None)
-        action = action if action is None or device is None else action.cpu()
+        except Exception as exc:  # the policy's own error, with what it was doing
+            exc.add_note(f"(raised by the policy on the env's first observation, while the "
+                         f"collector checked it; policy: {type(policy).__name__})")
+            raise
+        check_actions(env, td)
+    return {"torchrl": True, "obs": {}, "obs_is_dict": False, "outputs": {},
+            "env_batch": shape[0] if shape else 0}, kind
+
+
+def check_actions(env, td) -> None:
+    """Every action key of ``env`` is in ``td``, shaped as its spec. Dtypes and values are the
+    env's business (it casts, clips or projects them, as with TorchRL's collectors)."""
+    for key in env.action_keys:
+        action = td.get(key, None)
         if action is None:
-            raise PolicyOutputError(f"the policy's output has no 'action' entry (keys: "
-                                    f"{sorted(map(str, td.keys(True, True)))}).")
-        try:
-            env.action_spec.assert_is_in(action)
-        except AssertionError as exc:
-            raise PolicyOutputError(f"policy output 'action' does not fit the env's action spec "
-                                    f"{env.action_spec}: {exc}") from None
-    return {"torchrl": True, "obs": {}, "obs_is_dict": False, "outputs": {}}, kind
+            raise PolicyOutputError(
+                f"the policy's output has no {key!r} entry, one of the env's action keys "
+                f"{list(env.action_keys)} (keys written: {sorted(map(str, td.keys(True, True)))}). "
+                "Write the action where the env reads it (a TensorDictModule's out_keys).")
+        spec = env.full_action_spec[key]
+        if tuple(action.shape) != tuple(spec.shape):
+            hint = ""
+            if "OneHot" in type(spec).__name__:
+                hint = (" The env's actions are one-hot: return a one-hot vector (or build the "
+                        "env with categorical_action_encoding=True for indices).")
+            raise PolicyOutputError(
+                f"policy output {key!r} has shape {tuple(action.shape)}, but the env's action "
+                f"spec {type(spec).__name__} has shape {tuple(spec.shape)}.{hint}")
 
 
 def build_spec(create_env_fn, create_env_kwargs, policy, num_envs: int,
-               exploration_type: str = "random") -> tuple[dict, str]:
+               exploration_type: str = "random", max_frames_per_traj: int | None = None
+               ) -> tuple[dict, str]:
     """The worker storage spec and the policy kind, after running the policy once here."""
     env = make_probe_env(create_env_fn, create_env_kwargs)
     if is_torchrl_env(env):
         try:
+            if max_frames_per_traj:
+                env = with_step_counter(env, max_frames_per_traj)
             return torchrl_spec(env, policy, exploration_type)
         finally:
-            env.close()
+            if not env.is_closed:  # (a batched env that never started is closed already)
+                env.close()
     try:
         obs_space, act_space = env.observation_space, env.action_space
         obs = observation_spec(obs_space)

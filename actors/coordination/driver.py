@@ -37,7 +37,8 @@ class Driver:
     """
 
     def __init__(self, name: str, plan_ref: list, options, actor_options: dict, *,
-                 steps_per_worker: int, placement: dict | None = None):
+                 steps_per_worker: int, envs_per_worker: int | None = None,
+                 placement: dict | None = None):
         self.name = name
         self.plan_ref = plan_ref
         self.options = options
@@ -49,7 +50,7 @@ class Driver:
         self.info: list[dict] = []
         self.metrics = Metrics(name, "driver")
         self.pg = self._placement_group()
-        envs = options.num_envs
+        envs = envs_per_worker or options.num_envs  # (a batched TorchRL env's batch size)
         self.pool = WorkerPool(
             name, self.num_workers, spawn=self._spawn, kill=_kill, wait_ready=_wait_ready,
             budget=lambda: RestartBudget(options.max_restarts, options.restart_window_s,

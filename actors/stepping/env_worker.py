@@ -106,7 +106,8 @@ class EnvWorker:
         if options.init_fn is not None:
             options.init_fn()
         env_fn = make_env_fn(plan.env_fns[worker_index], options.create_env_kwargs)
-        ids = dict(slot_offset=worker_index * options.num_envs, id_stride=options.num_workers,
+        width = options.num_envs * (plan.spec.get("env_batch") or 1)  # envs stepped here
+        ids = dict(slot_offset=worker_index * width, id_stride=options.num_workers,
                    id_offset=worker_index, id_counter=id_counter)
         policy = self._policy(plan, options.policy_device)
         if plan.spec.get("torchrl"):

@@ -17,6 +17,7 @@ import traceback
 from actors.errors import EnvRestartsExhausted, EnvStepError, PolicyError
 from actors.options import CollectorOptions
 from actors.stepping.policy_runner import PolicyRunner
+from actors.stepping.td_policy import prepare_td_policy
 from actors.coordination.restarts import RestartBudget
 
 TRAJ_KEY = ("collector", "traj_ids")
@@ -27,6 +28,19 @@ def is_torchrl_env(env) -> bool:
     """True for a TorchRL ``EnvBase`` (checked without importing torchrl)."""
     return any(c.__name__ == "EnvBase" and c.__module__.startswith("torchrl")
                for c in type(env).__mro__)
+
+
+def with_step_counter(env, max_steps: int):
+    """``env`` in a ``StepCounter(max_steps)``; ``ValueError`` if it counts steps already."""
+    from torchrl.envs import StepCounter, TransformedEnv
+
+    if any("step_count" in ((k,) if isinstance(k, str) else k)
+           for k in env.output_spec.keys(True, True)):
+        raise ValueError(
+            f"max_frames_per_traj={max_steps}, but the env has a 'step_count' entry already (a "
+            "StepCounter transform): the two would disagree. Pass max_frames_per_traj=None, or "
+            "set the limit on the env's own StepCounter(max_steps=...).")
+    return TransformedEnv(env, StepCounter(max_steps=max_steps))
 
 
 class TensorDictRollout:
@@ -41,7 +55,8 @@ class TensorDictRollout:
         self.torch = torch
         self.options = options
         self.env_fn = env_fn
-        self.num_envs = options.num_envs
+        self.num_envs = options.num_envs  # envs stepped here (a batched env's batch size)
+        self.batched = False
         self.steps = int(steps)
         self.seed = options.seed
         self.static_seed = False
@@ -65,24 +80,31 @@ class TensorDictRollout:
         self.traj_ids = None  # [E]: the trajectory id of each env's ongoing episode
         self.returns = [0.0] * self.num_envs  # each env's return so far in that episode
         self._build()
-        self.policy = self._as_td_policy(policy, policy_kind)
+        self.policy = prepare_td_policy(policy, policy_kind, self.env)
         # the policy's other outputs, zero-filled while actions are random (as TorchRL), so
         # every batch has one key set
         self._zero_outputs = self._output_template() if options.init_random_frames > 0 else None
 
     # -- env ---------------------------------------------------------------------------------
     def _build(self, fresh_ids: bool = True) -> None:
-        if self.num_envs == 1:
+        if self.options.num_envs == 1:
             env = self.env_fn()
         else:
             from torchrl.envs import SerialEnv
 
-            env = SerialEnv(self.num_envs, self.env_fn)
-        if tuple(env.batch_size) not in ((), (self.num_envs,)) or (
-                self.num_envs == 1 and tuple(env.batch_size) != ()):
+            env = SerialEnv(self.options.num_envs, self.env_fn)
+        if self.options.max_frames_per_traj:  # as TorchRL: a StepCounter truncates episodes
+            env = with_step_counter(env, self.options.max_frames_per_traj)
+        shape = tuple(env.batch_size)
+        if len(shape) > 1 or (self.options.num_envs > 1 and shape != (self.options.num_envs,)):
+            if not env.is_closed:
+                env.close()
             raise EnvStepError(0, self.seed, "init", ValueError(
-                f"the TorchRL env has batch_size {tuple(env.batch_size)}; give a factory of a "
-                "single env (batch_size []) and set num_envs for several"))
+                f"the TorchRL env has batch_size {shape}; give a single env (batch_size []) or "
+                "a batched env with one batch dimension (a SerialEnv, a ParallelEnv), and "
+                "num_envs=1 with a batched env"))
+        self.batched = len(shape) == 1  # the env's own batch dimension is the env dimension
+        self.num_envs = shape[0] if shape else 1
         self.env = env
         seed = self._seed()
         if seed is not None:
@@ -123,19 +145,6 @@ class TensorDictRollout:
                  and isinstance(out.get(k), self.torch.Tensor)]
         return out.select(*added).apply(self.torch.zeros_like) if added else None
 
-    def _as_td_policy(self, policy, kind):
-        """A plain ``nn.Module`` reads the observation and writes the action, as TorchRL's
-        ``Collector`` wraps it; a TensorDict policy is used as it is."""
-        if kind != "module":
-            return policy
-        from tensordict.nn import TensorDictModule
-
-        obs_keys = [k for k in self.env.observation_spec.keys(True, True)]
-        if len(obs_keys) != 1:
-            raise PolicyError(f"a plain nn.Module policy takes one observation, but the env has "
-                              f"{obs_keys}; wrap it in a TensorDictModule naming its in_keys.")
-        return TensorDictModule(policy, in_keys=obs_keys, out_keys=["action"])
-
     def set_seed(self, seed, static_seed: bool = False) -> None:
         self.seed, self.static_seed = seed, bool(static_seed)
         if seed is not None:
@@ -146,7 +155,7 @@ class TensorDictRollout:
 
     def reset(self, env_indices=None) -> None:
         """Fresh episodes (and trajectory ids) in every env, or in those of ``env_indices``."""
-        if env_indices is None or self.num_envs == 1:
+        if env_indices is None or not self.batched:
             self._reset_all()
             return
         mask = self.torch.zeros(self.num_envs, dtype=self.torch.bool)
@@ -250,6 +259,18 @@ class TensorDictRollout:
             self.traj_ids[e] = current
         return ids
 
+    def _episode_signals(self, batch):
+        """``[E, T]`` done flags and rewards: the env's root ``done`` and ``reward`` keys, or
+        its first ones (nested, e.g. per agent: any agent done ends the frame's episode, and
+        the rewards are summed)."""
+        env = self.env
+        done_key = "done" if "done" in env.done_keys else env.done_keys[0]
+        reward_key = "reward" if "reward" in env.reward_keys else env.reward_keys[0]
+        shape = tuple(batch.batch_size)
+        done = batch.get(("next", *((done_key,) if isinstance(done_key, str) else done_key)))
+        reward = batch.get(("next", *((reward_key,) if isinstance(reward_key, str) else reward_key)))
+        return done.reshape(*shape, -1).any(-1), reward.reshape(*shape, -1).sum(-1)
+
     def _arrays(self, frames: list) -> dict:
         """Time-stacked frames as ``{key: ndarray[E, T, ...]}``; a preempted batch is padded with
         zeros and traj id -1, as the gymnasium loop does."""
@@ -261,14 +282,14 @@ class TensorDictRollout:
         if valid < self.steps:
             frames = frames + [frames[-1].clone().zero_()] * (self.steps - valid)
         batch = torch.stack(frames, dim=-1)
-        if self.num_envs == 1:
+        if not self.batched:
             batch = batch.unsqueeze(0)
         private = [k for k in batch.keys() if isinstance(k, str) and k.startswith("_")]
         if private:
             batch = batch.exclude(*private)
         ids = torch.full(batch.batch_size, -1, dtype=torch.int64)  # -1: never filled
-        ids[:, :valid] = self._stamp(batch.get(("next", "done"))[:, :valid],
-                                     batch.get(("next", "reward"))[:, :valid])
+        done, reward = self._episode_signals(batch)
+        ids[:, :valid] = self._stamp(done[:, :valid], reward[:, :valid])
         batch.set(TRAJ_KEY, ids)
         batch.set(VERSION_KEY, torch.full(batch.batch_size, self.policy_version, dtype=torch.int64))
         return {key: value.detach().cpu().numpy()
@@ -291,7 +312,9 @@ class TensorDictRollout:
                 f"error:\n{err.tb}") from exc
         if frames:  # the cut: the last stored frame ends every env's episode (new ids follow)
             for key in (("next", "truncated"), ("next", "done")):
-                frames[-1].get(key).fill_(True)
+                flag = frames[-1].get(key, None)
+                if flag is not None:
+                    flag.fill_(True)
         if wait:
             time.sleep(wait)
         try:

@@ -1,0 +1,194 @@
+"""What a TorchRL user passes to TorchRL's collectors works on ours with only the import changed:
+batched envs, lenient action checks, nested and multi-key envs, plain modules wrapped as TorchRL
+wraps them, the policy's own exceptions, a spec-less RandomPolicy, StepCounter conflicts."""
+import functools
+
+import pytest
+import torch
+from torch import nn
+
+torchrl = pytest.importorskip("torchrl", reason="install the torchrl extra")
+
+from tensordict.nn import TensorDictModule  # noqa: E402
+from torchrl.collectors import Collector as TorchRLCollector  # noqa: E402
+from torchrl.envs import GymEnv, SerialEnv, StepCounter, TransformedEnv  # noqa: E402
+from torchrl.modules import RandomPolicy  # noqa: E402
+from torchrl.testing.mocking_classes import (ContinuousActionVecMockEnv, CountingEnv,  # noqa: E402
+                                             CountingEnvCountPolicy, DiscreteActionVecMockEnv,
+                                             DiscreteActionVecPolicy, MultiKeyCountingEnv,
+                                             MultiKeyCountingEnvPolicy, NestedCountingEnv)
+
+from collectors import (EnvCreationError, MultiSyncDataCollector, PolicyOutputError,  # noqa: E402
+                        SyncDataCollector)
+
+
+def batches(collector, n=2):
+    out = []
+    try:
+        for batch in collector:
+            out.append(batch)
+            if len(out) == n:
+                break
+    finally:
+        collector.shutdown()
+    return out
+
+
+def counting(batch_size=()):
+    return CountingEnv(max_steps=3, batch_size=batch_size)
+
+
+def count_policy(env):
+    return CountingEnvCountPolicy(env.full_action_spec[env.action_key], env.action_key)
+
+
+# -- batched envs ----------------------------------------------------------------------------
+def serial_counting():
+    return SerialEnv(3, counting)
+
+
+@pytest.mark.parametrize("make", [serial_counting, functools.partial(counting, (3,))],
+                         ids=["SerialEnv", "batch_size"])
+def test_batched_env_gives_env_by_time_batches_like_torchrl(make):
+    env = make()
+    policy = count_policy(env)
+    with pytest.warns(UserWarning, match="rounded up to 12"):
+        ours = SyncDataCollector(make, policy, frames_per_batch=10, total_frames=24)
+    assert ours.requested_frames_per_batch == 12
+    got = batches(ours)
+    theirs = TorchRLCollector(make, policy, frames_per_batch=12, total_frames=24)
+    want = list(theirs)
+    theirs.shutdown()
+    for b, w in zip(got, want):
+        assert b.batch_size == w.batch_size == (3, 4) and b.names == [None, "time"]
+        assert torch.equal(b["observation"], w["observation"])
+        assert torch.equal(b["next", "done"], w["next", "done"])
+    # counting to 4 (done once the count passes max_steps=3): a new trajectory every 4 frames
+    ids = torch.cat([b["collector", "traj_ids"] for b in got], dim=1)
+    assert ids[:, :4].tolist() == [[0] * 4, [1] * 4, [2] * 4]
+    assert len(set(ids[:, 4:].flatten().tolist())) == 3 and ids[:, 4:].min() > 2
+
+
+def test_batched_env_instance_and_multi_collector_stack_workers():
+    env = SerialEnv(2, counting)
+    got = batches(MultiSyncDataCollector([env, env], count_policy(env),
+                                         frames_per_batch=16, total_frames=32), 1)
+    assert got[0].batch_size == (2, 2, 4)
+    ids = got[0]["collector", "traj_ids"][:, :, 0].flatten().tolist()
+    assert len(set(ids)) == 4  # four envs, four trajectories
+
+
+def test_batched_env_with_num_envs_or_two_batch_dims_is_refused():
+    with pytest.raises(ValueError, match="num_envs=1 with a batched env"):
+        SyncDataCollector(serial_counting, None, frames_per_batch=12, num_envs=2)
+    with pytest.raises(EnvCreationError, match=r"batch_size \(2, 3\)"):
+        SyncDataCollector(functools.partial(counting, (2, 3)), None, frames_per_batch=12)
+
+
+# -- the action check ------------------------------------------------------------------------
+def test_actions_the_env_accepts_are_accepted():
+    # a bool one-hot spec given int64 one-hot actions (TorchRL's own mock policy)
+    batches(SyncDataCollector(DiscreteActionVecMockEnv, DiscreteActionVecPolicy(),
+                              frames_per_batch=8, total_frames=8), 1)
+    # bounded continuous actions out of the bounds: the env's business, as on TorchRL
+    env = ContinuousActionVecMockEnv()
+    linear = nn.Linear(env.observation_spec["observation"].shape[-1], env.action_spec.shape[-1])
+    with torch.no_grad():
+        linear.bias.fill_(100.0)
+    got = batches(SyncDataCollector(ContinuousActionVecMockEnv, TensorDictModule(
+        linear, in_keys=["observation"], out_keys=["action"]), frames_per_batch=8,
+        total_frames=8), 1)
+    assert (got[0]["action"] > 1).any()
+
+
+def test_an_index_action_on_a_one_hot_env_is_refused_with_the_fix():
+    index_policy = TensorDictModule(lambda obs: torch.zeros(obs.shape[:-1], dtype=torch.int64),
+                                    in_keys=["observation"], out_keys=["action"])
+    with pytest.raises(PolicyOutputError, match="one-hot.*categorical_action_encoding"):
+        SyncDataCollector(lambda: GymEnv("CartPole-v1"), index_policy, frames_per_batch=8)
+
+
+# -- nested and multi-key envs ---------------------------------------------------------------
+def test_nested_action_reward_and_done_keys():
+    make = functools.partial(NestedCountingEnv, max_steps=3, nest_obs_action=True,
+                             nest_done=True, nest_reward=True)
+    env = make()
+    assert env.action_key != "action" and "done" not in env.done_keys
+    got = batches(SyncDataCollector(make, count_policy(env), frames_per_batch=8, total_frames=16))
+    ids = torch.cat([b["collector", "traj_ids"] for b in got]).tolist()
+    assert ids == [0] * 4 + [1] * 4 + [2] * 4 + [3] * 4  # any nested done ends the trajectory
+
+
+def test_several_action_keys():
+    env = MultiKeyCountingEnv(max_steps=3)
+    policy = MultiKeyCountingEnvPolicy(full_action_spec=env.full_action_spec)
+    got = batches(SyncDataCollector(functools.partial(MultiKeyCountingEnv, max_steps=3), policy,
+                                    frames_per_batch=8, total_frames=8), 1)
+    for key in env.action_keys:
+        assert key in got[0].keys(True, True)
+
+
+# -- plain modules, wrapped as TorchRL wraps them --------------------------------------------
+class SeveralOutputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.LazyLinear(7)
+
+    def forward(self, observation):
+        out = self.linear(observation)
+        return out, out.sum(-1), out.max(-1).values
+
+
+class WrongArgs(nn.Module):
+    def forward(self, observation, other_stuff):
+        return observation
+
+
+def test_module_arguments_name_observations_and_extra_outputs_are_kept():
+    got = batches(SyncDataCollector(ContinuousActionVecMockEnv, SeveralOutputs(),
+                                    frames_per_batch=8, total_frames=8), 1)
+    assert {"action", "output1", "output2"} <= set(got[0].keys())
+    assert torch.allclose(got[0]["output1"], got[0]["action"].sum(-1))
+
+
+def test_module_whose_arguments_are_not_observations_is_refused_naming_them():
+    with pytest.raises(PolicyOutputError, match=r"\['observation', 'other_stuff'\]"):
+        SyncDataCollector(ContinuousActionVecMockEnv, WrongArgs(), frames_per_batch=8)
+
+
+class Raises(nn.Module):
+    def forward(self, observation):
+        raise TypeError("this policy is broken")
+
+
+def test_the_policys_own_exception_reaches_the_user_unchanged():
+    with pytest.raises(TypeError, match="this policy is broken") as info:
+        SyncDataCollector(ContinuousActionVecMockEnv, Raises(), frames_per_batch=8)
+    assert any("first observation" in note for note in info.value.__notes__)
+
+
+def test_random_policy_without_spec_takes_the_envs():
+    policy = RandomPolicy()
+    got = batches(SyncDataCollector(ContinuousActionVecMockEnv, policy, frames_per_batch=8,
+                                    total_frames=8), 1)
+    assert got[0]["action"].std() > 0
+
+
+# -- small differences -----------------------------------------------------------------------
+def test_init_random_frames_minus_one_means_none():
+    c = SyncDataCollector(counting, count_policy(counting()), frames_per_batch=4,
+                          total_frames=4, init_random_frames=-1)
+    assert c.init_random_frames == 0
+    got = batches(c, 1)
+    assert (got[0]["action"] == 1).all()  # the policy's actions, not random ones
+
+
+def test_max_frames_per_traj_on_a_torchrl_env():
+    got = batches(SyncDataCollector(functools.partial(CountingEnv, max_steps=100),
+                                    CountingEnvCountPolicy(CountingEnv().action_spec),
+                                    frames_per_batch=6, total_frames=6, max_frames_per_traj=2), 1)
+    assert got[0]["step_count"].flatten().tolist() == [0, 1, 0, 1, 0, 1]
+    assert got[0]["next", "truncated"].flatten().tolist() == [False, True] * 3
+    with pytest.raises(ValueError, match="step_count"):
+        SyncDataCollector(lambda: TransformedEnv(CountingEnv(), StepCounter()), None,
+                          frames_per_batch=4, max_frames_per_traj=5)
