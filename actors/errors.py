@@ -17,15 +17,31 @@ class CollectorError(RayCollectorsError, RuntimeError):
     """Collection cannot go on: a worker kept failing, or user code (the policy) raised.
 
     ``worker`` is the failing worker's index (or ``None``); the message carries the count and
-    the last error with its traceback.
+    the last error with its traceback. ``original``: the policy's own exception when it raised
+    inside a worker (the collector re-raises that one, with this error as its context).
     """
 
-    def __init__(self, message: str, worker: int | None = None):
+    def __init__(self, message: str, worker: int | None = None,
+                 original: BaseException | None = None):
         super().__init__(message)
         self.worker = worker
+        self.original = original
 
     def __reduce__(self):
-        return (type(self), (self.args[0], self.worker))
+        return (type(self), (self.args[0], self.worker, _picklable(self.original)))
+
+
+def _picklable(exc: BaseException | None) -> BaseException | None:
+    """``exc`` if it survives pickling (Ray sends errors between processes), else ``None``."""
+    if exc is None:
+        return None
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:  # noqa: BLE001 - an exception holding unpicklable state
+        return None
+    return exc
 
 
 class StartupTimeout(CollectorError, TimeoutError):
@@ -49,7 +65,19 @@ class FatalWorkerError(RayCollectorsError):
 
 
 class PolicyError(FatalWorkerError, RuntimeError):
-    """The user's policy raised inside the worker: a bug to report, not a crash to retry."""
+    """The user's policy raised inside the worker: a bug to report, not a crash to retry.
+    Raised ``from`` the policy's exception, which travels with it (``original``)."""
+
+    def __init__(self, message: str, original: BaseException | None = None):
+        super().__init__(message)
+        self._original = original
+
+    @property
+    def original(self) -> BaseException | None:
+        return self._original if self._original is not None else self.__cause__
+
+    def __reduce__(self):
+        return (type(self), (self.args[0], _picklable(self.original)))
 
 
 class PolicyOutputError(FatalWorkerError, ValueError):

@@ -167,7 +167,8 @@ class LocalRoute:
                 try:
                     results[i] = self.clients[i][1].receive()
                 except WorkerFailed as exc:
-                    self._failed(i, exc.kind, type(exc.cause).__name__ if exc.cause else "", exc.text)
+                    self._failed(i, exc.kind, type(exc.cause).__name__ if exc.cause else "",
+                                 exc.text, exc.cause)
                     self._ask(i, random_actions, pending)
                 except (EOFError, OSError) as exc:
                     self._failed(i, "died", "", repr(exc))
@@ -196,19 +197,19 @@ class LocalRoute:
             return
         raise CollectorError(f"worker {i} of {self.name!r} could not be asked for a batch.", worker=i)
 
-    def _failed(self, i: int, kind: str, cause: str, message: str) -> None:
+    def _failed(self, i: int, kind: str, cause: str, message: str, error=None) -> None:
         handle, client = self.clients.pop(i)
         client.close(stop=False)
-        self._report(i, handle, kind, cause, message)
+        self._report(i, handle, kind, cause, message, error)
         self._attach([i])
 
-    def _report(self, i: int, handle, kind: str, cause: str, message: str) -> None:
+    def _report(self, i: int, handle, kind: str, cause: str, message: str, error=None) -> None:
         """The driver counts the batch dropped and replaces worker ``i`` (or raises)."""
         try:  # it hears of the batches before this one first
             self.settled()
         except Exception:  # noqa: BLE001 - a dead driver: direct_failed below says so
             pass
-        driver_get(self.driver.direct_failed.remote(i, handle, kind, cause, message))
+        driver_get(self.driver.direct_failed.remote(i, handle, kind, cause, message, error))
 
     # -- the ledger --------------------------------------------------------------------------
     def _settle_in_bulk(self) -> None:

@@ -106,6 +106,11 @@ def driver_get(ref, timeout=None):
         return ray.get(ref, timeout=timeout)
     except RayTaskError as exc:
         cause = unwrap(exc)
+        original = getattr(cause, "original", None)
+        if isinstance(cause, CollectorError) and original is not None:
+            # the policy's own exception, as TorchRL raises it; what happened is in its note
+            original.add_note(f"(raised by the policy in an env actor: {cause.args[0]})"[:4000])
+            raise original from cause
         if isinstance(cause, RayCollectorsError):
             raise cause from None
         raise

@@ -192,3 +192,20 @@ def test_max_frames_per_traj_on_a_torchrl_env():
     with pytest.raises(ValueError, match="step_count"):
         SyncDataCollector(lambda: TransformedEnv(CountingEnv(), StepCounter()), None,
                           frames_per_batch=4, max_frames_per_traj=5)
+
+
+def _count_until_two(observation):
+    if (observation >= 2).any():
+        raise KeyError("no such entry")
+    return torch.ones_like(observation, dtype=torch.bool)
+
+
+@pytest.mark.parametrize("shared_memory", [None, False])
+def test_the_policys_exception_in_an_env_actor_is_raised_as_itself(shared_memory):
+    policy = TensorDictModule(_count_until_two, in_keys=["observation"], out_keys=["action"])
+    c = SyncDataCollector(counting, policy, frames_per_batch=4, shared_memory=shared_memory)
+    with pytest.raises(KeyError, match="no such entry") as info:
+        c.next()
+    assert type(info.value).__name__ == "KeyError"
+    assert "PolicyError" in str(info.value.__cause__)  # ours, with the worker's traceback
+    c.shutdown()

@@ -115,7 +115,7 @@ class Collection:
         except RayTaskError as exc:
             cause = unwrap(exc)
             kind = "fatal" if isinstance(cause, FatalWorkerError) else "error"
-            self.failed(i, handle, kind, type(cause).__name__, str(exc))
+            self.failed(i, handle, kind, type(cause).__name__, str(exc), error=cause)
             return None
         self.settle(i, meta)
         return [batch_ref], meta
@@ -130,7 +130,8 @@ class Collection:
         took = meta.get("collect_time", 0.0)
         self.slowest[i] = took if self.slowest[i] is None else max(self.slowest[i], took)
 
-    def failed(self, i: int, handle, kind: str, cause: str, message: str) -> None:
+    def failed(self, i: int, handle, kind: str, cause: str, message: str,
+               error: BaseException | None = None) -> None:
         """Worker ``i``'s batch failed: ``kind`` is ``"died"``, ``"timeout"``, ``"error"`` (an
         exception named ``cause``) or ``"fatal"`` (a ``FatalWorkerError``). Its frames are
         counted dropped and the worker replaced, or ``CollectorError`` is raised for a fatal
@@ -144,7 +145,7 @@ class Collection:
             self.pool.mark_dead(i)
             raise CollectorError(
                 f"worker {i} of {self.pool.name!r} failed with {cause} (not retried):\n"
-                f"{message}", worker=i) from None
+                f"{message}", worker=i, original=getattr(error, "original", None)) from None
         else:
             self.ledger.drop(i, "error", self.frames_per_worker_batch)
             self.pool.replace(i, "error", message, handle=handle)

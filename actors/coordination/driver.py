@@ -169,12 +169,13 @@ class Driver:
         self.board = spec
         self._call_all(self.pool.alive(), "attach_board", spec)
 
-    def direct_failed(self, i: int, handle, kind: str, cause: str, message: str) -> None:
+    def direct_failed(self, i: int, handle, kind: str, cause: str, message: str,
+                      error: BaseException | None = None) -> None:
         """Such a batch failed (see ``Collection.failed``); nothing to do if ``handle`` (equal
         by actor id) is no longer worker ``i``."""
         current = self.pool.handle(i)
         if current is not None and current == handle:
-            self.collection.failed(i, current, kind, cause, message)
+            self.collection.failed(i, current, kind, cause, message, error=error)
 
     def lost(self, metas: list) -> None:
         """The consumer could not fetch these batches (their worker died): undeliver them."""
