@@ -70,6 +70,17 @@ class CollectorOptions(BaseModel):
     split_trajs: StrictBool = Field(
         False, description="yield [n_traj, max_len] batches padded with zeros, with "
                            "('collector', 'mask')")
+    trajs_per_batch: Optional[int] = Field(
+        None, description="yield batches of this many complete trajectories instead of frame "
+                          "batches (TorchRL's option); with a replay buffer in this process each "
+                          "complete trajectory is written flat and unfinished ones are held back")
+    traj_format: Optional[Literal["padded", "cat"]] = Field(
+        None, description="with trajs_per_batch: 'padded' gives [N, max_len] zero-padded, with "
+                          "('collector', 'mask'); 'cat' puts them end to end, [sum T_i]; None "
+                          "is 'padded' (with TorchRL's FutureWarning)")
+    trajs_per_write: Optional[int] = Field(
+        None, description="with trajs_per_batch and a replay buffer: complete trajectories per "
+                          "extend() call (None: all that are ready)")
     postproc: Optional[Callable] = Field(None, description="called on each batch before it is "
                                                            "yielded (trainer side)")
     seed: Optional[int] = Field(None, description="env i of the run is seeded seed + i; the "
@@ -189,6 +200,11 @@ class CollectorOptions(BaseModel):
     @classmethod
     def _positive_int(cls, v, info):
         return _integer(info.field_name, v, 1)
+
+    @field_validator("trajs_per_batch", "trajs_per_write", mode="before")
+    @classmethod
+    def _optional_positive(cls, v, info):
+        return None if v is None else _integer(info.field_name, v, 1)
 
     @field_validator("max_restarts", "init_random_frames", mode="before")
     @classmethod

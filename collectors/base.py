@@ -30,6 +30,7 @@ from collectors.runtime import driver_get as _ray_get
 from collectors.runtime import ensure_ray, kill_quietly as _kill_quietly, near_caller
 from collectors.runtime import wait_dead as _wait_dead
 from collectors.shipping import ship_by_value
+from collectors.trajectories import Trajectories, check_trajectory_options
 from collectors.weight_sync import WeightWatcher
 
 
@@ -121,6 +122,9 @@ class DataCollectorBase(ControlMixin, BackgroundMixin, FiguresMixin):
         self.name = options.name or f"{cls_name}-{uuid.uuid4().hex[:6]}"
         self.policy_version = 0
         self._masked = options.check_finite == "drop_episode"  # dropped episodes leave masked frames
+        self._trajs = Trajectories() if options.trajs_per_batch else None  # trajs_per_batch
+        self._traj_format = options.traj_format or "padded"
+        self._next_iter = None  # next() with trajs_per_batch: steps one iteration
         self._frames = 0
         self._iter = 0
         self._t_start = None
@@ -177,6 +181,7 @@ class DataCollectorBase(ControlMixin, BackgroundMixin, FiguresMixin):
         if options.num_workers > 1 and not self._multi:
             raise TypeError(f"{cls_name} has one env actor; got num_workers="
                             f"{options.num_workers}. Use a multi collector for several.")
+        check_trajectory_options(options, cls_name)
         problem = batch_problem(options, self._async, cls_name)
         if options.shared_memory and problem:
             raise ValueError(f"{cls_name}: shared_memory=True, but {problem}. Pass "
@@ -278,14 +283,25 @@ class DataCollectorBase(ControlMixin, BackgroundMixin, FiguresMixin):
         try:
             while self.total_frames < 0 or self._frames < self.total_frames:
                 out = self._collect_one()
-                yield out
+                if self._trajs is None or out is None:
+                    yield out
+                    continue
+                self._trajs.ingest(out)  # whole trajectories (trajs_per_batch)
+                if self.options.reset_at_each_iter:  # their episodes never finish
+                    self._trajs.clear(partial_only=True)
+                while len(self._trajs.complete) >= self.options.trajs_per_batch:
+                    yield self._trajs.emit(self.options.trajs_per_batch, self._traj_format)
         except (Exception, KeyboardInterrupt):
             self.shutdown(raise_on_error=False)
             raise
 
     def next(self):
-        """One batch (TorchRL's ``collector.next()``)."""
-        return self._collect_one()
+        """One batch (TorchRL's ``collector.next()``); ``None`` once ``total_frames`` are in."""
+        if self._trajs is None:
+            return self._collect_one()
+        if self._next_iter is None:  # trajectories: batches come from the iteration
+            self._next_iter = iter(self)
+        return next(self._next_iter, None)
 
     def rollout(self):
         """Collect and return one batch (counted like an iteration step)."""
@@ -336,10 +352,17 @@ class DataCollectorBase(ControlMixin, BackgroundMixin, FiguresMixin):
         if self.options.post_collect_hook is not None:
             self.options.post_collect_hook(batch)
         if self.replay_buffer is not None:  # a local buffer (e.g. TorchRL's): extend it here
-            if self._filler is not None:
-                self._filler.extend(batch.reshape(-1))
-            else:
-                self.replay_buffer.extend(batch.reshape(-1))
+            write = self._filler.extend if self._filler is not None else self.replay_buffer.extend
+            if self._trajs is None:
+                write(batch.reshape(-1))
+                return None
+            self._trajs.ingest(batch)  # complete trajectories only, each flat
+            if self.options.reset_at_each_iter:
+                self._trajs.clear(partial_only=True)
+            per_write = self.options.trajs_per_write
+            while self._trajs.complete:
+                trajs = self._trajs.take(per_write)
+                write(torch.cat(trajs, 0) if len(trajs) > 1 else trajs[0])
             return None
         return batch
 

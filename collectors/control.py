@@ -41,6 +41,8 @@ class ControlMixin:
         mask = reset_idx if reset_idx is not None else index
         if mask is None:
             _ray_get(self._driver.broadcast.remote("reset"), timeout=CONTROL_TIMEOUT_S)
+            if getattr(self, "_trajs", None) is not None:  # their episodes end unfinished
+                self._trajs.clear()
             return
         flags = [bool(x) for x in (mask.tolist() if hasattr(mask, "tolist") else mask)]
         if self._multi:

@@ -24,8 +24,7 @@ NO_OP_VALUES = {
     "cudagraph_policy": (None, False), "no_cuda_sync": ANY,
     "weight_updater": (None,), "weight_sync_schemes": (None,), "weight_recv_schemes": (None,),
     "track_policy_version": ANY,  # ("collector", "policy_version") is always recorded
-    "worker_idx": (None,), "trajs_per_batch": (None,), "trajs_per_write": (None,),
-    "traj_format": (None,), "auto_register_policy_transforms": (None, False),
+    "worker_idx": (None,), "auto_register_policy_transforms": (None, False),
     "num_threads": (None,), "num_sub_threads": (1,),
     "mp_start_method": (None,), "collector_class": (None,), "local_init_rb": (None, False),
 }
