@@ -131,6 +131,14 @@ class CollectorOptions(BaseModel):
     track_traj_ids: StrictBool = Field(
         True, description="record ('collector', 'traj_ids'); False leaves the key out of the "
                           "yielded batches (TorchRL's option)")
+    return_same_td: StrictBool = Field(
+        False, description="TorchRL's option: every batch is written into the TensorDict the "
+                           "previous one was (same object, same storage); keep a batch across "
+                           "iterations only as a clone()")
+    num_threads: Optional[int] = Field(
+        None, description="torch threads of this (the trainer's) process, set at construction "
+                          "as TorchRL's multi collectors do; None leaves them")
+    num_sub_threads: int = Field(1, description="torch threads in each env actor")
     policy_factory: Optional[Callable] = Field(
         None, description="a zero-argument callable building the policy inside each env actor "
                           "(for policies that cannot be pickled); instead of policy")
@@ -196,12 +204,13 @@ class CollectorOptions(BaseModel):
                                          "ahead of the consumer")
 
     # -- checks ------------------------------------------------------------------------------
-    @field_validator("frames_per_batch", "num_envs", "num_workers", "prefetch", mode="before")
+    @field_validator("frames_per_batch", "num_envs", "num_workers", "prefetch",
+                     "num_sub_threads", mode="before")
     @classmethod
     def _positive_int(cls, v, info):
         return _integer(info.field_name, v, 1)
 
-    @field_validator("trajs_per_batch", "trajs_per_write", mode="before")
+    @field_validator("trajs_per_batch", "trajs_per_write", "num_threads", mode="before")
     @classmethod
     def _optional_positive(cls, v, info):
         return None if v is None else _integer(info.field_name, v, 1)

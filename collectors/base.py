@@ -26,6 +26,7 @@ from collectors.control import CONTROL_TIMEOUT_S, ControlMixin
 from collectors.local_route import LocalRoute, batch_problem
 from collectors.resources import check_feasible, on_cpu, worker_gpus
 from collectors.figures import FiguresMixin
+from collectors.iteration import IterationMixin
 from collectors.runtime import driver_get as _ray_get
 from collectors.runtime import ensure_ray, kill_quietly as _kill_quietly, near_caller
 from collectors.runtime import wait_dead as _wait_dead
@@ -36,7 +37,7 @@ from collectors.weight_sync import WeightWatcher
 
 
 
-class DataCollectorBase(ControlMixin, BackgroundMixin, FiguresMixin):
+class DataCollectorBase(IterationMixin, ControlMixin, BackgroundMixin, FiguresMixin):
     """Collects TorchRL-layout TensorDict batches from env actors coordinated by a driver actor.
 
     Subclasses choose the number of workers, the layout (``single``, ``stack``, ``cat``) and
@@ -122,6 +123,9 @@ class DataCollectorBase(ControlMixin, BackgroundMixin, FiguresMixin):
         self.name = options.name or f"{cls_name}-{uuid.uuid4().hex[:6]}"
         self.policy_version = 0
         self._masked = options.check_finite == "drop_episode"  # dropped episodes leave masked frames
+        self._same_td = None  # return_same_td: the batch every later one is written into
+        if options.num_threads is not None:  # (this process: TorchRL's multi collectors do it)
+            torch.set_num_threads(options.num_threads)
         self._trajs = Trajectories() if options.trajs_per_batch else None  # trajs_per_batch
         self._traj_format = options.traj_format or "padded"
         self._next_iter = None  # next() with trajs_per_batch: steps one iteration
@@ -272,41 +276,7 @@ class DataCollectorBase(ControlMixin, BackgroundMixin, FiguresMixin):
                 _ray_get(self._driver.lost.remote([m for _, m in results]), timeout=CONTROL_TIMEOUT_S)
         raise CollectorError("three batches in a row were lost with their env workers.")
 
-    # -- iteration ---------------------------------------------------------------------------
-    def __len__(self) -> int:
-        if self.total_frames < 0:
-            raise RuntimeError("this collector is endless (total_frames=-1): it has no length.")
-        return math.ceil(self.total_frames / self.frames_per_batch)
-
-    def __iter__(self):
-        self._check_open()
-        try:
-            while self.total_frames < 0 or self._frames < self.total_frames:
-                out = self._collect_one()
-                if self._trajs is None or out is None:
-                    yield out
-                    continue
-                self._trajs.ingest(out)  # whole trajectories (trajs_per_batch)
-                if self.options.reset_at_each_iter:  # their episodes never finish
-                    self._trajs.clear(partial_only=True)
-                while len(self._trajs.complete) >= self.options.trajs_per_batch:
-                    yield self._trajs.emit(self.options.trajs_per_batch, self._traj_format)
-        except (Exception, KeyboardInterrupt):
-            self.shutdown(raise_on_error=False)
-            raise
-
-    def next(self):
-        """One batch (TorchRL's ``collector.next()``); ``None`` once ``total_frames`` are in."""
-        if self._trajs is None:
-            return self._collect_one()
-        if self._next_iter is None:  # trajectories: batches come from the iteration
-            self._next_iter = iter(self)
-        return next(self._next_iter, None)
-
-    def rollout(self):
-        """Collect and return one batch (counted like an iteration step)."""
-        return self._collect_one()
-
+    # -- iteration (the loop itself: collectors.iteration) ------------------------------------
     def _random_now(self) -> bool:
         return self._frames < self.init_random_frames
 
@@ -364,6 +334,8 @@ class DataCollectorBase(ControlMixin, BackgroundMixin, FiguresMixin):
                 trajs = self._trajs.take(per_write)
                 write(torch.cat(trajs, 0) if len(trajs) > 1 else trajs[0])
             return None
+        if self.options.return_same_td:
+            return self._into_same_td(batch)
         return batch
 
     # -- lifecycle ---------------------------------------------------------------------------

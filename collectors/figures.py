@@ -9,17 +9,32 @@ import ray
 class FiguresMixin:
     """``DataCollectorBase.stats()``: the trainer's counts plus the driver's."""
 
-    def stats(self) -> dict:
-        """Plain-dict figures; still answers after ``shutdown()``."""
+    def stats(self, workers: str = "aggregate") -> dict:
+        """Plain-dict figures; still answers after ``shutdown()``.
+
+        ``workers`` (TorchRL's): ``"aggregate"`` (the collector's figures), ``"per_worker"``
+        (``"worker_<i>/<figure>"`` for each env actor, with ``workers`` and ``workers_alive``) or
+        ``"both"``.
+        """
+        if workers not in ("aggregate", "per_worker", "both"):
+            raise ValueError(f"workers must be 'aggregate', 'per_worker' or 'both'; got {workers!r}.")
         if self._closed:
-            return dict(self._final_stats or self._local_stats({}))
-        try:
-            if self._route is not None:  # (None only while construction fails)
-                self._route.settled()
-            driver = ray.get(self._driver.stats.remote(), timeout=10)
-        except Exception:  # noqa: BLE001 - stats never raise
-            driver = {}
-        return self._local_stats(driver)
+            out = dict(self._final_stats or self._local_stats({}))
+        else:
+            try:
+                if self._route is not None:  # (None only while construction fails)
+                    self._route.settled()
+                driver = ray.get(self._driver.stats.remote(), timeout=10)
+            except Exception:  # noqa: BLE001 - stats never raise
+                driver = {}
+            out = self._local_stats(driver)
+        if workers == "aggregate":
+            return out
+        per = {f"worker_{i}/{key}": value for i, row in enumerate(out["per_worker"])
+               for key, value in row.items()}
+        if workers == "per_worker":
+            return {"workers": out["workers"], "workers_alive": out["workers_alive"], **per}
+        return {**out, **per}
 
     def _local_stats(self, driver: dict) -> dict:
         elapsed = time.perf_counter() - self._t_start if self._t_start else 0.0

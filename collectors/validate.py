@@ -17,7 +17,7 @@ ANY = object()  # every value changes nothing here
 # TorchRL 0.14.1 collector options that we know of but do not implement, with the values at
 # which they change nothing here (accepted); any other value raises NotImplementedError.
 NO_OP_VALUES = {
-    "return_same_td": (False,), "reset_when_done": (True,), "interruptor": (None,),
+    "reset_when_done": (True,), "interruptor": (None,),
     "use_buffers": ANY,  # we always step into preallocated arrays
     "extend_buffer": (True,),  # whole batches go to the replay buffer
     "trust_policy": ANY,  # our policy check runs either way and changes no valid policy
@@ -25,7 +25,6 @@ NO_OP_VALUES = {
     "weight_updater": (None,), "weight_sync_schemes": (None,), "weight_recv_schemes": (None,),
     "track_policy_version": ANY,  # ("collector", "policy_version") is always recorded
     "worker_idx": (None,), "auto_register_policy_transforms": (None, False),
-    "num_threads": (None,), "num_sub_threads": (1,),
     "mp_start_method": (None,), "collector_class": (None,), "local_init_rb": (None, False),
 }
 UNSUPPORTED = tuple(NO_OP_VALUES)

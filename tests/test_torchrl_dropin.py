@@ -209,3 +209,57 @@ def test_the_policys_exception_in_an_env_actor_is_raised_as_itself(shared_memory
     assert type(info.value).__name__ == "KeyError"
     assert "PolicyError" in str(info.value.__cause__)  # ours, with the worker's traceback
     c.shutdown()
+
+
+# -- options and methods TorchRL users call --------------------------------------------------
+def test_return_same_td_writes_every_batch_into_one_tensordict():
+    from collectors.testing import counting_env
+
+    c = SyncDataCollector(counting_env, frames_per_batch=4, total_frames=12, return_same_td=True)
+    seen = []
+    for batch in c:
+        seen.append((batch, batch["observation"].flatten().tolist()))
+    c.shutdown()
+    assert all(b is seen[0][0] for b, _ in seen)  # one object...
+    assert [obs for _, obs in seen] == [[0, 1, 2, 3], [4, 0, 1, 2], [3, 4, 0, 1]]  # ...new data
+    assert seen[0][0]["observation"].flatten().tolist() == [3, 4, 0, 1]  # keep only clones
+
+
+def test_num_threads_and_num_sub_threads():
+    from collectors.testing import counting_env
+
+    before = torch.get_num_threads()
+    try:
+        c = MultiSyncDataCollector([counting_env] * 2, frames_per_batch=4, num_threads=1,
+                                   num_sub_threads=2)
+        assert torch.get_num_threads() == 1
+        import ray
+
+        handles = ray.get(c._driver.worker_handles.remote())
+        threads = ray.get([h.__ray_call__.remote(lambda self: torch.get_num_threads())
+                           for h in handles])
+        c.shutdown()
+        assert threads == [2, 2]
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="num_sub_threads"):
+        SyncDataCollector(counting_env, frames_per_batch=4, num_sub_threads=0)
+
+
+def test_hooks_are_settable_and_stats_per_worker():
+    from collectors.testing import counting_env
+
+    c = MultiSyncDataCollector([counting_env] * 2, frames_per_batch=4, total_frames=8)
+    calls = []
+    c.pre_collect_hook = lambda: calls.append("pre")
+    c.post_collect_hook = lambda batch: calls.append(batch.numel())
+    with pytest.raises(TypeError, match="callable"):
+        c.post_collect_hook = 3
+    list(c)
+    assert calls == ["pre", 4, "pre", 4]
+    per = c.stats(workers="per_worker")
+    assert per["workers"] == 2 and per["worker_0/delivered"] == per["worker_1/delivered"] == 4
+    assert "frames_per_s" not in per and "worker_1/batches" in c.stats(workers="both")
+    with pytest.raises(ValueError, match="per_worker"):
+        c.stats(workers="all")
+    c.shutdown()

@@ -43,8 +43,8 @@ def test_every_torchrl_argument_is_accepted_at_its_default(theirs, ours):
 
 
 def test_values_that_would_change_behaviour_are_refused_by_name():
-    for key, value in [("return_same_td", True), ("trajs_per_batch", 3), ("extend_buffer", False),
-                       ("weight_updater", object()), ("num_threads", 4), ("num_sub_threads", 2)]:
+    for key, value in [("extend_buffer", False), ("weight_updater", object()),
+                       ("reset_when_done", False), ("interruptor", object())]:
         with pytest.raises(NotImplementedError, match=key):
             SyncDataCollector(counting_env, frames_per_batch=8, **{key: value})
     with pytest.raises(NotImplementedError, match="backend='submitit'"):

@@ -93,10 +93,11 @@ class EnvWorker:
         self.compact_obs = options.compact_obs
         if options.worker_nice:
             os.nice(options.worker_nice)  # background work: the trainer keeps its CPU share
-        if plan.policy_kind != "random":
+        if plan.policy_kind != "random" or options.num_sub_threads != 1:
             import torch
 
-            torch.set_num_threads(1)  # tiny per-step batches: threads cost more than they give
+            # 1 by default: tiny per-step batches, threads cost more than they give
+            torch.set_num_threads(options.num_sub_threads)
         os.environ["RAY_COLLECTORS_WORKER_ID"] = str(worker_index)
         os.environ["RAY_COLLECTORS_WORKER_RESTARTS"] = str(restarts)
         if seed is not None:  # (seed, static_seed) of the latest set_seed(): replacements follow it
