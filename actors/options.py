@@ -139,6 +139,9 @@ class CollectorOptions(BaseModel):
         None, description="torch threads of this (the trainer's) process, set at construction "
                           "as TorchRL's multi collectors do; None leaves them")
     num_sub_threads: int = Field(1, description="torch threads in each env actor")
+    track_policy_version: StrictBool = Field(
+        False, description="also write the version as TorchRL's 'policy_version' entries (root "
+                           "and next); ('collector', 'policy_version') is always recorded")
     policy_factory: Optional[Callable] = Field(
         None, description="a zero-argument callable building the policy inside each env actor "
                           "(for policies that cannot be pickled); instead of policy")

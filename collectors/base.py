@@ -306,9 +306,17 @@ class DataCollectorBase(IterationMixin, ControlMixin, BackgroundMixin, FiguresMi
         batch = assemble(parts, workers, layout, self.options.compact_obs)
         valid = sum(m["frames"] for m in metas)
         if self.options.preemptive_threshold is not None or self._masked:
-            batch.set(("collector", "mask"), batch.get(("collector", "traj_ids")) >= 0)
+            mask = batch.get(("collector", "traj_ids")) >= 0
+            if batch.batch_dims == 1 and self.options.preemptive_threshold is not None:
+                batch = batch[mask]  # workers end to end (cat_results=-1): the real frames only
+            else:
+                batch.set(("collector", "mask"), mask)
         self._frames += valid
         self._iter += 1
+        if self.options.track_policy_version:  # TorchRL's PolicyVersion entries
+            version = batch.get(("collector", "policy_version"))
+            batch.set("policy_version", version.clone())
+            batch.set(("next", "policy_version"), version.clone())
         if self.options.set_truncated:
             mark_truncated(batch)
         if self.options.split_trajs:

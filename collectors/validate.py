@@ -23,7 +23,6 @@ NO_OP_VALUES = {
     "trust_policy": ANY,  # our policy check runs either way and changes no valid policy
     "cudagraph_policy": (None, False), "no_cuda_sync": ANY,
     "weight_updater": (None,), "weight_sync_schemes": (None,), "weight_recv_schemes": (None,),
-    "track_policy_version": ANY,  # ("collector", "policy_version") is always recorded
     "worker_idx": (None,), "auto_register_policy_transforms": (None, False),
     "mp_start_method": (None,), "collector_class": (None,), "local_init_rb": (None, False),
 }

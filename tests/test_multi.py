@@ -118,6 +118,17 @@ def test_preemption_masks_stragglers():
     assert (b["observation"][1, valid:] == 0).all()
 
 
+def test_preemption_with_workers_end_to_end_gives_only_real_frames():
+    fns = [functools.partial(counting_env, 5), functools.partial(slow_counting_env, 0.02)]
+    with MultiSyncDataCollector(fns, frames_per_batch=400, preemptive_threshold=0.5,
+                                cat_results=-1) as c:
+        b = c.next()
+        stats = c.stats()
+    ids = b["collector", "traj_ids"]
+    assert b.batch_dims == 1 and (ids >= 0).all() and "mask" not in b["collector"].keys()
+    assert 200 < b.numel() < 400 and stats["frames"] == b.numel()  # (as TorchRL)
+
+
 def test_weight_updates_and_version_stamps():
     torch.manual_seed(0)
     policy = nn.Sequential(nn.Linear(1, 2), ArgmaxLayer())

@@ -263,3 +263,15 @@ def test_hooks_are_settable_and_stats_per_worker():
     with pytest.raises(ValueError, match="per_worker"):
         c.stats(workers="all")
     c.shutdown()
+
+
+def test_track_policy_version_writes_torchrl_entries():
+    from collectors.testing import counting_env
+
+    got = batches(SyncDataCollector(counting_env, frames_per_batch=4, total_frames=4,
+                                    track_policy_version=True), 1)
+    version = got[0]["collector", "policy_version"]
+    assert torch.equal(got[0]["policy_version"], version)
+    assert torch.equal(got[0]["next", "policy_version"], version)
+    plain = batches(SyncDataCollector(counting_env, frames_per_batch=4, total_frames=4), 1)
+    assert "policy_version" not in plain[0].keys()
