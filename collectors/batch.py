@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from tensordict import TensorDict
+from tensordict import NonTensorStack, TensorDict
 
 from actors.stepping.compact import compacted_keys
 
@@ -38,7 +38,9 @@ def assemble(parts: list[dict], worker_ids: list[int] | None, layout: str,
         else:
             arr = np.concatenate([p[key] for p in parts], axis=1)
             arr = arr[0] if squeeze else arr
-        flat[key] = torch.from_numpy(arr)
+        # (objects, e.g. a TorchRL env's NonTensorData strings: a NonTensorStack)
+        flat[key] = NonTensorStack.from_list(arr.tolist()) if arr.dtype.hasobject \
+            else torch.from_numpy(arr)
     batch_shape = flat[("collector", "traj_ids")].shape
     if worker_ids is not None:
         ids = torch.tensor(worker_ids, dtype=torch.int64)

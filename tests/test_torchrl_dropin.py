@@ -275,3 +275,21 @@ def test_track_policy_version_writes_torchrl_entries():
     assert torch.equal(got[0]["next", "policy_version"], version)
     plain = batches(SyncDataCollector(counting_env, frames_per_batch=4, total_frames=4), 1)
     assert "policy_version" not in plain[0].keys()
+
+
+def test_non_tensor_entries_stay_in_the_batch():
+    from tensordict import NonTensorStack
+    from torchrl.testing.mocking_classes import CountingEnvWithString
+
+    for shared_memory in (None, False):
+        got = batches(SyncDataCollector(CountingEnvWithString, None, frames_per_batch=6,
+                                        total_frames=12, shared_memory=shared_memory))
+        for b in got:
+            now, after = b.get("string"), b.get(("next", "string"))
+            assert isinstance(now, NonTensorStack) and now.batch_size == b.batch_size
+            words, nxt = now.tolist(), after.tolist()
+            assert all(isinstance(w, str) and w for w in words + nxt)
+            done = b["next", "done"].flatten().tolist()
+            for t in range(len(words) - 1):  # the next frame starts where this one ended
+                if not done[t]:
+                    assert words[t + 1] == nxt[t]

@@ -14,6 +14,8 @@ from __future__ import annotations
 import time
 import traceback
 
+import numpy as np
+
 from actors.errors import EnvRestartsExhausted, EnvStepError, PolicyError
 from actors.options import CollectorOptions
 from actors.stepping.policy_runner import PolicyRunner
@@ -292,9 +294,20 @@ class TensorDictRollout:
         ids[:, :valid] = self._stamp(done[:, :valid], reward[:, :valid])
         batch.set(TRAJ_KEY, ids)
         batch.set(VERSION_KEY, torch.full(batch.batch_size, self.policy_version, dtype=torch.int64))
-        return {key: value.detach().cpu().numpy()
-                for key, value in batch.items(include_nested=True, leaves_only=True)
-                if isinstance(value, torch.Tensor)}
+        from tensordict.base import _is_leaf_nontensor  # non-tensor entries are leaves too
+
+        out = {}
+        for key, value in batch.items(include_nested=True, leaves_only=True,
+                                      is_leaf=_is_leaf_nontensor):
+            if isinstance(value, torch.Tensor):
+                out[key] = value.detach().cpu().numpy()
+            elif hasattr(value, "tolist"):  # NonTensorData / NonTensorStack: [E, T] objects
+                objects = np.empty(tuple(batch.batch_size), dtype=object)
+                for index in np.ndindex(objects.shape):
+                    objects[index] = value[index].data if hasattr(value[index], "data") \
+                        else value[index]
+                out[key] = objects
+        return out
 
     def _env_failed(self, exc: BaseException, frames: list) -> None:
         """Record the failure, spend the budget, rebuild the env and start new episodes; the
