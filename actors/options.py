@@ -142,9 +142,10 @@ class CollectorOptions(BaseModel):
     track_policy_version: StrictBool = Field(
         False, description="also write the version as TorchRL's 'policy_version' entries (root "
                            "and next); ('collector', 'policy_version') is always recorded")
-    policy_factory: Optional[Callable] = Field(
+    policy_factory: Union[Callable, list, tuple, None] = Field(
         None, description="a zero-argument callable building the policy inside each env actor "
-                          "(for policies that cannot be pickled); instead of policy")
+                          "(for policies that cannot be pickled), or a list of them, one per "
+                          "worker; instead of policy")
     compile_policy: Union[StrictBool, dict, None] = Field(
         None, description="torch.compile the policy inside each env actor: True, or a dict of "
                           "torch.compile keyword arguments")
@@ -320,7 +321,18 @@ class CollectorOptions(BaseModel):
         raise ValueError(f"exploration_type must be one of {EXPLORATION_TYPES} or an "
                          f"ExplorationType member; got {v!r}")
 
-    @field_validator("postproc", "policy_factory", "init_fn", "pre_collect_hook",
+    @field_validator("policy_factory", mode="before")
+    @classmethod
+    def _factories(cls, v):
+        if isinstance(v, (list, tuple)):
+            if not v or not all(callable(f) for f in v):
+                raise ValueError(f"policy_factory as a list needs one callable per worker; got {v!r}")
+            return tuple(v)
+        if v is not None and not callable(v):
+            raise ValueError(f"policy_factory must be callable; got {type(v).__name__}")
+        return v
+
+    @field_validator("postproc", "init_fn", "pre_collect_hook",
                      "post_collect_hook", mode="before")
     @classmethod
     def _callable(cls, v, info):

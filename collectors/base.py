@@ -71,7 +71,14 @@ class DataCollectorBase(IterationMixin, ControlMixin, BackgroundMixin, FiguresMi
             raise TypeError(f"{cls_name}: pass policy or policy_factory, not both.")
         env_fns = self._env_fns(create_env_fn, options.num_workers)
         # a policy built by its factory here too: for the checks, and as the weights' reference
-        self._reference_policy = options.policy_factory() if options.policy_factory else policy
+        factory = options.policy_factory
+        if isinstance(factory, tuple):  # one per worker (TorchRL): the first is the reference
+            if len(factory) != options.num_workers:
+                raise ValueError(f"{cls_name}: policy_factory is a list of {len(factory)} "
+                                 f"factories but num_workers={options.num_workers}; give one per "
+                                 "worker or a single factory.")
+            factory = factory[0]
+        self._reference_policy = factory() if factory else policy
         lives_on = module_device(self._reference_policy)
         if options.policy_device is None and (lives_on or "").startswith("cuda"):
             # as TorchRL: with no policy_device, the policy runs on the GPU it lives on (one on

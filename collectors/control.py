@@ -78,9 +78,14 @@ class ControlMixin:
         if self.policy_kind == "random" and policy_or_weights is None and weights_dict is None:
             return
         source = weights_dict if weights_dict is not None else policy_or_weights
-        board = self._route is not None and self._route.board is not None
-        # the board copies the tensors itself: no clone for it
-        weights = self._state_dict_from(source, copy=not board)
+        if isinstance(source, dict) and source and all(
+                isinstance(k, int) and not isinstance(k, bool) for k in source):
+            if worker_ids is not None:  # {worker: weights}, as TorchRL's per-worker updates
+                raise TypeError("weights given per worker ({worker: weights}) name their workers: "
+                                "drop worker_ids.")
+            for worker, per_worker in source.items():
+                self.update_policy_weights_(per_worker, worker_ids=[worker])
+            return
         if isinstance(worker_ids, int) and not isinstance(worker_ids, bool):
             worker_ids = [worker_ids]
         if worker_ids is not None:
@@ -89,12 +94,18 @@ class ControlMixin:
             if bad:
                 raise ValueError(f"worker_ids {bad} out of range: this collector has workers "
                                  f"0..{self.num_workers - 1}.")
+        # the board holds one set of weights: weights for some workers only go to them through
+        # the object store, or the next write would overwrite them before they were read
+        everyone = worker_ids is None or set(worker_ids) == set(range(self.num_workers))
+        board = self._route is not None and self._route.board is not None and everyone
+        # the board copies the tensors itself: no clone for it
+        weights = self._state_dict_from(source, copy=not board)
         with self._weights_lock:
             if self._watcher is not None and policy_or_weights is None and weights_dict is None \
                     and worker_ids is None:
                 self._watcher.mark_current()
             self.policy_version += 1
-            if self._route.push(weights, self.policy_version, worker_ids):
+            if board and self._route.push(weights, self.policy_version, worker_ids):
                 return  # in shared memory: each worker copies it in before its next batch
             ref = ray.put(weights)
             self._route.settled()  # (the driver's policy-lag figures follow the order of events)

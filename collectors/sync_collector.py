@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collectors.base import DataCollectorBase
 
-BACKENDS = (None, "ray", "direct", "process")  # TorchRL's names that mean "our Ray actors"
+BACKENDS = (None, "ray", "direct", "process", "multiprocessing")  # TorchRL's names: our Ray actors
 
 
 class SyncDataCollector(DataCollectorBase):

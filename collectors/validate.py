@@ -29,8 +29,20 @@ NO_OP_VALUES = {
 UNSUPPORTED = tuple(NO_OP_VALUES)
 
 
+# TorchRL's same-node weight-sync schemes: what our own transport does (shared memory on the
+# node, the object store beyond it), so ``{"policy": scheme}`` is taken as it
+SAME_TRANSPORT = ("SharedMemWeightSyncScheme", "MultiProcessWeightSyncScheme")
+
+
+def _maps_to_ours(key: str, value) -> bool:
+    return key == "weight_sync_schemes" and isinstance(value, dict) and set(value) <= {"policy"} \
+        and all(type(v).__name__ in SAME_TRANSPORT for v in value.values())
+
+
 def _no_op(key: str, value) -> bool:
     """Whether TorchRL's option ``key`` at ``value`` changes nothing here."""
+    if _maps_to_ours(key, value):
+        return True
     accepted = NO_OP_VALUES[key]
     return accepted is ANY or any(value is v or (type(value) is type(v) and value == v)
                                   for v in accepted)

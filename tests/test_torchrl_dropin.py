@@ -293,3 +293,42 @@ def test_non_tensor_entries_stay_in_the_batch():
             for t in range(len(words) - 1):  # the next frame starts where this one ended
                 if not done[t]:
                     assert words[t + 1] == nxt[t]
+
+
+def _biased_linear(bias: float):
+    def factory():
+        module = nn.Linear(7, 7)
+        with torch.no_grad():
+            module.weight.zero_()
+            module.bias.fill_(bias)
+        return TensorDictModule(module, in_keys=["observation"], out_keys=["action"])
+    return factory
+
+
+@pytest.mark.parametrize("shared_memory", [None, False])
+def test_per_worker_policy_factories_and_per_worker_weights(shared_memory):
+    from tensordict import TensorDict
+    from torchrl.weight_update import SharedMemWeightSyncScheme
+
+    c = MultiSyncDataCollector([ContinuousActionVecMockEnv] * 3,
+                               policy_factory=[_biased_linear(i) for i in range(3)],
+                               weight_sync_schemes={"policy": SharedMemWeightSyncScheme()},
+                               frames_per_batch=6, total_frames=-1, shared_memory=shared_memory)
+    try:
+        it = iter(c)
+        actions = next(it)["action"]
+        for w in range(3):
+            assert torch.allclose(actions[w], torch.full_like(actions[w], float(w)))
+        new = {i: TensorDict({"module": {"weight": torch.zeros(7, 7),
+                                         "bias": torch.full((7,), 10.0 * (i + 1))}})
+               for i in (0, 2)}
+        c.update_policy_weights_(new)
+        actions = next(it)["action"]
+        expected = [10.0, 1.0, 30.0]  # worker 1 untouched
+        for w in range(3):
+            assert torch.allclose(actions[w], torch.full_like(actions[w], expected[w]))
+    finally:
+        c.shutdown()
+    with pytest.raises(ValueError, match="one per worker"):
+        MultiSyncDataCollector([ContinuousActionVecMockEnv] * 3, frames_per_batch=6,
+                               policy_factory=[_biased_linear(0)] * 2)

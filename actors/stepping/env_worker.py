@@ -110,7 +110,7 @@ class EnvWorker:
         width = options.num_envs * (plan.spec.get("env_batch") or 1)  # envs stepped here
         ids = dict(slot_offset=worker_index * width, id_stride=options.num_workers,
                    id_offset=worker_index, id_counter=id_counter)
-        policy = self._policy(plan, options.policy_device)
+        policy = self._policy(plan, options.policy_device, worker_index)
         if plan.spec.get("torchrl"):
             self.rollout = TensorDictRollout(env_fn, policy, plan.policy_kind,
                                              plan.steps, options, **ids)
@@ -136,10 +136,14 @@ class EnvWorker:
             self.attach_board(board)
 
     @staticmethod
-    def _policy(plan: WorkerPlan, device: str | None):
-        """The policy this actor runs: built by the factory, moved to its device, compiled."""
+    def _policy(plan: WorkerPlan, device: str | None, worker_index: int = 0):
+        """The policy this actor runs: built by the factory (this worker's, from a list),
+        moved to its device, compiled."""
         options = plan.options
-        policy = plan.policy_factory() if plan.policy_factory is not None else plan.policy
+        factory = plan.policy_factory
+        if isinstance(factory, (list, tuple)):
+            factory = factory[worker_index]
+        policy = factory() if factory is not None else plan.policy
         if policy is None or plan.policy_kind == "random":
             return policy
         if device not in (None, "cpu") and hasattr(policy, "to"):
