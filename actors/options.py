@@ -58,7 +58,8 @@ class CollectorOptions(BaseModel):
     num_envs: int = Field(1, description="envs stepped by each env actor; batches get an env "
                                          "dimension [num_envs, T] when above 1")
     num_workers: int = Field(1, description="env actors (multi collectors only)")
-    create_env_kwargs: Optional[dict] = Field(None, description="keyword arguments for create_env_fn")
+    create_env_kwargs: Union[dict, list, tuple, None] = Field(
+        None, description="keyword arguments for create_env_fn, or a list of them, one per worker")
     max_frames_per_traj: Optional[int] = Field(
         None, description="truncate episodes after this many steps and record step_count; "
                           "None, 0 or -1: no limit")
@@ -320,6 +321,22 @@ class CollectorOptions(BaseModel):
             return name.lower()
         raise ValueError(f"exploration_type must be one of {EXPLORATION_TYPES} or an "
                          f"ExplorationType member; got {v!r}")
+
+    @field_validator("create_env_kwargs", mode="before")
+    @classmethod
+    def _env_kwargs(cls, v):
+        if isinstance(v, (list, tuple)):
+            if not v or not all(isinstance(k, dict) or k is None for k in v):
+                raise ValueError(f"create_env_kwargs as a list needs one dict per worker; got {v!r}")
+            return tuple(dict(k or {}) for k in v)
+        if v is not None and not isinstance(v, dict):
+            raise ValueError(f"create_env_kwargs must be a dict (or one per worker); got {v!r}")
+        return v
+
+    def env_kwargs(self, worker: int) -> dict | None:
+        """Worker ``worker``'s ``create_env_kwargs``."""
+        kwargs = self.create_env_kwargs
+        return kwargs[worker] if isinstance(kwargs, tuple) else kwargs
 
     @field_validator("policy_factory", mode="before")
     @classmethod

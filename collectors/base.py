@@ -84,11 +84,19 @@ class DataCollectorBase(IterationMixin, ControlMixin, BackgroundMixin, FiguresMi
             # as TorchRL: with no policy_device, the policy runs on the GPU it lives on (one on
             # another device, e.g. "mps", reaches the actors as a CPU copy and runs there)
             options = options.model_copy(update={"policy_device": lives_on})
-        spec, kind = validate.build_spec(env_fns[0], options.create_env_kwargs,
+        if isinstance(options.create_env_kwargs, tuple) and \
+                len(options.create_env_kwargs) != options.num_workers:
+            raise ValueError(f"{cls_name}: create_env_kwargs is a list of "
+                             f"{len(options.create_env_kwargs)} but num_workers="
+                             f"{options.num_workers}; give one per worker or a single dict.")
+        spec, kind = validate.build_spec(env_fns[0], options.env_kwargs(0),
                                          self._reference_policy, options.num_envs,
                                          options.exploration_type, options.max_frames_per_traj)
-        for other in {id(f): f for f in env_fns[1:] if f is not env_fns[0]}.values():
-            other_spec, _ = validate.build_spec(other, options.create_env_kwargs,
+        others = {(id(f), repr(options.env_kwargs(i))): (f, options.env_kwargs(i))
+                  for i, f in enumerate(env_fns) if i}
+        others.pop((id(env_fns[0]), repr(options.env_kwargs(0))), None)
+        for other, other_kwargs in others.values():
+            other_spec, _ = validate.build_spec(other, other_kwargs,
                                                 self._reference_policy, options.num_envs,
                                                 options.exploration_type,
                                                 options.max_frames_per_traj)

@@ -187,3 +187,14 @@ def test_shutdown_leaves_nothing():
     c.shutdown()
     assert alive_actor_names("ma-down/") == []
     assert c.stats()["workers"] == 3
+
+
+def test_create_env_kwargs_per_worker():
+    with MultiSyncDataCollector([counting_env] * 2, frames_per_batch=16,
+                                create_env_kwargs=[{"episode_length": 3}, {"episode_length": 7}]) as c:
+        b = c.next()
+    assert b["observation"][0, :, 0].tolist() == [0, 1, 2] * 2 + [0, 1]
+    assert b["observation"][1, :, 0].tolist() == list(range(7)) + [0]
+    with pytest.raises(ValueError, match="one per worker"):
+        MultiSyncDataCollector([counting_env] * 2, frames_per_batch=16,
+                               create_env_kwargs=[{"episode_length": 3}])

@@ -106,7 +106,7 @@ class EnvWorker:
             options = options.model_copy(update={"policy_device": local_device(options.policy_device)})
         if options.init_fn is not None:
             options.init_fn()
-        env_fn = make_env_fn(plan.env_fns[worker_index], options.create_env_kwargs)
+        env_fn = make_env_fn(plan.env_fns[worker_index], options.env_kwargs(worker_index))
         width = options.num_envs * (plan.spec.get("env_batch") or 1)  # envs stepped here
         ids = dict(slot_offset=worker_index * width, id_stride=options.num_workers,
                    id_offset=worker_index, id_counter=id_counter)
@@ -115,7 +115,7 @@ class EnvWorker:
             self.rollout = TensorDictRollout(env_fn, policy, plan.policy_kind,
                                              plan.steps, options, **ids)
         elif options.native_vector:  # resolved to True/False by the collector
-            self.rollout = VectorRollout(plan.env_fns[worker_index], options.create_env_kwargs,
+            self.rollout = VectorRollout(plan.env_fns[worker_index], options.env_kwargs(worker_index),
                                          policy, plan.policy_kind, plan.spec,
                                          plan.steps, options, **ids)
         else:
