@@ -140,6 +140,10 @@ class CollectorOptions(BaseModel):
         None, description="torch threads of this (the trainer's) process, set at construction "
                           "as TorchRL's multi collectors do; None leaves them")
     num_sub_threads: int = Field(1, description="torch threads in each env actor")
+    auto_register_policy_transforms: Optional[StrictBool] = Field(
+        None, description="TorchRL envs: True appends the transforms the policy needs and the "
+                          "env lacks (InitTracker, a recurrent module's primer), as TorchRL 0.15 "
+                          "does by default; None or False leave the env as it is")
     track_policy_version: StrictBool = Field(
         False, description="also write the version as TorchRL's 'policy_version' entries (root "
                            "and next); ('collector', 'policy_version') is always recorded")

@@ -91,7 +91,8 @@ class DataCollectorBase(IterationMixin, ControlMixin, BackgroundMixin, FiguresMi
                              f"{options.num_workers}; give one per worker or a single dict.")
         spec, kind = validate.build_spec(env_fns[0], options.env_kwargs(0),
                                          self._reference_policy, options.num_envs,
-                                         options.exploration_type, options.max_frames_per_traj)
+                                         options.exploration_type, options.max_frames_per_traj,
+                                         bool(options.auto_register_policy_transforms))
         others = {(id(f), repr(options.env_kwargs(i))): (f, options.env_kwargs(i))
                   for i, f in enumerate(env_fns) if i}
         others.pop((id(env_fns[0]), repr(options.env_kwargs(0))), None)
@@ -99,7 +100,8 @@ class DataCollectorBase(IterationMixin, ControlMixin, BackgroundMixin, FiguresMi
             other_spec, _ = validate.build_spec(other, other_kwargs,
                                                 self._reference_policy, options.num_envs,
                                                 options.exploration_type,
-                                                options.max_frames_per_traj)
+                                                options.max_frames_per_traj,
+                                                bool(options.auto_register_policy_transforms))
             if other_spec != spec:
                 raise ValueError(f"{cls_name}: the env factories of the workers make different "
                                  f"envs (spaces {other_spec} vs {spec}); their batches could not "

@@ -11,7 +11,7 @@ from actors.errors import EnvCreationError, PolicyOutputError
 from actors.stepping.policy_runner import ACTION_KEY, PolicyRunner, module_device, policy_kind
 from actors.stepping.spaces import leaf_spec, observation_spec
 from actors.stepping.td_policy import prepare_td_policy
-from actors.stepping.td_rollout import is_torchrl_env, with_step_counter
+from actors.stepping.td_rollout import is_torchrl_env, with_policy_transforms, with_step_counter
 
 ANY = object()  # every value changes nothing here
 # TorchRL 0.14.1 collector options that we know of but do not implement, with the values at
@@ -23,7 +23,7 @@ NO_OP_VALUES = {
     "trust_policy": ANY,  # our policy check runs either way and changes no valid policy
     "cudagraph_policy": (None, False), "no_cuda_sync": ANY,
     "weight_updater": (None,), "weight_sync_schemes": (None,), "weight_recv_schemes": (None,),
-    "worker_idx": (None,), "auto_register_policy_transforms": (None, False),
+    "worker_idx": (None,),
     "mp_start_method": (None,), "collector_class": (None,), "local_init_rb": (None, False),
 }
 UNSUPPORTED = tuple(NO_OP_VALUES)
@@ -159,14 +159,20 @@ def check_actions(env, td) -> None:
 
 
 def build_spec(create_env_fn, create_env_kwargs, policy, num_envs: int,
-               exploration_type: str = "random", max_frames_per_traj: int | None = None
-               ) -> tuple[dict, str]:
+               exploration_type: str = "random", max_frames_per_traj: int | None = None,
+               register_transforms: bool = False) -> tuple[dict, str]:
     """The worker storage spec and the policy kind, after running the policy once here."""
     env = make_probe_env(create_env_fn, create_env_kwargs)
+    if register_transforms and not is_torchrl_env(env):
+        env.close()
+        raise ValueError("auto_register_policy_transforms=True appends TorchRL transforms to a "
+                         "TorchRL env; this env is a gymnasium env. Drop it.")
     if is_torchrl_env(env):
         try:
             if max_frames_per_traj:
                 env = with_step_counter(env, max_frames_per_traj)
+            if register_transforms:
+                env = with_policy_transforms(env, policy)
             return torchrl_spec(env, policy, exploration_type)
         finally:
             if not env.is_closed:  # (a batched env that never started is closed already)

@@ -145,6 +145,29 @@ def test_lstm_policy_collects_as_under_torchrl():
     assert ("next", "rs_h") in ours[0].keys(True) and ours[0]["is_init"].any()
 
 
+def bare_cartpole():
+    env = GymEnv("CartPole-v1")
+    env.set_seed(0)
+    return env
+
+
+def test_auto_register_policy_transforms_adds_what_the_policy_needs():
+    c = TorchRLCollector(bare_cartpole, RecurrentPolicy(), frames_per_batch=50, total_frames=100,
+                         auto_register_policy_transforms=True)
+    ref = list(c)
+    c.shutdown()
+    with SyncDataCollector(bare_cartpole, RecurrentPolicy(), frames_per_batch=50,
+                           total_frames=100, auto_register_policy_transforms=True) as c:
+        ours = list(c)
+    for a, b in zip(ours, ref):
+        assert_same(a, b)
+    assert ours[0]["is_init"][0] and ("next", "rs_h") in ours[0].keys(True)
+    with pytest.raises(KeyError):  # without them the policy finds no is_init, as on TorchRL
+        SyncDataCollector(bare_cartpole, RecurrentPolicy(), frames_per_batch=50)
+    with pytest.raises(ValueError, match="gymnasium env"):
+        SyncDataCollector("CartPole-v1", frames_per_batch=50, auto_register_policy_transforms=True)
+
+
 def faulty_torchrl_env():
     from torchrl.envs import GymWrapper
 

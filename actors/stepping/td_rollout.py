@@ -45,6 +45,16 @@ def with_step_counter(env, max_steps: int):
     return TransformedEnv(env, StepCounter(max_steps=max_steps))
 
 
+def with_policy_transforms(env, policy):
+    """``env`` with the transforms ``policy`` needs appended where missing (TorchRL's
+    ``auto_register_policy_transforms=True``: ``InitTracker``, a recurrent module's primer)."""
+    if policy is None or not hasattr(policy, "modules"):
+        return env
+    from torchrl.modules.utils.utils import _maybe_append_env_transforms_from_module
+
+    return _maybe_append_env_transforms_from_module(env, policy)
+
+
 class TensorDictRollout:
     """Owns one (possibly serial-batched) TorchRL env and the policy of one worker."""
 
@@ -77,6 +87,7 @@ class TensorDictRollout:
                                     options.restart_backoff_s)
         self.runner = PolicyRunner(policy, policy_kind, (), self.num_envs,
                                    options.exploration_type, options.policy_device)
+        self._raw_policy = policy  # (its transforms go on every env built)
         self.env = None
         self.carrier = None
         self.traj_ids = None  # [E]: the trajectory id of each env's ongoing episode
@@ -97,6 +108,8 @@ class TensorDictRollout:
             env = SerialEnv(self.options.num_envs, self.env_fn)
         if self.options.max_frames_per_traj:  # as TorchRL: a StepCounter truncates episodes
             env = with_step_counter(env, self.options.max_frames_per_traj)
+        if self.options.auto_register_policy_transforms:
+            env = with_policy_transforms(env, self._raw_policy)
         shape = tuple(env.batch_size)
         if len(shape) > 1 or (self.options.num_envs > 1 and shape != (self.options.num_envs,)):
             if not env.is_closed:
