@@ -57,6 +57,48 @@ class ControlMixin:
             calls = {0: ("reset", ([e for e, f in enumerate(flags) if f],))}
         _ray_get(self._driver.call_workers.remote(calls), timeout=CONTROL_TIMEOUT_S)
 
+    def enable_profile(self, *, workers=None, num_rollouts: int = 3, warmup_rollouts: int = 1,
+                       save_path=None, activities=None, record_shapes: bool = True,
+                       profile_memory: bool = False, with_stack: bool = True,
+                       with_flops: bool = False, on_trace_ready=None) -> None:
+        """Profile env actors' batches with ``torch.profiler`` (TorchRL's method, its arguments).
+
+        ``workers`` (default ``[0]``) run their next ``num_rollouts`` batches under the
+        profiler; the first ``warmup_rollouts`` are discarded. The trace goes to ``save_path``
+        (``{worker_idx}`` is replaced; default ``collector_profile_{worker_idx}.json``, made
+        absolute here: on another node it is that node's path), or to ``on_trace_ready(prof)``
+        in the actor. Call it before iterating.
+
+        Example:
+            >>> c.enable_profile(num_rollouts=4, save_path="/tmp/trace_{worker_idx}.json")  # doctest: +SKIP
+        """
+        self._check_open()
+        if self._iter > 0:
+            raise RuntimeError("enable_profile() must be called before iteration starts.")
+        if int(num_rollouts) <= int(warmup_rollouts) or int(warmup_rollouts) < 0:
+            raise ValueError(f"num_rollouts ({num_rollouts}) must exceed warmup_rollouts "
+                             f"({warmup_rollouts}) >= 0: nothing would be recorded.")
+        workers = [0] if workers is None else [int(w) for w in workers]
+        bad = [w for w in workers if not 0 <= w < self.num_workers]
+        if bad:
+            raise ValueError(f"workers {bad} out of range: this collector has workers "
+                             f"0..{self.num_workers - 1}.")
+        wrong = [a for a in (activities or []) if a not in ("cpu", "cuda")]
+        if wrong:
+            raise ValueError(f"activities must be 'cpu' and/or 'cuda'; got {wrong}.")
+        import os
+
+        from actors.stepping.profiling import DEFAULT_PATH
+
+        config = dict(num_rollouts=int(num_rollouts), warmup_rollouts=int(warmup_rollouts),
+                      save_path=os.path.abspath(save_path or DEFAULT_PATH),
+                      activities=activities, record_shapes=record_shapes,
+                      profile_memory=profile_memory, with_stack=with_stack,
+                      with_flops=with_flops, on_trace_ready=on_trace_ready)
+        self._route.settled()
+        _ray_get(self._driver.call_workers.remote({w: ("enable_profile", (config,))
+                                                   for w in workers}), timeout=CONTROL_TIMEOUT_S)
+
     def update_policy_weights_(self, policy_or_weights=None, *, worker_ids=None,
                                weights_dict=None, model_id=None) -> None:
         """Send new weights to the workers: through shared memory when they all run on this

@@ -332,3 +332,32 @@ def test_per_worker_policy_factories_and_per_worker_weights(shared_memory):
     with pytest.raises(ValueError, match="one per worker"):
         MultiSyncDataCollector([ContinuousActionVecMockEnv] * 3, frames_per_batch=6,
                                policy_factory=[_biased_linear(0)] * 2)
+
+
+@pytest.mark.parametrize("shared_memory", [None, False])
+def test_enable_profile_writes_a_trace_of_the_chosen_workers(tmp_path, shared_memory):
+    import json
+
+    from collectors.testing import counting_env
+
+    c = MultiSyncDataCollector([counting_env] * 2, policy_factory=_argmax_policy,
+                               frames_per_batch=8, total_frames=40, shared_memory=shared_memory)
+    with pytest.raises(ValueError, match="must exceed warmup_rollouts"):
+        c.enable_profile(num_rollouts=1, warmup_rollouts=1)
+    with pytest.raises(ValueError, match="out of range"):
+        c.enable_profile(workers=[5])
+    c.enable_profile(workers=[1], num_rollouts=3, warmup_rollouts=1,
+                     save_path=str(tmp_path / "trace_{worker_idx}.json"))
+    list(c)
+    with pytest.raises(RuntimeError, match="before iteration"):
+        c.enable_profile()
+    c.shutdown()
+    assert [p.name for p in tmp_path.iterdir()] == ["trace_1.json"]
+    events = json.loads((tmp_path / "trace_1.json").read_text())["traceEvents"]
+    assert any("linear" in str(e.get("name", "")).lower() for e in events)
+
+
+def _argmax_policy():
+    from collectors.policies import ArgmaxLayer
+
+    return nn.Sequential(nn.Linear(1, 2), ArgmaxLayer())

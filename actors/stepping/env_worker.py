@@ -4,6 +4,7 @@ Made remote by the driver side with ``ray.remote(EnvWorker)``; usable in-process
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import gc
@@ -87,6 +88,7 @@ class EnvWorker:
         self._collecting = None
         self._lock = threading.Lock()  # guards _collecting and _deferred
         self._batch_lock = threading.Lock()  # held for a whole batch: close() waits for it
+        self._profiler = None  # enable_profile(): a BatchProfiler over the next batches
         self._deferred: list = []  # control calls that arrived mid-batch: applied before the next
         self.frames = 0
         self.episodes = 0
@@ -178,8 +180,10 @@ class EnvWorker:
         self.rollout.stop_requested = False
         self.rollout.episode_returns = []
         self.rollout.env_errors = []
+        profiling = self._profiler.batch() if self._profiler is not None else contextlib.nullcontext()
         try:
-            batch = self.rollout.collect(random_actions)
+            with profiling:
+                batch = self.rollout.collect(random_actions)
         finally:
             gc.enable()
             with self._lock:
@@ -265,6 +269,16 @@ class EnvWorker:
                 fn()
             else:
                 self._deferred.append(fn)
+
+    @ray.method(concurrency_group="control")
+    def enable_profile(self, config: dict) -> None:
+        """Profile the next batches (see :mod:`actors.stepping.profiling`)."""
+        from actors.stepping.profiling import BatchProfiler
+
+        def start():
+            self._profiler = BatchProfiler(config, self.worker_index)
+
+        self._apply(start)
 
     @ray.method(concurrency_group="control")
     def set_weights(self, weights, version: int) -> int:
