@@ -316,12 +316,14 @@ class DataCollectorBase(IterationMixin, ControlMixin, BackgroundMixin, FiguresMi
             self._frames += sum(m["frames"] for m in metas)
             self._iter += 1
             return None
-        local = self._route.collect(random_actions)
+        local = (self._route.collect_any if self._async else self._route.collect)(random_actions)
         parts, metas = local if local is not None else self._collect_through_driver(random_actions)
         workers = [m["worker"] for m in metas] if self._multi else None
         layout = "single" if self._async else self._layout
         batch = assemble(parts, workers, layout, self.options.compact_obs)
         valid = sum(m["frames"] for m in metas)
+        if local is not None and self._async:  # copied out: that worker may collect again
+            self._route.release(self._frames + valid < self.init_random_frames)
         if self.options.preemptive_threshold is not None or self._masked:
             mask = batch.get(("collector", "traj_ids")) >= 0
             if batch.batch_dims == 1 and self.options.preemptive_threshold is not None:

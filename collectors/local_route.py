@@ -4,9 +4,11 @@ through shared memory, while Ray stays the control plane.
 - Weights: a :class:`~actors.shm.weight_board.WeightBoard` in the collector's private folder. The
   trainer writes a change once; each actor copies it in before its next batch. Used whenever
   every worker runs on this node and the policy is an ``nn.Module``, for every collector.
-- Batches (sync collectors, not during ``start()``, no ``RayReplayBuffer`` or
-  ``preemptive_threshold``): each actor serves :mod:`actors.shm.handoff` requests; the trainer asks
-  all workers of a round, then waits on their sockets with the driver's hang deadline.
+- Batches (not during ``start()``, no ``RayReplayBuffer`` or ``preemptive_threshold``; async
+  with ``prefetch=1``): each actor serves :mod:`actors.shm.handoff` requests. Sync collectors ask
+  all workers of a round, then wait on their sockets with the driver's hang deadline; async ones
+  keep one request in flight per worker and take whichever batch is ready first (the oldest
+  request among those ready), asking that worker again once its batch is copied out.
 - The driver keeps the ledger: the batches' metas reach it in bulk (``settle_many``, every
   ``SETTLE_EVERY`` batches or ``SETTLE_AFTER_S``, and before any other call to the driver, so
   its figures always include every batch). A batch that fails (the actor died, raised or missed
@@ -41,8 +43,8 @@ SETTLE_AFTER_S = 0.25  # or after this long, whichever comes first
 
 def batch_problem(options, is_async: bool, cls_name: str) -> str | None:
     """Why a collector's batches cannot take the local route (None: they can, if local)."""
-    if is_async:
-        return f"{cls_name} yields batches as they come; the local route serves sync rounds"
+    if is_async and options.prefetch > 1:
+        return f"prefetch={options.prefetch}: the local route keeps one batch in flight per worker"
     if hasattr(options.replay_buffer, "actor"):
         return "with a RayReplayBuffer batches go from the env actors to the buffer actor"
     if options.preemptive_threshold is not None:
@@ -81,6 +83,9 @@ class LocalRoute:
         self.settling = None  # the settle_many call in flight
         self.batches = 0  # batches that came through the hand-off
         self.serving = False
+        self.inflight: dict[int, float] = {}  # async: worker -> deadline of its request
+        self.asked: dict[int, float] = {}  # async: worker -> when it was asked (oldest first)
+        self.taken: int | None = None  # async: the worker whose batch the trainer is copying
         here = ray.get_runtime_context().get_node_id()
         nodes = {info.get("node_id") for info in worker_info}
         problem = None
@@ -182,6 +187,60 @@ class LocalRoute:
         self._settle_in_bulk()
         return [results[i][0] for i in order], metas
 
+    def collect_any(self, random_actions: bool):
+        """Async: the first batch any worker has ready, ``([arrays], [meta])`` (views of its
+        slot), or ``None`` when batches do not take this route. Every worker keeps one request
+        in flight; the one served is asked again by :meth:`release`, once the trainer copied
+        its batch out."""
+        if not self.serving:
+            return None
+        for i in sorted(self.clients):
+            if i not in self.inflight:
+                self._ask(i, random_actions, self.inflight)
+                self.asked[i] = time.monotonic()
+        while True:
+            if not self.inflight:
+                raise CollectorError(f"no worker of {self.name!r} is left to collect from.")
+            conns = {self.clients[i][1].conn: i for i in self.inflight}
+            now = time.monotonic()
+            ready = wait_ready(list(conns), timeout=max(0.0, min(self.inflight.values()) - now))
+            if not ready:
+                for i, deadline in list(self.inflight.items()):
+                    if deadline <= time.monotonic():
+                        del self.inflight[i]
+                        self._failed(i, "timeout", "", f"no batch within {self.timeouts[i]:g}s")
+                        self._ask_async(i, random_actions)
+                continue
+            i = min((conns[c] for c in ready), key=lambda j: self.asked.get(j, 0.0))  # fair
+            del self.inflight[i]
+            try:
+                arrays, meta = self.clients[i][1].receive()
+            except WorkerFailed as exc:
+                self._failed(i, exc.kind, type(exc.cause).__name__ if exc.cause else "",
+                             exc.text, exc.cause)
+                self._ask_async(i, random_actions)
+                continue
+            except (EOFError, OSError) as exc:
+                self._failed(i, "died", "", repr(exc))
+                self._ask_async(i, random_actions)
+                continue
+            self.taken = i
+            self.unsent.append((i, meta))
+            self.batches += 1
+            self._settle_in_bulk()
+            return [arrays], [meta]
+
+    def release(self, random_actions: bool) -> None:
+        """Async: the trainer copied the batch :meth:`collect_any` gave; its worker may now
+        write the next one into its slot."""
+        i, self.taken = self.taken, None
+        if i is not None and self.serving and i in self.clients and i not in self.inflight:
+            self._ask_async(i, random_actions)
+
+    def _ask_async(self, i: int, random_actions: bool) -> None:
+        self._ask(i, random_actions, self.inflight)
+        self.asked[i] = time.monotonic()
+
     def _ask(self, i: int, random_actions: bool, pending: dict) -> None:
         """Send worker ``i`` a request (replacing it first while it is gone); no-op for a worker
         the driver could not replace."""
@@ -238,8 +297,16 @@ class LocalRoute:
 
     # -- lifecycle ---------------------------------------------------------------------------
     def stop_serving(self) -> None:
-        """Batches go through the driver from here on (the board stays); idempotent."""
+        """Batches go through the driver from here on (the board stays); idempotent. Requests
+        still in flight (async) are counted dropped, as the driver counts its own."""
         self.serving = False
+        if self.inflight:
+            cancelled, self.inflight = sorted(self.inflight), {}
+            try:
+                self.settled()
+                driver_get(self.driver.cancelled.remote(cancelled), CONTROL_TIMEOUT_S)
+            except Exception:  # noqa: BLE001 - closing: a dead driver counts nothing more
+                pass
         clients, self.clients = self.clients, {}
         for _, client in clients.values():
             client.close()

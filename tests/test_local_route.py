@@ -248,9 +248,9 @@ def test_a_trainer_killed_mid_read_leaves_no_actor_and_its_folder_is_reclaimed()
 
 
 def test_shared_memory_true_where_it_cannot_apply_is_refused_before_anything_starts():
-    with pytest.raises(ValueError, match="shared_memory=True.*yields batches as they come"):
+    with pytest.raises(ValueError, match="shared_memory=True.*prefetch=2"):
         MultiaSyncDataCollector(counting_env, num_workers=1, frames_per_batch=10,
-                                shared_memory=True)
+                                shared_memory=True, prefetch=2)
     with pytest.raises(ValueError, match="shared_memory=True.*preemptive_threshold"):
         MultiSyncDataCollector(counting_env, num_workers=2, frames_per_batch=10,
                                preemptive_threshold=0.5, shared_memory=True)
@@ -306,3 +306,46 @@ def test_a_short_dev_shm_keeps_batches_on_the_driver_and_weights_on_the_board(mo
     assert (batch["action"] == 4).all() and batch.numel() == 20_000
     with pytest.raises(ValueError, match="shared_memory=True.*/dev/shm has room"):
         SyncDataCollector(counting_env, frames_per_batch=20_000, shared_memory=True)
+
+
+# -- async collectors through the hand-off ---------------------------------------------------
+def test_async_batches_come_through_shared_memory_whole_and_in_order_per_worker():
+    fast = functools.partial(counting_env, 4)
+    slow = functools.partial(faulty_counting_env, "raise_step", [99], delay_s=0.01)  # 50 ms/batch
+    with MultiaSyncDataCollector([fast, slow], frames_per_batch=5, total_frames=-1,
+                                 name="async-local") as c:
+        got, t0 = [], time.monotonic()
+        while time.monotonic() - t0 < 1.0:
+            got.append(c.next())
+        stats = c.stats()
+    assert stats["shared_memory_batches"] == len(got)
+    by_worker = {0: [], 1: []}
+    for b in got:
+        assert b.batch_size == (5,)
+        by_worker[int(b["collector", "worker_id"][0])].append(b)
+    assert len(by_worker[1]) >= 5, "the slow worker was passed over"
+    assert len(by_worker[0]) > 3 * len(by_worker[1])  # the fast one is not held back
+    counts = torch.cat([b["observation"][:, 0] for b in by_worker[0]]).tolist()
+    assert counts == [0, 1, 2, 3] * (len(counts) // 4) + [0, 1, 2, 3][:len(counts) % 4]
+    no_duplicate_frames(got)
+    # the requests still in flight at shutdown are counted dropped, as on the driver's route
+    for p in stats["per_worker"]:
+        assert p["delivered"] == 5 * len(by_worker[stats["per_worker"].index(p)])
+    final = c.stats()
+    assert all(p["dropped"].get("cancelled") == 5 for p in final["per_worker"])
+    invariant(final)
+
+
+def test_async_worker_killed_is_replaced_and_nothing_counts_twice():
+    with MultiaSyncDataCollector([counting_env, counting_env], frames_per_batch=10,
+                                 total_frames=200, name="async-kill") as c:
+        it = iter(c)
+        got = [next(it) for _ in range(4)]
+        kill_and_wait(c, 1)
+        got += list(it)
+        stats = c.stats()
+    assert sum(b.numel() for b in got) == 200 and stats["restarts"] == 1
+    assert stats["per_worker"][1]["dropped"] == {"worker_died": 10}
+    assert stats["shared_memory_batches"] == 20
+    no_duplicate_frames(got)
+    invariant(stats)

@@ -164,6 +164,11 @@ class Driver:
             self.collection.settle(i, meta)
         return [self.collection.timeout(i) for i in range(self.num_workers)]
 
+    def cancelled(self, workers: list) -> None:
+        """The trainer stopped with these workers' requests in flight: their frames are dropped."""
+        for i in workers:
+            self.ledger.drop(i, "cancelled", self.collection.frames_per_worker_batch)
+
     def use_board(self, spec: dict) -> None:
         """The workers (and every replacement) take their weights from this board from now on."""
         self.board = spec
