@@ -3,8 +3,9 @@
     python scripts/bench_scale.py [--workers 64] [--cpus-per-worker 0.02]
 
 Each worker steps a trivial counting env with a one-layer policy (so weights can be sent).
-Prints the time to start all actors, the batches per second the driver sustains (sync rounds
-and async single batches), and the weight broadcast time.
+Prints the time to start all actors, the batches per second (sync rounds and async single
+batches), each beside bare Ray doing the same (plain actors returning numpy batches, one call in
+flight per actor) as a ratio from the same run, and the weight broadcast time.
 """
 from __future__ import annotations
 
@@ -30,6 +31,73 @@ def batches_per_s(collector, seconds: float) -> float:
         next(it)
         n += 1
     return n / (time.perf_counter() - t0)
+
+
+class _BareWorker:
+    """The bare-Ray ceiling's actor: a counting env stepped with the same one-layer policy,
+    returning a batch of numpy arrays per call (one Ray call per batch, no framework)."""
+
+    def __init__(self, steps: int):
+        import numpy as np
+        import torch
+
+        torch.set_num_threads(1)
+        self.np, self.torch, self.steps = np, torch, steps
+        self.env = counting_env()
+        self.obs, _ = self.env.reset(seed=0)
+        self.policy = nn.Sequential(nn.Linear(1, 2), ArgmaxLayer())
+
+    def batch(self) -> dict:
+        """A 10-row batch of numpy arrays and nothing else: the cost of the Ray call alone."""
+        np = self.np
+        return {"observation": np.zeros((self.steps, 1), np.float32),
+                "action": np.zeros(self.steps, np.int64),
+                "reward": np.zeros(self.steps, np.float32), "done": np.zeros(self.steps, bool)}
+
+    def collect(self) -> dict:
+        np, torch = self.np, self.torch
+        obs = np.zeros((self.steps, 1), np.float32)
+        act = np.zeros(self.steps, np.int64)
+        rew = np.zeros(self.steps, np.float32)
+        done = np.zeros(self.steps, bool)
+        with torch.no_grad():
+            for t in range(self.steps):
+                obs[t] = self.obs
+                act[t] = int(self.policy(torch.as_tensor(self.obs[None]))[0])
+                self.obs, rew[t], term, trunc, _ = self.env.step(act[t])
+                done[t] = term or trunc
+                if done[t]:
+                    self.obs, _ = self.env.reset()
+        return {"observation": obs, "action": act, "reward": rew, "done": done}
+
+
+def bare_ray(workers: int, cpus: float, steps: int, seconds: float, rounds: bool,
+             work: bool = True) -> float:
+    """Batches/s of plain actors, one call in flight per actor (``rounds``: all of them, then
+    the next round, as a sync collector; else ``ray.wait`` for any, as an async one). ``work``:
+    each call steps the env with the policy as ours do; else it only returns a batch."""
+    actors = [ray.remote(num_cpus=cpus)(_BareWorker).remote(steps) for _ in range(workers)]
+    call = (lambda a: a.collect.remote()) if work else (lambda a: a.batch.remote())
+    try:
+        ray.get([call(a) for a in actors])  # started and warm
+        n, t0 = 0, time.perf_counter()
+        if rounds:
+            while time.perf_counter() - t0 < seconds:
+                ray.get([call(a) for a in actors])
+                n += workers
+        else:
+            inflight = {call(a): a for a in actors}
+            while time.perf_counter() - t0 < seconds:
+                ready, _ = ray.wait(list(inflight), num_returns=1)
+                a = inflight.pop(ready[0])
+                ray.get(ready[0])
+                inflight[call(a)] = a
+                n += 1
+            ray.get(list(inflight))
+        return n / (time.perf_counter() - t0)
+    finally:
+        for a in actors:
+            ray.kill(a)
 
 
 def main(argv=None) -> None:
@@ -70,10 +138,24 @@ def main(argv=None) -> None:
     mb = sum(p.numel() * 4 for p in big.parameters()) / 1e6
     print(f"weight broadcast of {mb:.1f} MB to {w} actors: {(time.perf_counter() - t1) * 1000:.0f} ms")
     c.shutdown()
-    c = MultiaSyncDataCollector(counting_env, policy, **common)
+    # (an async collector's batch is one worker's: frames_per_batch frames from one actor)
+    c = MultiaSyncDataCollector(counting_env, policy, **dict(common, frames_per_batch=args.steps))
     rate = batches_per_s(c, args.seconds)
-    print(f"async: {rate:.0f} batches/s through the driver ({rate * args.steps:,.0f} frames/s)")
+    route = "shared memory" if c.stats()["shared_memory_batches"] else "the driver"
     c.shutdown()
+    same = bare_ray(w, args.cpus_per_worker, args.steps, args.seconds, rounds=False)
+    free = bare_ray(w, args.cpus_per_worker, args.steps, args.seconds, rounds=False, work=False)
+    print(f"async: {rate:.0f} batches/s through {route} ({rate * args.steps:,.0f} frames/s); "
+          f"bare Ray, one call in flight per actor: {same:.0f} batches/s doing the same work "
+          f"(ratio {rate / same:.2f}), {free:.0f} returning a ready batch (ratio {rate / free:.2f})")
+    c = MultiSyncDataCollector(counting_env, policy, **common)
+    rate = batches_per_s(c, args.seconds) * w
+    c.shutdown()
+    same = bare_ray(w, args.cpus_per_worker, args.steps, args.seconds, rounds=True)
+    free = bare_ray(w, args.cpus_per_worker, args.steps, args.seconds, rounds=True, work=False)
+    print(f"sync rounds: {rate:.0f} worker batches/s; bare Ray rounds: {same:.0f} doing the same "
+          f"work (ratio {rate / same:.2f}), {free:.0f} returning a ready batch "
+          f"(ratio {rate / free:.2f})")
 
 
 if __name__ == "__main__":

@@ -101,7 +101,10 @@ class HandoffServer:
             return "no trainer connected"
         finally:
             self.listener.close()
-            os.unlink(self.address)  # one trainer per hand-off
+            try:
+                os.unlink(self.address)  # one trainer per hand-off
+            except FileNotFoundError:  # the collector closed and removed its folder meanwhile
+                pass
         sock.settimeout(None)
         conn = Connection(sock.detach())
         try:
