@@ -75,8 +75,12 @@ class SlotWriter:
 
     def close(self) -> None:
         self.buf = None
-        if self.path is not None and os.path.exists(self.path):
-            os.unlink(self.path)
+        path, self.path = self.path, None
+        if path is not None:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:  # the collector closed and removed its folder meanwhile
+                pass
 
 
 class HandoffServer:
