@@ -143,19 +143,21 @@ def main(argv=None) -> None:
     rate = batches_per_s(c, args.seconds)
     route = "shared memory" if c.stats()["shared_memory_batches"] else "the driver"
     c.shutdown()
-    same = bare_ray(w, args.cpus_per_worker, args.steps, args.seconds, rounds=False)
-    free = bare_ray(w, args.cpus_per_worker, args.steps, args.seconds, rounds=False, work=False)
     print(f"async: {rate:.0f} batches/s through {route} ({rate * args.steps:,.0f} frames/s); "
-          f"bare Ray, one call in flight per actor: {same:.0f} batches/s doing the same work "
-          f"(ratio {rate / same:.2f}), {free:.0f} returning a ready batch (ratio {rate / free:.2f})")
+          + ceilings(rate, args, rounds=False))
     c = MultiSyncDataCollector(counting_env, policy, **common)
     rate = batches_per_s(c, args.seconds) * w
     c.shutdown()
-    same = bare_ray(w, args.cpus_per_worker, args.steps, args.seconds, rounds=True)
-    free = bare_ray(w, args.cpus_per_worker, args.steps, args.seconds, rounds=True, work=False)
-    print(f"sync rounds: {rate:.0f} worker batches/s; bare Ray rounds: {same:.0f} doing the same "
-          f"work (ratio {rate / same:.2f}), {free:.0f} returning a ready batch "
-          f"(ratio {rate / free:.2f})")
+    print(f"sync rounds: {rate:.0f} worker batches/s; " + ceilings(rate, args, rounds=True))
+
+
+def ceilings(rate: float, args, rounds: bool) -> str:
+    """Bare Ray doing the same work and returning ready batches, with ours as ratios."""
+    same, free = (bare_ray(args.workers, args.cpus_per_worker, args.steps, args.seconds,
+                           rounds=rounds, work=work) for work in (True, False))
+    return (f"bare Ray, one call in flight per actor: {same:.0f} batches/s doing the same work "
+            f"(ratio {rate / same:.2f}), {free:.0f} returning a ready batch "
+            f"(ratio {rate / free:.2f})")
 
 
 if __name__ == "__main__":

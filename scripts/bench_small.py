@@ -136,21 +136,27 @@ def bare_process(batches: int, change: bool) -> float:
     ours_end, child_end = ctx.Pipe()
     proc = ctx.Process(target=_bare_child, args=(child_end, shared), daemon=True)
     proc.start()
-    t0 = None
     try:
-        for b in range(batches + WARMUP):
-            if b == WARMUP:
-                t0 = time.perf_counter()
-            if change:
-                step_weights(policy)
-                for k, v in policy.state_dict().items():
-                    shared[k].copy_(v)
-            ours_end.send_bytes(b"w" if change else b"c")
-            ours_end.recv()
-        return batches / (time.perf_counter() - t0)
+        return ask_per_batch(ours_end, policy, shared, batches, change)
     finally:
         ours_end.send_bytes(b"s")
         proc.join(10)
+
+
+def ask_per_batch(conn, policy, shared: dict, batches: int, change: bool) -> float:
+    """Batches/s of a bare loop on the other end of ``conn``, asked one batch at a time (the
+    weights, when changed, copied into ``shared`` first)."""
+    t0 = None
+    for b in range(batches + WARMUP):
+        if b == WARMUP:
+            t0 = time.perf_counter()
+        if change:
+            step_weights(policy)
+            for k, v in policy.state_dict().items():
+                shared[k].copy_(v)
+        conn.send_bytes(b"w" if change else b"c")
+        conn.recv()
+    return batches / (time.perf_counter() - t0)
 
 
 class _BareActor:
@@ -202,18 +208,9 @@ def bare_ray_actor(batches: int, change: bool) -> float:
                              for i, (k, v) in enumerate(shared.items())})
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(path)
-    conn, t0 = Connection(sock.detach()), None
+    conn = Connection(sock.detach())
     try:
-        for b in range(batches + WARMUP):
-            if b == WARMUP:
-                t0 = time.perf_counter()
-            if change:
-                step_weights(policy)
-                for k, v in policy.state_dict().items():
-                    shared[k].copy_(v)
-            conn.send_bytes(b"w" if change else b"c")
-            conn.recv()
-        return batches / (time.perf_counter() - t0)
+        return ask_per_batch(conn, policy, shared, batches, change)
     finally:
         conn.send_bytes(b"s")
         ray.get(done, timeout=30)
