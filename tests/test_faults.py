@@ -8,6 +8,7 @@ import sys
 import textwrap
 import time
 
+import psutil
 import pytest
 import ray
 import torch
@@ -23,6 +24,19 @@ from conftest import alive_actor_names
 def invariant(stats):
     for p in stats["per_worker"]:
         assert p["frames"] == p["delivered"] + sum(p["dropped"].values()), p
+
+
+def wait_exited(pid: int, timeout_s: float = 10.0) -> None:
+    """Until ``pid`` has exited (its sockets closed): gone, or a zombie not yet reaped."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return
+        except psutil.NoSuchProcess:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} still running {timeout_s}s after SIGKILL")
 
 
 def test_env_step_raises_env_rebuilt_episode_cut():
@@ -70,6 +84,7 @@ def test_sigkill_of_a_worker_mid_run():
         next(it)
         pid = c.worker_info[1]["pid"]
         os.kill(pid, signal.SIGKILL)
+        wait_exited(pid)  # else worker 0 may deliver the other 450 frames before the death shows
         rest = list(it)
         stats = c.stats()
     assert sum(b.numel() for b in rest) == 450
