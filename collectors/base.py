@@ -21,11 +21,12 @@ from actors.stepping.policy_runner import module_device
 from actors.stepping.vector_rollout import AUTO_MIN_ENVS, native_vector_problem
 from collectors import validate
 from collectors.background import BackgroundMixin
-from collectors.batch import assemble, mark_truncated, split_trajectories
+from collectors.batch import assemble, finish
 from collectors.control import CONTROL_TIMEOUT_S, ControlMixin
 from collectors.local_route import LocalRoute, batch_problem
 from collectors.resources import check_feasible, on_cpu, worker_gpus
 from collectors.figures import FiguresMixin
+from collectors.introspection import IntrospectionMixin
 from collectors.iteration import IterationMixin
 from collectors.runtime import driver_get as _ray_get
 from collectors.runtime import ensure_ray, kill_quietly as _kill_quietly, near_caller
@@ -35,9 +36,8 @@ from collectors.trajectories import Trajectories, check_trajectory_options
 from collectors.weight_sync import WeightWatcher
 
 
-
-
-class DataCollectorBase(IterationMixin, ControlMixin, BackgroundMixin, FiguresMixin):
+class DataCollectorBase(IterationMixin, ControlMixin, IntrospectionMixin, BackgroundMixin,
+                        FiguresMixin):
     """Collects TorchRL-layout TensorDict batches from env actors coordinated by a driver actor.
 
     Subclasses choose the number of workers, the layout (``single``, ``stack``, ``cat``) and
@@ -324,28 +324,9 @@ class DataCollectorBase(IterationMixin, ControlMixin, BackgroundMixin, FiguresMi
         valid = sum(m["frames"] for m in metas)
         if local is not None and self._async:  # copied out: that worker may collect again
             self._route.release(self._frames + valid < self.init_random_frames)
-        if self.options.preemptive_threshold is not None or self._masked:
-            mask = batch.get(("collector", "traj_ids")) >= 0
-            if batch.batch_dims == 1 and self.options.preemptive_threshold is not None:
-                batch = batch[mask]  # workers end to end (cat_results=-1): the real frames only
-            else:
-                batch.set(("collector", "mask"), mask)
         self._frames += valid
         self._iter += 1
-        if self.options.track_policy_version:  # TorchRL's PolicyVersion entries
-            version = batch.get(("collector", "policy_version"))
-            batch.set("policy_version", version.clone())
-            batch.set(("next", "policy_version"), version.clone())
-        if self.options.set_truncated:
-            mark_truncated(batch)
-        if self.options.split_trajs:
-            batch = split_trajectories(batch)
-        if self.postproc is not None:
-            batch = self.postproc(batch)
-        if not self.options.track_traj_ids:
-            batch = batch.exclude(("collector", "traj_ids"))
-        if self.options.storing_device not in (None, "cpu"):
-            batch = batch.to(self.options.storing_device)
+        batch = finish(batch, self.options, self.postproc, self._masked)
         if self.options.post_collect_hook is not None:
             self.options.post_collect_hook(batch)
         if self.replay_buffer is not None:  # a local buffer (e.g. TorchRL's): extend it here

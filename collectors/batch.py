@@ -103,3 +103,29 @@ def mark_truncated(batch: TensorDict) -> None:
     for key in ("truncated", "done"):
         flag = batch.get(("next", key))
         flag[..., -1, :] = True
+
+
+def finish(batch: TensorDict, options, postproc, masked: bool) -> TensorDict:
+    """The batch as the user gets it: masks, TorchRL's extra entries, postproc, device
+    (``options``: the collector's; ``masked``: dropped episodes leave masked frames)."""
+    if options.preemptive_threshold is not None or masked:
+        mask = batch.get(("collector", "traj_ids")) >= 0
+        if batch.batch_dims == 1 and options.preemptive_threshold is not None:
+            batch = batch[mask]  # workers end to end (cat_results=-1): the real frames only
+        else:
+            batch.set(("collector", "mask"), mask)
+    if options.track_policy_version:  # TorchRL's PolicyVersion entries
+        version = batch.get(("collector", "policy_version"))
+        batch.set("policy_version", version.clone())
+        batch.set(("next", "policy_version"), version.clone())
+    if options.set_truncated:
+        mark_truncated(batch)
+    if options.split_trajs:
+        batch = split_trajectories(batch)
+    if postproc is not None:
+        batch = postproc(batch)
+    if not options.track_traj_ids:
+        batch = batch.exclude(("collector", "traj_ids"))
+    if options.storing_device not in (None, "cpu"):
+        batch = batch.to(options.storing_device)
+    return batch

@@ -17,6 +17,7 @@ from typing import Any
 
 import ray
 
+from actors.stepping.attr_path import resolve
 from actors.stepping.compact import compact_arrays
 from actors.shm.handoff import HandoffServer
 from actors.options import CollectorOptions
@@ -63,6 +64,21 @@ class WorkerPlan:
     steps: int
     options: CollectorOptions
     policy_factory: Any = None  # builds the policy in the actor, instead of ``policy``
+
+
+class WorkerView:
+    """What ``get_distant_attr`` sees in an env actor, as TorchRL's per-worker collector shows
+    it: ``env`` (the env; a list with ``num_envs > 1`` gymnasium envs), ``policy`` (this
+    actor's copy), ``frames_per_batch`` (this worker's), ``worker_idx``, ``policy_version``."""
+
+    def __init__(self, worker: "EnvWorker"):
+        r = worker.rollout
+        envs = getattr(r, "envs", None)
+        self.env = r.env if envs is None else (envs[0] if len(envs) == 1 else list(envs))
+        self.policy = getattr(r, "policy", r.runner.policy)
+        self.frames_per_batch = r.num_envs * r.steps
+        self.worker_idx = worker.worker_index
+        self.policy_version = r.policy_version
 
 
 class EnvWorker:
@@ -213,6 +229,17 @@ class EnvWorker:
             "restarts": self.restarts,
         }
         return batch, meta
+
+    @ray.method(concurrency_group="control")
+    def distant_attr(self, path: str):
+        """``get_distant_attr``: ``path`` resolved on :class:`WorkerView` (env, policy, ...)."""
+        return resolve(WorkerView(self), path)
+
+    @ray.method(concurrency_group="control")
+    def fake_batch(self) -> dict:
+        """Zeros laid out as :meth:`collect`'s arrays (``fake_tensordict``); steps nothing."""
+        batch = self.rollout.fake_arrays()
+        return compact_arrays(batch) if self.compact_obs else batch
 
     @ray.method(concurrency_group="control")
     def preempt(self) -> bool:

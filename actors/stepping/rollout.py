@@ -159,6 +159,10 @@ class Rollout:
         if errors:
             raise errors[0]
 
+    def fake_arrays(self) -> dict:
+        """Zeros laid out as :meth:`collect`'s result (keys, shapes, dtypes); steps nothing."""
+        return {k: np.zeros_like(v) for k, v in self.buffers.items()}
+
     # -- the loop ------------------------------------------------------------------------
     def collect(self, random_actions: bool = False) -> dict:
         """Step every env ``steps`` times and return the filled buffers (reused next call).

@@ -296,17 +296,38 @@ class TensorDictRollout:
                                                                      "succeeded"))
         if valid < self.steps:
             frames = frames + [frames[-1].clone().zero_()] * (self.steps - valid)
-        batch = torch.stack(frames, dim=-1)
-        if not self.batched:
-            batch = batch.unsqueeze(0)
-        private = [k for k in batch.keys() if isinstance(k, str) and k.startswith("_")]
-        if private:
-            batch = batch.exclude(*private)
+        batch = self._stacked(frames)
         ids = torch.full(batch.batch_size, -1, dtype=torch.int64)  # -1: never filled
         done, reward = self._episode_signals(batch)
         ids[:, :valid] = self._stamp(done[:, :valid], reward[:, :valid])
         batch.set(TRAJ_KEY, ids)
         batch.set(VERSION_KEY, torch.full(batch.batch_size, self.policy_version, dtype=torch.int64))
+        return self._numpy(batch)
+
+    def _stacked(self, frames: list):
+        """``[E, T]`` from T frames, private (``_``) keys left out."""
+        batch = self.torch.stack(frames, dim=-1)
+        if not self.batched:
+            batch = batch.unsqueeze(0)
+        private = [k for k in batch.keys() if isinstance(k, str) and k.startswith("_")]
+        return batch.exclude(*private) if private else batch
+
+    def fake_arrays(self) -> dict:
+        """Zeros laid out as :meth:`collect`'s result, from the env's specs and the policy's
+        output template; steps nothing."""
+        frame = self.env.fake_tensordict()
+        outputs = self._zero_outputs if self._zero_outputs is not None else self._output_template()
+        if outputs is not None:
+            frame.update(outputs.clone())
+        batch = self._stacked([frame] * self.steps).apply(self.torch.zeros_like)
+        zeros = self.torch.zeros(batch.batch_size, dtype=self.torch.int64)
+        batch.set(TRAJ_KEY, zeros)
+        batch.set(VERSION_KEY, zeros.clone())
+        return self._numpy(batch)
+
+    def _numpy(self, batch) -> dict:
+        """``{key: ndarray}``; non-tensor entries as object arrays."""
+        torch = self.torch
         from tensordict.base import _is_leaf_nontensor  # non-tensor entries are leaves too
 
         out = {}

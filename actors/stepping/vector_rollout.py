@@ -195,6 +195,10 @@ class VectorRollout:
                 raise EnvStepError(0, self._seed(), "close", exc) from exc
 
     # -- the loop ------------------------------------------------------------------------
+    def fake_arrays(self) -> dict:
+        """Zeros laid out as :meth:`collect`'s result (keys, shapes, dtypes); steps nothing."""
+        return {k: np.zeros_like(v) for k, v in self.buffers.items()}
+
     def collect(self, random_actions: bool = False) -> dict:
         """Step the vector env until every env has ``steps`` frames; return the buffers."""
         n, steps, key = self.num_envs, self.steps, self.obs_keys[0]
