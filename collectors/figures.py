@@ -69,6 +69,8 @@ class FiguresMixin:
             "placement": (self.config.placement.strategy if self.config else None) or "none",
             # batches handed over through shared memory (the local route), not the driver
             "shared_memory_batches": self._route.batches if self._route else 0,
+            # start(): batches env actors handed to the replay buffer through shared memory
+            "shared_memory_writes": driver.get("shared_memory_writes", 0),
         }
         for i, p in enumerate(per):
             for key in ("frames", "delivered", "policy_version", "restarts", "env_errors", "timeouts"):

@@ -1,6 +1,6 @@
 """Coordination at scale: one driver, many env actors on one machine.
 
-    python scripts/bench_scale.py [--workers 64] [--cpus-per-worker 0.02]
+    python scripts/bench_scale.py [--workers 64] [--cpus-per-worker 0.02] [--only buffer]
 
 Each worker steps a trivial counting env with a one-layer policy (so weights can be sent).
 Prints the time to start all actors, the batches per second (sync rounds and async single
@@ -17,7 +17,7 @@ import time
 import ray
 from torch import nn
 
-from collectors import MultiaSyncDataCollector, MultiSyncDataCollector
+from collectors import MultiaSyncDataCollector, MultiSyncDataCollector, RayReplayBuffer
 from collectors.policies import ArgmaxLayer
 from collectors.testing import counting_env
 
@@ -106,6 +106,7 @@ def main(argv=None) -> None:
     p.add_argument("--cpus-per-worker", type=float, default=0.02)
     p.add_argument("--steps", type=int, default=10, help="steps per worker per batch")
     p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--only", choices=["buffer"], help="only start() into a RayReplayBuffer")
     args = p.parse_args(argv)
     w = args.workers
     ray.init(num_cpus=max(2, int(w * args.cpus_per_worker) + 2), dashboard_host="127.0.0.1",
@@ -115,6 +116,11 @@ def main(argv=None) -> None:
                   startup_timeout_s=600)
     print(f"{w} env actors, {args.cpus_per_worker} CPU each, {args.steps} steps per batch, "
           f"{os.cpu_count()} cores")
+    if args.only == "buffer":
+        rate, route = into_buffer(policy, common, args)
+        print(f"start() into a RayReplayBuffer: {rate:.0f} batches/s ({route}); "
+              + ceilings(rate, args, rounds=False))
+        return
     t0 = time.perf_counter()
     c = MultiSyncDataCollector(counting_env, policy, **common)
     print(f"start all actors (first collector): {time.perf_counter() - t0:.1f} s")
@@ -149,6 +155,29 @@ def main(argv=None) -> None:
     rate = batches_per_s(c, args.seconds) * w
     c.shutdown()
     print(f"sync rounds: {rate:.0f} worker batches/s; " + ceilings(rate, args, rounds=True))
+    rate, route = into_buffer(policy, common, args)
+    print(f"start() into a RayReplayBuffer: {rate:.0f} batches/s of {args.steps} frames reach "
+          f"the buffer ({route}); " + ceilings(rate, args, rounds=False))
+
+
+def into_buffer(policy, common: dict, args) -> tuple[float, str]:
+    """Batches per second written into a ``RayReplayBuffer`` by ``start()`` (async workers,
+    ``--steps`` frames each), counted by the buffer, after a one-second warm-up."""
+    rb = RayReplayBuffer(1_000_000)
+    c = MultiaSyncDataCollector(counting_env, policy, replay_buffer=rb,
+                                **dict(common, frames_per_batch=args.steps))
+    try:
+        c.start()
+        time.sleep(1.0)
+        n0, t0 = rb.write_count, time.perf_counter()
+        time.sleep(args.seconds)
+        rate = (rb.write_count - n0) / args.steps / (time.perf_counter() - t0)
+        route = "shared memory" if c.stats()["shared_memory_writes"] else "the object store"
+    finally:
+        c.async_shutdown()
+        c.shutdown()
+        rb.shutdown()
+    return rate, route
 
 
 def ceilings(rate: float, args, rounds: bool) -> str:

@@ -52,6 +52,9 @@ class BackgroundWriter:
         self.rate_waits = 0  # sends the buffer's rate limiter held back (retried)
         self.epoch: str | None = None  # of the current start(): the buffer fences it at stop()
         self.buffer = None
+        self.feed_batches = 0  # batches written through the local feed (shared memory)
+        # (buffer, epoch) -> a LocalFeed, or None when batches go through the object store
+        self.feed_factory = None
 
     def batch_id(self, meta: dict) -> tuple:
         """Unique per collector instance: (name, instance, worker, restarts, batch index)."""
@@ -139,6 +142,10 @@ class BackgroundWriter:
 
     def _run(self, buffer, epoch: str) -> None:
         try:
+            feed = self.feed_factory(buffer, epoch) if self.feed_factory is not None else None
+            if feed is not None:
+                feed.run()
+                return
             while not self.stop_event.is_set():
                 if self.total > 0 and self.frames >= self.total:
                     break

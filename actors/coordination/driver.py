@@ -19,6 +19,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from actors.coordination.background_writer import BackgroundWriter
 from actors.coordination.collection import Collection, Ledger
+from actors.coordination.local_feed import LocalFeed, feed_problem
 from actors.stepping.env_worker import EnvWorker
 from actors.errors import EnvCreationError, StartupTimeout, unwrap
 from actors.coordination.metrics import Metrics
@@ -64,6 +65,7 @@ class Driver:
             sample_timeout_s=options.sample_timeout_s, prefetch=options.prefetch,
             on_error=options.on_worker_error)
         self.writer = BackgroundWriter(name, self.collection, self.ledger, options.write_timeout_s)
+        self.writer.feed_factory = self._local_feed
         self.pool.start()
 
     # -- workers -----------------------------------------------------------------------------
@@ -191,6 +193,16 @@ class Driver:
     def start(self, buffer, total_frames: int = -1) -> bool:
         return self.writer.start(buffer, total_frames)
 
+    def _local_feed(self, buffer, epoch: str):
+        """A :class:`LocalFeed` into ``buffer`` when it and every env actor share this node."""
+        info = ray.get(buffer.info.remote(), timeout=self.options.write_timeout_s)
+        problem = feed_problem(self.options, self.info, info, ray.get_runtime_context().get_node_id())
+        if problem is not None:
+            log.info("%s: batches go to the replay buffer through the object store: %s",
+                     self.name, problem)
+            return None
+        return LocalFeed(self.writer, self.collection, buffer, epoch, self.options.write_timeout_s)
+
     def stop(self, timeout: float = 10.0) -> bool:
         return self.writer.stop(timeout)
 
@@ -253,6 +265,7 @@ class Driver:
             "env_error_log": list(self.ledger.env_error_log),
             "background_frames": self.writer.frames,
             "written_batches": self.writer.written_batches,
+            "shared_memory_writes": self.writer.feed_batches,
             "written_batch_ids": list(self.writer.written_ids),
             "buffer_resends": self.writer.resends,
             "buffer_restart_resends": self.writer.restart_resends,

@@ -83,6 +83,37 @@ class SlotWriter:
                 pass
 
 
+class SlotMaps:
+    """Read-only maps of slot files in ``folder`` (checked: regular files of ours there), the
+    ``keep`` most recent kept mapped; ``arrays(path, layout, inline)`` gives a reply's arrays."""
+
+    def __init__(self, folder: str, keep: int = 1):
+        self.folder, self.keep = folder, keep
+        self.maps: dict[str, np.memmap] = {}
+
+    def arrays(self, path: str | None, layout: list, inline: dict) -> dict:
+        buf = self._map(path) if layout else None
+        arrays = {key: np.ndarray(shape, dtype=dtype, buffer=buf, offset=off)
+                  for key, dtype, shape, off in layout}
+        arrays.update(inline)
+        return arrays
+
+    def _map(self, path: str) -> np.memmap:
+        buf = self.maps.get(path)
+        if buf is None:
+            st = os.lstat(path)
+            if os.path.dirname(path) != self.folder or not stat.S_ISREG(st.st_mode) \
+                    or st.st_uid != os.getuid():
+                raise OSError(f"slot {path} is not a regular file of ours in {self.folder}")
+            if len(self.maps) >= self.keep:  # (a grown slot's old file is gone: unmap it)
+                self.maps.pop(next(iter(self.maps)))
+            buf = self.maps[path] = np.memmap(path, dtype=np.uint8, mode="r", shape=(st.st_size,))
+        return buf
+
+    def clear(self) -> None:
+        self.maps = {}
+
+
 class HandoffServer:
     """The env actor's side: a listening socket and a slot; ``serve(collect)`` runs the loop."""
 
@@ -163,7 +194,7 @@ class HandoffClient:
             raise
         sock.settimeout(None)
         self.conn = Connection(sock.detach())
-        self.maps: dict[str, np.memmap] = {}
+        self.slots = SlotMaps(folder, keep=1)
 
     def fileno(self) -> int:
         return self.conn.fileno()
@@ -175,26 +206,17 @@ class HandoffClient:
     def receive(self) -> tuple[dict, dict]:
         """The reply: ``(arrays, meta)``; the arrays are views of the slot, valid until the next
         request. ``EOFError``/``OSError``: the actor is gone; ``WorkerFailed``: it raised."""
+        meta, where = self.receive_where()
+        return self.slots.arrays(*where), meta
+
+    def receive_where(self) -> tuple[dict, tuple]:
+        """The reply without reading the slot: ``(meta, (path, layout, inline))``, for a
+        consumer in another process (:meth:`SlotMaps.arrays` reads it there)."""
         reply = self.conn.recv()
         if reply[0] == "error":
             raise WorkerFailed(reply[1], reply[2], reply[3])
         _, meta, path, layout, inline = reply
-        buf = self._map(path) if layout else None
-        arrays = {key: np.ndarray(shape, dtype=dtype, buffer=buf, offset=off)
-                  for key, dtype, shape, off in layout}
-        arrays.update(inline)
-        return arrays, meta
-
-    def _map(self, path: str) -> np.memmap:
-        buf = self.maps.get(path)
-        if buf is None:
-            st = os.lstat(path)
-            if os.path.dirname(path) != self.folder or not stat.S_ISREG(st.st_mode) \
-                    or st.st_uid != os.getuid():
-                raise OSError(f"slot {path} is not a regular file of ours in {self.folder}")
-            self.maps = {path: np.memmap(path, dtype=np.uint8, mode="r", shape=(st.st_size,))}
-            buf = self.maps[path]
-        return buf
+        return meta, (path, layout, inline)
 
     def close(self, stop: bool = True) -> None:
         """Tell the actor to stop serving (it then takes plain calls again); idempotent."""
@@ -206,4 +228,4 @@ class HandoffClient:
             except OSError:
                 pass
         self.conn.close()
-        self.maps = {}
+        self.slots.clear()

@@ -18,6 +18,7 @@ from actors.storage import checkpoints
 from actors.storage.buffer_state import BufferStateMixin
 from actors.stepping.compact import expand_arrays
 from actors.storage.compact_storage import CompactNext
+from actors.storage.intake import Intake
 from actors.coordination.metrics import Metrics
 from actors.storage.samplers import make_sampler
 from actors.shm.folders import remove_stale, shareable
@@ -28,6 +29,8 @@ log = logging.getLogger("ray_collectors.buffer")
 WEIGHT_KEY = "priority_weight"  # TorchRL's key for importance weights of prioritized samples
 SAMPLE_KEYS = ("index", WEIGHT_KEY, "_weight")  # added by sampling: dropped when written back
 SEEN_IDS = 50_000  # batch ids remembered to drop resends (a resend comes within seconds)
+TRAJ_KEY = ("collector", "traj_ids")
+INTAKE_WAIT_S = 1.0  # an intake write held by the rate limiter is answered "wait" after this
 
 
 class RateLimiter:
@@ -154,8 +157,10 @@ class ReplayBufferActor(BufferStateMixin):
                     f"entry {key!r}: storage holds per-frame shape {shape} and dtype {dtype}, got "
                     f"shape {got[key][0]} and dtype {got[key][1]}.")
 
-    def extend(self, td: TensorDict, batch_id=None, timeout: float | None = None) -> int:
-        """Write frames (all batch dims flattened); returns how many were written (0 if a dup)."""
+    def extend(self, td: TensorDict, batch_id=None, timeout: float | None = None, *,
+               group_ids: list | None = None) -> int:
+        """Write frames (all batch dims flattened); returns how many were written (0 if a dup).
+        ``group_ids``: the frames are several batches, written only if none of them is stored."""
         if not isinstance(td, TensorDict) and hasattr(td, "to_tensordict"):
             td = td.to_tensordict()
         if td.batch_dims == 0:
@@ -169,16 +174,17 @@ class ReplayBufferActor(BufferStateMixin):
         self._check(td)
         t0 = time.perf_counter()
         n = td.shape[0]
+        ids = list(group_ids) if group_ids else ([] if batch_id is None else [batch_id])
+        ids = [tuple(i) if isinstance(i, list) else i for i in ids]
         with self.cond:
-            if batch_id is not None:
-                batch_id = tuple(batch_id) if isinstance(batch_id, list) else batch_id
+            for bid in ids:
                 # a send of the same id in progress (e.g. a resend while the first waits for
                 # the rate limiter): wait for its outcome, so the batch is stored exactly once
-                self._wait(lambda: batch_id not in self.reserved, timeout,
-                           f"an earlier send of batch {batch_id} to finish")
-                if batch_id in self.seen:
-                    return 0
-                self.reserved.add(batch_id)
+                self._wait(lambda bid=bid: bid not in self.reserved, timeout,
+                           f"an earlier send of batch {bid} to finish")
+            if any(bid in self.seen for bid in ids):
+                return 0
+            self.reserved.update(ids)
             idx = (torch.arange(n) + self.cursor) % self.capacity
             try:
                 self._wait(lambda: self.limiter.can_insert(n), timeout,
@@ -186,7 +192,7 @@ class ReplayBufferActor(BufferStateMixin):
                 if self.compact is not None:
                     td = self.compact.strip(td, idx, self.storage, self.size)
             except BaseException:
-                self.reserved.discard(batch_id)
+                self.reserved.difference_update(ids)
                 self.cond.notify_all()
                 raise
             if self.storage is None:
@@ -201,17 +207,17 @@ class ReplayBufferActor(BufferStateMixin):
             self.write_count += n
             self.limiter.inserts += n
             self.sampler.on_write(idx, self.storage, self.size)
-            if batch_id is not None:
-                self.seen[batch_id] = None
-                self.reserved.discard(batch_id)
-                if len(self.seen) > SEEN_IDS:
-                    self.seen.popitem(last=False)
-            self.batches += 1
+            for bid in ids:
+                self.seen[bid] = None
+            self.reserved.difference_update(ids)
+            while len(self.seen) > SEEN_IDS:
+                self.seen.popitem(last=False)
+            before, self.batches = self.batches, self.batches + max(1, len(ids))
             self.insert_time += time.perf_counter() - t0
             self.metrics.buffer(self.size, inserted=n)
             self.cond.notify_all()
             if self.checkpoint_every and self.checkpoint_dir and \
-                    self.batches % self.checkpoint_every == 0:
+                    before // self.checkpoint_every != self.batches // self.checkpoint_every:
                 self._checkpoint_soon()
         return n
 
@@ -272,6 +278,56 @@ class ReplayBufferActor(BufferStateMixin):
         """
         import ray
 
+        return self._write_arrays(lambda: ray.get(refs[0]), batch_id, timeout, epoch)
+
+    def open_intake(self, folder: str) -> str:
+        """Take batches from env actors on this node through their slot files in ``folder``
+        (a collector driver's, see :mod:`actors.storage.intake`); returns the socket address."""
+        return Intake(folder, self._write_group).address
+
+    def _write_group(self, pairs: list, epoch) -> list[dict]:
+        """The intake's ``[(batch_id, arrays)]`` in one write when they stack (one check, one
+        copy into the ring), else one by one; an acknowledgement per batch."""
+        with self.cond:
+            if epoch in self.fenced:
+                return [{"frames": 0, "fenced": True}] * len(pairs)
+            self.writing[epoch] = self.writing.get(epoch, 0) + 1
+        try:
+            fresh = [(tuple(bid), a) for bid, a in pairs if tuple(bid) not in self.seen]
+            frames = {bid: int((a[TRAJ_KEY] >= 0).sum()) for bid, a in fresh}
+            written: dict = {}
+            stackable = len(fresh) > 1 and not any(
+                isinstance(k, tuple) and k[0] == "_compact" for k in fresh[0][1])
+            if stackable and sum(frames.values()):
+                try:
+                    merged = {k: np.concatenate([a[k] for _, a in fresh]) for k in fresh[0][1]}
+                except (KeyError, ValueError):  # (shapes differ: one by one)
+                    merged = None
+                if merged is not None and self.extend(arrays_to_frames(merged), None, INTAKE_WAIT_S,
+                                                      group_ids=[bid for bid, _ in fresh]):
+                    written = frames
+            acks = []
+            for bid, a in pairs:
+                bid = tuple(bid)
+                if bid not in written and bid in frames and not (acks and acks[-1].get("rate_wait")):
+                    try:
+                        written[bid] = self.extend(arrays_to_frames(a), bid, INTAKE_WAIT_S)
+                    except TimeoutError:  # the rate limiter holds it (and the rest): sent again
+                        acks.append({"rate_wait": True})
+                        continue
+                elif acks and acks[-1].get("rate_wait"):
+                    acks.append({"rate_wait": True})
+                    continue
+                acks.append({"frames": written.get(bid, 0)})
+            return acks
+        finally:
+            with self.cond:
+                self.writing[epoch] -= 1
+                self.cond.notify_all()
+
+    def _write_arrays(self, fetch, batch_id, timeout, epoch) -> dict:
+        """Write the worker arrays ``fetch()`` gives unless ``epoch`` is fenced or ``batch_id``
+        is stored already; the acknowledgement of :meth:`extend_ref`."""
         with self.cond:
             if epoch is not None and epoch in self.fenced:
                 return {"frames": 0, "fenced": True, "incarnation": self.incarnation, "undurable": 0}
@@ -280,7 +336,7 @@ class ReplayBufferActor(BufferStateMixin):
         try:
             n = 0
             if batch_id is None or tuple(batch_id) not in self.seen:
-                n = self.extend(arrays_to_frames(ray.get(refs[0])), batch_id, timeout)
+                n = self.extend(arrays_to_frames(fetch()), batch_id, timeout)
         finally:
             if epoch is not None:
                 with self.cond:
@@ -354,6 +410,7 @@ class ReplayBufferActor(BufferStateMixin):
                 "samples": self.limiter.samples, "insert_time": self.insert_time,
                 "sample_time": self.sample_time, "restored_from": self.restored_from,
                 "checkpointed_batches": self.checkpointed_batches,
+                "checkpoint_dir": self.checkpoint_dir,
                 "pid": os.getpid(), "node_id": _node_id(), "storage_bytes": self.storage_bytes()}
 
     def storage_bytes(self) -> int:

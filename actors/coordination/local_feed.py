@@ -1,0 +1,248 @@
+"""Background collection into a replay-buffer actor on the driver's node, with no Ray call per
+batch: env actors leave batches in their shared-memory slots (:mod:`actors.shm.handoff`), the
+driver names them to the buffer's intake in groups (:mod:`actors.storage.intake`), and asks each
+env actor again once the buffer acknowledged its batch. The driver handles names and metas only.
+
+Used by :class:`~actors.coordination.background_writer.BackgroundWriter` when every env actor and
+the buffer run on the driver's node, ``/dev/shm`` is usable and the buffer keeps no checkpoints
+(a checkpointing buffer may restart from its last checkpoint; the writer then resends the batches
+written since, which it keeps in the object store: that path stays). Everything else is as in the
+writer: one batch id per batch (the buffer stores an id once), the ledger (produced = delivered +
+dropped), hang deadlines and replacements, fencing at ``stop()``, the rate limiter, and
+``write_timeout_s`` for a buffer that does not come back.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import time
+from multiprocessing.connection import Connection
+from multiprocessing.connection import wait as wait_ready
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+
+from actors.errors import CollectorError, ReplayBufferUnavailable
+from actors.shm.folders import private_folder, remove_stale, shareable
+from actors.shm.handoff import CONNECT_TIMEOUT_S, HandoffClient, WorkerFailed
+
+log = logging.getLogger("ray_collectors.feed")
+
+CONTROL_TIMEOUT_S = 30.0
+POLL_S = 0.1  # how often a waiting feed looks at stop() and pause()
+
+
+def feed_problem(options, worker_info: list, buffer_info: dict, here: str) -> str | None:
+    """Why background collection into this buffer cannot take the local feed (None: it can)."""
+    if options.shared_memory is False:
+        return "shared_memory=False"
+    if buffer_info.get("checkpoint_dir"):
+        return "the buffer keeps checkpoints: batches stay resendable through the object store"
+    nodes = {info.get("node_id") for info in worker_info} | {buffer_info.get("node_id")}
+    if nodes != {here}:
+        return "the env actors or the buffer run on another node than the driver"
+    if not shareable(1 << 20):
+        return "this machine has no usable /dev/shm"
+    return None
+
+
+class LocalFeed:
+    """One ``start()``'s feed; ``run()`` until the writer stops, reaches its total, or fails."""
+
+    def __init__(self, writer, collection, buffer, epoch: str, write_timeout_s: float):
+        self.writer, self.collection, self.pool = writer, collection, collection.pool
+        self.ledger = collection.ledger
+        self.buffer, self.epoch, self.write_timeout_s = buffer, epoch, write_timeout_s
+        self.clients: dict[int, tuple] = {}  # worker -> (handle, HandoffClient)
+        self.inflight: dict[int, float] = {}  # worker -> deadline of its request
+        self.ready: dict[int, tuple] = {}  # worker -> (meta, where): received, not yet written
+        self.intake: Connection | None = None
+        remove_stale()
+        self.folder, self._lock_fd = private_folder("feed-")
+
+    # -- the loop ----------------------------------------------------------------------------
+    def run(self) -> None:
+        w = self.writer
+        try:
+            self._connect_intake(time.monotonic() + self.write_timeout_s)
+            for i, _ in self.pool.alive():
+                self._attach(i)
+            while not w.stop_event.is_set():
+                if w.total > 0 and w.frames >= w.total:
+                    break
+                paused = w.paused.is_set()
+                self._receive(block=paused)  # (paused: replies are taken, none is written)
+                if not self.ready or paused:
+                    continue
+                with w.write_lock:
+                    if not w.paused.is_set():
+                        self._write_ready()
+        finally:
+            self.close()
+
+    def _receive(self, block: bool = False) -> None:
+        """Take every reply that is there, waiting up to ``POLL_S`` when none is ready yet (or
+        ``block``); replace workers that failed or missed their deadline."""
+        if not self.inflight and not self.ready:
+            raise CollectorError(f"no worker of {self.pool.name!r} is left to collect from.")
+        conns = {self.clients[i][1].conn: i for i in self.inflight}
+        now = time.monotonic()
+        wait = min([POLL_S] + [d - now for d in self.inflight.values()])
+        if self.ready and not block:
+            wait = 0.0
+        if not conns:  # (all replied, paused: nothing to wait on but time)
+            time.sleep(max(0.0, wait))
+            return
+        for conn in wait_ready(list(conns), timeout=max(0.0, wait)):
+            i = conns[conn]
+            del self.inflight[i]
+            try:
+                meta, where = self.clients[i][1].receive_where()
+            except WorkerFailed as exc:
+                self._failed(i, exc.kind, type(exc.cause).__name__ if exc.cause else "",
+                             exc.text, exc.cause)
+                continue
+            except (EOFError, OSError) as exc:
+                self._failed(i, "died", "", repr(exc))
+                continue
+            self.collection.settle(i, meta)  # delivered; undelivered if it never lands
+            self.ready[i] = (meta, where)
+        now = time.monotonic()
+        for i, deadline in list(self.inflight.items()):
+            if deadline <= now:
+                del self.inflight[i]
+                self._failed(i, "timeout", "", "")
+
+    def _write_ready(self) -> None:
+        """Name every received batch to the buffer in one message; ask their workers again."""
+        w = self.writer
+        order, planned = [], w.frames
+        for i in sorted(self.ready):  # up to total_frames, as the writer stops there
+            if w.total > 0 and planned >= w.total:
+                break
+            order.append(i)
+            planned += self.ready[i][0]["frames"]
+        ids = [w.batch_id(self.ready[i][0]) for i in order]
+        acks = self._send([(bid, self.ready[i][1]) for i, bid in zip(order, ids)])
+        for i, bid, ack in zip(order, ids, acks):
+            if ack.get("rate_wait"):  # stays ready; sent again on the next round
+                w.rate_waits += 1
+                continue
+            if "error" in ack:
+                raise RuntimeError(f"the replay buffer could not write batch {bid}: "
+                                   f"{ack['error']}\n{ack.get('traceback', '')}")
+            meta, _ = self.ready.pop(i)
+            if ack.get("fenced"):
+                if meta["frames"]:
+                    self.ledger.undeliver(meta, "stopped")
+            else:
+                w.written_ids.append(bid)
+                w.written_batches += 1
+                w.frames += meta["frames"]
+                w.feed_batches += 1
+            self._ask(i)
+
+    def _send(self, items: list) -> list:
+        """The buffer's acknowledgements of ``items``; a buffer that restarts is reconnected
+        to and sent the same items again (the slots still hold them; ids stop duplicates)."""
+        deadline = time.monotonic() + self.write_timeout_s
+        while True:
+            try:
+                if self.intake is None:
+                    self._connect_intake(deadline)
+                self.intake.send((self.epoch, items))
+                # (a buffer held by its rate limiter answers within about a second)
+                if self.intake.poll(max(0.1, deadline - time.monotonic()) + 2.0):
+                    return self.intake.recv()
+                raise ReplayBufferUnavailable(
+                    f"replay buffer unavailable: no acknowledgement of {len(items)} batches within "
+                    f"write_timeout_s={self.write_timeout_s:g}.")
+            except (EOFError, OSError):
+                self._close_intake()
+                self.writer.resends += 1
+                if time.monotonic() >= deadline:
+                    raise ReplayBufferUnavailable(
+                        f"replay buffer unavailable: it went away and did not come back within "
+                        f"write_timeout_s={self.write_timeout_s:g}.") from None
+                time.sleep(0.2)
+
+    def _connect_intake(self, deadline: float) -> None:
+        while True:
+            try:
+                address = ray.get(self.buffer.open_intake.remote(self.folder),
+                                  timeout=max(0.1, deadline - time.monotonic()))
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.settimeout(CONNECT_TIMEOUT_S)
+                sock.connect(address)
+                sock.settimeout(None)
+                self.intake = Connection(sock.detach())
+                return
+            except (RayActorError, GetTimeoutError, OSError) as exc:
+                if time.monotonic() >= deadline:
+                    raise ReplayBufferUnavailable(
+                        f"replay buffer unavailable: its intake did not open within "
+                        f"write_timeout_s={self.write_timeout_s:g} ({exc!r}).") from None
+                time.sleep(0.2)
+
+    # -- workers -----------------------------------------------------------------------------
+    def _attach(self, i: int) -> None:
+        """Connect to worker ``i`` (the pool's current one) and ask it for a batch; a worker
+        that cannot be reached is replaced (bounded: the pool raises once its budget is spent)."""
+        while self.pool.is_alive(i):
+            handle = self.pool.handle(i)
+            try:
+                address = ray.get(handle.open_handoff.remote(self.folder), timeout=CONTROL_TIMEOUT_S)
+                handle.serve.remote()
+                client = HandoffClient(self.folder, address)
+            except Exception as exc:  # noqa: BLE001 - dead or hung: replaced, then tried again
+                self.collection.failed(i, handle, "died", "", repr(exc))
+                continue
+            self.clients[i] = (handle, client)
+            self._ask(i)
+            return
+
+    def _ask(self, i: int) -> None:
+        if i not in self.clients:
+            return
+        try:
+            self.clients[i][1].request(False)
+        except OSError as exc:
+            self._failed(i, "died", "", repr(exc))
+            return
+        self.inflight[i] = time.monotonic() + self.collection.timeout(i)
+
+    def _failed(self, i: int, kind: str, cause: str, message: str, error=None) -> None:
+        """Count worker ``i``'s batch dropped, replace the worker (or raise), attach the new one."""
+        handle, client = self.clients.pop(i)
+        client.close(stop=False)
+        self.collection.failed(i, handle, kind, cause, message, error)
+        self._attach(i)
+
+    # -- end ---------------------------------------------------------------------------------
+    def _close_intake(self) -> None:
+        if self.intake is not None:
+            self.intake.close()
+            self.intake = None
+
+    def close(self) -> None:
+        """Requests in flight count as cancelled, received batches not written as stopped; the
+        workers go back to plain calls; the folder goes. Idempotent."""
+        for i in self.inflight:
+            self.ledger.drop(i, "cancelled", self.collection.frames_per_worker_batch)
+        self.inflight = {}
+        for meta, _ in self.ready.values():
+            if meta["frames"]:
+                self.ledger.undeliver(meta, "stopped")
+        self.ready = {}
+        clients, self.clients = self.clients, {}
+        for _, client in clients.values():
+            client.close()
+        self._close_intake()
+        folder, self.folder = self.folder, None
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
