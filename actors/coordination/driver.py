@@ -257,6 +257,7 @@ class Driver:
         return out
 
     def stats(self) -> dict:
+        self.metrics.flush()
         return {
             "workers": self.num_workers,
             "workers_alive": self.pool.num_alive(),
@@ -286,6 +287,7 @@ class Driver:
         problems = []
         if not self.writer.stop(min(timeout, 2.0)):
             log.warning("background writer of %s did not stop within %.1fs", self.name, timeout)
+        self.metrics.flush()
         handles = [h for _, h in self.pool.alive()] if timeout > 0 else []
         refs = [h.close.remote() for h in handles]
         if refs:

@@ -32,6 +32,7 @@ log = logging.getLogger("ray_collectors.feed")
 
 CONTROL_TIMEOUT_S = 30.0
 POLL_S = 0.1  # how often a waiting feed looks at stop() and pause()
+DEPTH = 2  # requests in flight per env actor: it collects the next batch while one is written
 
 
 def feed_problem(options, worker_info: list, buffer_info: dict, here: str) -> str | None:
@@ -56,8 +57,10 @@ class LocalFeed:
         self.ledger = collection.ledger
         self.buffer, self.epoch, self.write_timeout_s = buffer, epoch, write_timeout_s
         self.clients: dict[int, tuple] = {}  # worker -> (handle, HandoffClient)
-        self.inflight: dict[int, float] = {}  # worker -> deadline of its request
-        self.ready: dict[int, tuple] = {}  # worker -> (meta, where): received, not yet written
+        # worker -> deadlines of its requests, oldest first (DEPTH at most: one per slot); the
+        # oldest runs now, the next waits in the socket and starts as soon as it is done
+        self.inflight: dict[int, list] = {}
+        self.ready: list = []  # [(worker, meta, where)]: received, not yet written, in order
         self.intake: Connection | None = None
         remove_stale()
         self.folder, self._lock_fd = private_folder("feed-")
@@ -85,11 +88,12 @@ class LocalFeed:
     def _receive(self, block: bool = False) -> None:
         """Take every reply that is there, waiting up to ``POLL_S`` when none is ready yet (or
         ``block``); replace workers that failed or missed their deadline."""
-        if not self.inflight and not self.ready:
+        asked = {i: pending for i, pending in self.inflight.items() if pending}
+        if not asked and not self.ready:
             raise CollectorError(f"no worker of {self.pool.name!r} is left to collect from.")
-        conns = {self.clients[i][1].conn: i for i in self.inflight}
+        conns = {self.clients[i][1].conn: i for i in asked}
         now = time.monotonic()
-        wait = min([POLL_S] + [d - now for d in self.inflight.values()])
+        wait = min([POLL_S] + [d[0] - now for d in asked.values()])
         if self.ready and not block:
             wait = 0.0
         if not conns:  # (all replied, paused: nothing to wait on but time)
@@ -97,7 +101,8 @@ class LocalFeed:
             return
         for conn in wait_ready(list(conns), timeout=max(0.0, wait)):
             i = conns[conn]
-            del self.inflight[i]
+            pending = self.inflight[i]
+            pending.pop(0)
             try:
                 meta, where = self.clients[i][1].receive_where()
             except WorkerFailed as exc:
@@ -107,33 +112,38 @@ class LocalFeed:
             except (EOFError, OSError) as exc:
                 self._failed(i, "died", "", repr(exc))
                 continue
+            if pending:  # the next request starts now
+                pending[0] = time.monotonic() + self.collection.timeout(i)
             self.collection.settle(i, meta)  # delivered; undelivered if it never lands
-            self.ready[i] = (meta, where)
+            self.ready.append((i, meta, where))
         now = time.monotonic()
-        for i, deadline in list(self.inflight.items()):
-            if deadline <= now:
-                del self.inflight[i]
+        for i, pending in list(self.inflight.items()):
+            if pending and pending[0] <= now:
+                pending.pop(0)
                 self._failed(i, "timeout", "", "")
 
     def _write_ready(self) -> None:
         """Name every received batch to the buffer in one message; ask their workers again."""
         w = self.writer
-        order, planned = [], w.frames
-        for i in sorted(self.ready):  # up to total_frames, as the writer stops there
+        take, planned = 0, w.frames
+        for _, meta, _ in self.ready:  # up to total_frames, as the writer stops there
             if w.total > 0 and planned >= w.total:
                 break
-            order.append(i)
-            planned += self.ready[i][0]["frames"]
-        ids = [w.batch_id(self.ready[i][0]) for i in order]
-        acks = self._send([(bid, self.ready[i][1]) for i, bid in zip(order, ids)])
-        for i, bid, ack in zip(order, ids, acks):
-            if ack.get("rate_wait"):  # stays ready; sent again on the next round
-                w.rate_waits += 1
+            take += 1
+            planned += meta["frames"]
+        group, self.ready = self.ready[:take], self.ready[take:]
+        ids = [w.batch_id(meta) for _, meta, _ in group]
+        acks = self._send([(bid, where) for bid, (_, _, where) in zip(ids, group)])
+        held = [item for item, ack in zip(group, acks) if ack.get("rate_wait")]
+        if held:  # sent again on the next round, in their order
+            w.rate_waits += 1
+            self.ready = held + self.ready
+        for (i, meta, _), bid, ack in zip(group, ids, acks):
+            if ack.get("rate_wait"):
                 continue
             if "error" in ack:
                 raise RuntimeError(f"the replay buffer could not write batch {bid}: "
                                    f"{ack['error']}\n{ack.get('traceback', '')}")
-            meta, _ = self.ready.pop(i)
             if ack.get("fenced"):
                 if meta["frames"]:
                     self.ledger.undeliver(meta, "stopped")
@@ -193,14 +203,17 @@ class LocalFeed:
         while self.pool.is_alive(i):
             handle = self.pool.handle(i)
             try:
-                address = ray.get(handle.open_handoff.remote(self.folder), timeout=CONTROL_TIMEOUT_S)
+                address = ray.get(handle.open_handoff.remote(self.folder, DEPTH),
+                                  timeout=CONTROL_TIMEOUT_S)
                 handle.serve.remote()
                 client = HandoffClient(self.folder, address)
             except Exception as exc:  # noqa: BLE001 - dead or hung: replaced, then tried again
                 self.collection.failed(i, handle, "died", "", repr(exc))
                 continue
             self.clients[i] = (handle, client)
-            self._ask(i)
+            self.inflight[i] = []
+            for _ in range(DEPTH):
+                self._ask(i)
             return
 
     def _ask(self, i: int) -> None:
@@ -211,12 +224,18 @@ class LocalFeed:
         except OSError as exc:
             self._failed(i, "died", "", repr(exc))
             return
-        self.inflight[i] = time.monotonic() + self.collection.timeout(i)
+        pending = self.inflight[i]
+        pending.append(time.monotonic() + self.collection.timeout(i) if not pending
+                       else float("inf"))  # (queued: its deadline starts with it)
 
     def _failed(self, i: int, kind: str, cause: str, message: str, error=None) -> None:
-        """Count worker ``i``'s batch dropped, replace the worker (or raise), attach the new one."""
+        """Count worker ``i``'s batch dropped (and its queued requests), replace the worker (or
+        raise), attach the new one. Batches it delivered before stay ready: their slot files
+        outlive it (see ``HandoffServer.serve``)."""
         handle, client = self.clients.pop(i)
         client.close(stop=False)
+        for _ in self.inflight.pop(i, []):
+            self.ledger.drop(i, "worker_died", self.collection.frames_per_worker_batch)
         self.collection.failed(i, handle, kind, cause, message, error)
         self._attach(i)
 
@@ -229,13 +248,14 @@ class LocalFeed:
     def close(self) -> None:
         """Requests in flight count as cancelled, received batches not written as stopped; the
         workers go back to plain calls; the folder goes. Idempotent."""
-        for i in self.inflight:
-            self.ledger.drop(i, "cancelled", self.collection.frames_per_worker_batch)
+        for i, pending in self.inflight.items():
+            for _ in pending:
+                self.ledger.drop(i, "cancelled", self.collection.frames_per_worker_batch)
         self.inflight = {}
-        for meta, _ in self.ready.values():
+        for _, meta, _ in self.ready:
             if meta["frames"]:
                 self.ledger.undeliver(meta, "stopped")
-        self.ready = {}
+        self.ready = []
         clients, self.clients = self.clients, {}
         for _, client in clients.values():
             client.close()

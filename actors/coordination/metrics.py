@@ -5,7 +5,10 @@ Exported by Ray's metrics agent (Prometheus format) with a ``ray_`` prefix, e.g.
 """
 from __future__ import annotations
 
+import time
+
 TAGS = ("collector", "role", "worker")
+FLUSH_S = 0.1  # per worker: how often batch figures are handed to Ray's metrics
 
 
 class Metrics:
@@ -13,6 +16,7 @@ class Metrics:
 
     def __init__(self, collector: str, role: str):
         self.base = {"collector": collector, "role": role}
+        self.pending: dict = {}  # worker -> figures since its last flush
         self.metric = None
         try:
             from ray.util import metrics as ray_metrics
@@ -39,20 +43,43 @@ class Metrics:
         return {**self.base, "worker": str(worker)}
 
     def batch(self, meta: dict, newest_version: int) -> None:
+        """One batch's figures. Counters add up every batch; they and the gauges (the last
+        batch's values) reach Ray at most every ``FLUSH_S`` per worker, and at :meth:`flush`:
+        a Ray metric call costs microseconds, and thousands of batches a second pass here."""
         if self.metric is None:
             return
-        tags = self._tags(meta["worker"])
+        row = self.pending.setdefault(meta["worker"], {"frames": 0, "episodes": 0, "returns": 0.0,
+                                                       "flushed": 0.0, "meta": None})
+        row["frames"] += meta["frames"]
+        row["episodes"] += len(meta["episode_returns"])
+        row["returns"] += sum(meta["episode_returns"])
+        row["meta"], row["newest"] = meta, newest_version
+        now = time.monotonic()
+        if now - row["flushed"] >= FLUSH_S:
+            self._flush(meta["worker"], row, now)
+
+    def flush(self) -> None:
+        """Hand every worker's figures not yet handed over to Ray (before stats, at shutdown)."""
+        now = time.monotonic()
+        for worker, row in self.pending.items():
+            if row["meta"] is not None:
+                self._flush(worker, row, now)
+
+    def _flush(self, worker, row: dict, now: float) -> None:
+        meta, frames, episodes = row["meta"], row["frames"], row["episodes"]
+        tags = self._tags(worker)
         tags["role"] = "env-worker"
-        frames, seconds = meta["frames"], max(meta["collect_time"], 1e-9)
         self.metric["frames"].inc(frames, tags)
-        if meta["episode_returns"]:
-            self.metric["episodes"].inc(len(meta["episode_returns"]), tags)
-            self.metric["episode_return"].set(sum(meta["episode_returns"]) / len(meta["episode_returns"]), tags)
+        if episodes:
+            self.metric["episodes"].inc(episodes, tags)
+            self.metric["episode_return"].set(row["returns"] / episodes, tags)
+        frames, seconds = meta["frames"], max(meta["collect_time"], 1e-9)
         self.metric["frames_per_s"].set(frames / seconds, tags)
         self.metric["env_step_time"].set(meta["env_time"] / max(frames, 1), tags)
         self.metric["latency"].set(seconds, tags)
         self.metric["policy_version"].set(meta["policy_version"], tags)
-        self.metric["policy_lag"].set(newest_version - meta["policy_version"], tags)
+        self.metric["policy_lag"].set(row["newest"] - meta["policy_version"], tags)
+        row.update(frames=0, episodes=0, returns=0.0, flushed=now, meta=None)
 
     def restart(self, worker) -> None:
         if self.metric is not None:

@@ -35,7 +35,30 @@ CONNECT_TIMEOUT_S = 30.0
 
 
 class SlotWriter:
-    """The actor's slot file: ``write(arrays)`` gives ``(path, layout, inline)``."""
+    """The actor's slot files: ``write(arrays)`` gives ``(path, layout, inline)``. With
+    ``slots=2`` writes alternate between two files, so a consumer that keeps two requests in
+    flight reads one batch while the next is written into the other."""
+
+    def __init__(self, folder: str, name: str, slots: int = 1):
+        self.slots = [_Slot(folder, f"{name}-{k}") for k in range(slots)]
+        self.turn = 0
+
+    @property
+    def path(self) -> str | None:  # (the slot written last)
+        return self.slots[(self.turn - 1) % len(self.slots)].path
+
+    def write(self, arrays: dict) -> tuple[str | None, list, dict]:
+        slot = self.slots[self.turn]
+        self.turn = (self.turn + 1) % len(self.slots)
+        return slot.write(arrays)
+
+    def close(self, unlink: bool = True) -> None:
+        for slot in self.slots:
+            slot.close(unlink)
+
+
+class _Slot:
+    """One slot file, grown (as a new file) when a batch does not fit."""
 
     def __init__(self, folder: str, name: str):
         self.folder, self.name = folder, name
@@ -73,10 +96,10 @@ class SlotWriter:
         if old is not None:
             os.unlink(old)  # the trainer maps the new file when a reply names it
 
-    def close(self) -> None:
+    def close(self, unlink: bool = True) -> None:
         self.buf = None
         path, self.path = self.path, None
-        if path is not None:
+        if path is not None and unlink:
             try:
                 os.unlink(path)
             except FileNotFoundError:  # the collector closed and removed its folder meanwhile
@@ -117,13 +140,13 @@ class SlotMaps:
 class HandoffServer:
     """The env actor's side: a listening socket and a slot; ``serve(collect)`` runs the loop."""
 
-    def __init__(self, folder: str, name: str):
+    def __init__(self, folder: str, name: str, slots: int = 1):
         self.address = os.path.join(folder, f"{name}.sock")
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(self.address)
         os.chmod(self.address, 0o600)  # (its folder is 0700 already)
         self.listener.listen(1)
-        self.slot = SlotWriter(folder, name)
+        self.slot = SlotWriter(folder, name, slots)
 
     def serve(self, collect, connect_timeout_s: float = CONNECT_TIMEOUT_S) -> str:
         """Answer requests with ``collect(random_actions) -> (arrays, meta)`` until the trainer
@@ -142,6 +165,7 @@ class HandoffServer:
                 pass
         sock.settimeout(None)
         conn = Connection(sock.detach())
+        failed = False
         try:
             while True:
                 try:
@@ -163,10 +187,13 @@ class HandoffServer:
                 except Exception:  # noqa: BLE001 - an exception that does not pickle
                     conn.send(reply[:2] + (None,) + reply[3:])
                 if reply[0] == "error":
+                    failed = True
                     return "failed"
         finally:
             conn.close()
-            self.slot.close()
+            # after a failure the consumer may still read the batches it was given: the files
+            # stay until the consumer removes its folder
+            self.slot.close(unlink=not failed)
 
 
 class WorkerFailed(Exception):

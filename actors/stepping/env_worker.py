@@ -268,9 +268,10 @@ class EnvWorker:
 
     # -- control: a thread of its own, never queued behind a batch in flight ------------------
     @ray.method(concurrency_group="control")
-    def open_handoff(self, folder: str) -> str:
-        """Listen for the trainer in ``folder``; ``serve()`` then answers it. Returns the address."""
-        self._handoff = HandoffServer(folder, f"w{self.worker_index}-r{self.restarts}")
+    def open_handoff(self, folder: str, slots: int = 1) -> str:
+        """Listen for the trainer in ``folder``; ``serve()`` then answers it. Returns the address.
+        ``slots=2``: the consumer keeps two requests in flight (see ``SlotWriter``)."""
+        self._handoff = HandoffServer(folder, f"w{self.worker_index}-r{self.restarts}", slots)
         return self._handoff.address
 
     @ray.method(concurrency_group="control")
