@@ -93,3 +93,19 @@ def test_bare_ray_actor_floor_serves_batches_and_leaves_nothing_behind():
             break
         time.sleep(0.2)
     assert alive == []
+
+
+def test_scale_bench_counts_what_reaches_the_buffer_through_shared_memory():
+    """``bench_scale.py --only buffer``: batches/s counted by the buffer, on the local feed."""
+    import argparse
+
+    from torch import nn
+
+    from collectors.policies import ArgmaxLayer
+
+    scale = load_script("bench_scale")
+    args = argparse.Namespace(steps=10, seconds=0.5)
+    policy = nn.Sequential(nn.Linear(1, 2), ArgmaxLayer())
+    rate, route = scale.into_buffer(policy, dict(num_workers=2, num_cpus=0.5), args)
+    assert route == "shared memory"
+    assert 10 < rate < 1_000_000
