@@ -2,6 +2,7 @@
 and the buffer's intake copies them in, named in groups by the driver (no Ray call per batch).
 Every test fails when the writes go through the object store (``shared_memory_writes`` is 0) or
 when a batch is lost or stored twice."""
+import functools
 import os
 import signal
 import time
@@ -12,11 +13,10 @@ from torch import nn
 
 from actors.shm.folders import private_folder
 from actors.shm.handoff import SlotWriter
-from actors.storage.intake import Intake
 from actors.storage.replay_buffer import ReplayBufferActor
 from collectors import MultiaSyncDataCollector, MultiSyncDataCollector, RayReplayBuffer
 from collectors.policies import ArgmaxLayer
-from collectors.testing import counting_env, kill_worker
+from collectors.testing import counting_env, faulty_counting_env, kill_worker
 
 
 def wait_done(c, timeout=60.0):
@@ -73,6 +73,27 @@ def test_a_killed_worker_is_replaced_and_nothing_is_lost_or_doubled():
         assert stats["restarts"] == 1
         assert stats["shared_memory_writes"] > 0 and stats["frames"] == 4000
         exact(stats, rb)
+    finally:
+        rb.shutdown()
+
+
+@pytest.mark.parametrize("mode, reason", [("hang_step", "timeout"), ("exit", "worker_died")])
+def test_a_hung_or_exiting_worker_is_replaced_and_its_queued_request_counted(mode, reason):
+    # 10 ms a step: worker 0 alone needs about 6 s for the 600 frames, past the 2 s deadline
+    env = functools.partial(faulty_counting_env, mode, [1], 25, 1, 1000, 0.01)
+    rb = RayReplayBuffer(100_000)
+    try:
+        with MultiaSyncDataCollector(env, num_workers=2, frames_per_batch=10, total_frames=600,
+                                     replay_buffer=rb, sample_timeout_s=2.0) as c:
+            c.start()
+            wait_done(c, timeout=90)
+            stats = c.stats()
+        assert stats["restarts"] == 1 and stats["frames"] == 600
+        dropped = stats["per_worker"][1]["dropped"]
+        # the failed request and the one queued behind it (two in flight per actor)
+        assert dropped.get(reason, 0) + dropped.get("worker_died", 0) >= 10
+        exact(stats, rb)
+        assert stats["shared_memory_writes"] > 0
     finally:
         rb.shutdown()
 
