@@ -17,6 +17,37 @@ def _workers(create_env_fn, num_workers):
     return num_workers
 
 
+DEVICE_OPTIONS = ("device", "policy_device", "env_device", "storing_device")
+
+
+def _per_worker(cls_name: str, name: str, value, num_workers: int):
+    """TorchRL's per-worker list for ``name``: checked, and returned as its one value when every
+    worker gets the same; different values per worker raise ``NotImplementedError``."""
+    if not isinstance(value, (list, tuple)):
+        return value
+    if len(value) != num_workers:
+        raise ValueError(f"{cls_name}: {name} as a list takes one value per worker: "
+                         f"{num_workers} workers, got {len(value)} values ({list(value)!r}).")
+    if any(v != value[0] for v in value):
+        raise NotImplementedError(
+            f"{cls_name}: {name}={list(value)!r}: different values per worker are not "
+            f"implemented (every env actor here runs with the same {name}). Pass one value, "
+            "or split the work into collectors with one value each.")
+    return value[0]
+
+
+def _lists(cls_name: str, frames_per_batch, num_workers: int, kwargs: dict, is_async: bool):
+    """Per-worker lists of TorchRL's multi collectors: ``frames_per_batch`` (the batch is their
+    sum for sync collectors, one worker's value for async ones) and the device options."""
+    for name in DEVICE_OPTIONS:
+        if name in kwargs:
+            kwargs[name] = _per_worker(cls_name, name, kwargs[name], num_workers)
+    if isinstance(frames_per_batch, (list, tuple)):
+        each = _per_worker(cls_name, "frames_per_batch", frames_per_batch, num_workers)
+        frames_per_batch = each if is_async else sum(frames_per_batch)
+    return frames_per_batch
+
+
 class MultiSyncDataCollector(DataCollectorBase):
     """Every worker collects its share of ``frames_per_batch``; one batch is yielded per round.
 
@@ -35,10 +66,11 @@ class MultiSyncDataCollector(DataCollectorBase):
     _multi = True
 
     def __init__(self, create_env_fn, policy=None, *, num_workers: int | None = None,
-                 frames_per_batch: int, total_frames: int = -1, **kwargs):
+                 frames_per_batch: int | list, total_frames: int = -1, **kwargs):
+        num_workers = _workers(create_env_fn, num_workers)
+        frames_per_batch = _lists(type(self).__name__, frames_per_batch, num_workers, kwargs, False)
         super().__init__(create_env_fn, policy, frames_per_batch=frames_per_batch,
-                         total_frames=total_frames, num_workers=_workers(create_env_fn, num_workers),
-                         **kwargs)
+                         total_frames=total_frames, num_workers=num_workers, **kwargs)
         self.cat_results = self.options.cat_results or "stack"
         self._layout = self.cat_results
 
@@ -54,7 +86,8 @@ class MultiaSyncDataCollector(DataCollectorBase):
     _async = True
 
     def __init__(self, create_env_fn, policy=None, *, num_workers: int | None = None,
-                 frames_per_batch: int, total_frames: int = -1, **kwargs):
+                 frames_per_batch: int | list, total_frames: int = -1, **kwargs):
+        num_workers = _workers(create_env_fn, num_workers)
+        frames_per_batch = _lists(type(self).__name__, frames_per_batch, num_workers, kwargs, True)
         super().__init__(create_env_fn, policy, frames_per_batch=frames_per_batch,
-                         total_frames=total_frames, num_workers=_workers(create_env_fn, num_workers),
-                         **kwargs)
+                         total_frames=total_frames, num_workers=num_workers, **kwargs)

@@ -18,8 +18,8 @@ from torchrl.testing.mocking_classes import (ContinuousActionVecMockEnv, Countin
                                              DiscreteActionVecPolicy, MultiKeyCountingEnv,
                                              MultiKeyCountingEnvPolicy, NestedCountingEnv)
 
-from collectors import (EnvCreationError, MultiSyncDataCollector, PolicyOutputError,  # noqa: E402
-                        SyncDataCollector)
+from collectors import (EnvCreationError, MultiaSyncDataCollector, MultiSyncDataCollector,  # noqa: E402
+                        PolicyOutputError, SyncDataCollector)
 
 
 def batches(collector, n=2):
@@ -361,3 +361,20 @@ def _argmax_policy():
     from collectors.policies import ArgmaxLayer
 
     return nn.Sequential(nn.Linear(1, 2), ArgmaxLayer())
+
+
+@pytest.mark.parametrize("cls, shape", [(MultiSyncDataCollector, (2, 10)),
+                                        (MultiaSyncDataCollector, (10,))])
+def test_per_worker_lists_of_one_value_work_and_mixed_ones_are_refused(cls, shape):
+    from collectors.testing import counting_env
+
+    with cls([counting_env] * 2, frames_per_batch=[10, 10], device=["cpu", "cpu"],
+             storing_device=("cpu", "cpu"), total_frames=40) as c:
+        got = [tuple(b.batch_size) for b in c]
+    assert got == [shape] * (40 // (20 if cls is MultiSyncDataCollector else 10))
+    with pytest.raises(NotImplementedError, match=r"frames_per_batch=\[10, 20\]"):
+        cls([counting_env] * 2, frames_per_batch=[10, 20])
+    with pytest.raises(NotImplementedError, match="policy_device"):
+        cls([counting_env] * 2, frames_per_batch=20, policy_device=["cpu", "meta"])
+    with pytest.raises(ValueError, match="one value per worker: 2 workers, got 3"):
+        cls([counting_env] * 2, frames_per_batch=[10, 10, 10])
