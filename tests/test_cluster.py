@@ -256,3 +256,30 @@ def test_shared_memory_only_with_the_workers_on_the_trainers_node():
     """)
     assert "AUTO 60 0 True" in out and "REFUSED True" in out, out
     assert "LEFT []" in out, out
+
+
+def test_start_from_other_nodes_writes_through_the_object_store_exactly():
+    """Env actors on the two worker nodes, the driver and the buffer on the head: start() cannot
+    take the local feed (shared memory is per node), so batches reach the buffer through the
+    object store, each stored once."""
+    out = run_in_cluster("""
+        import time
+        from collectors import MultiaSyncDataCollector, RayReplayBuffer
+        from collectors.testing import counting_env
+        rb = RayReplayBuffer(10_000)
+        c = MultiaSyncDataCollector(counting_env, num_workers=2, frames_per_batch=20,
+                                    total_frames=400, replay_buffer=rb, name="remote-feed")
+        here = ray.get_runtime_context().get_node_id()
+        assert here not in c.stats()["worker_nodes"]
+        c.start()
+        deadline = time.monotonic() + 120
+        while c.is_running() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stats = c.stats()
+        c.shutdown(timeout=5)
+        ids = sorted(map(tuple, rb.batch_ids()))
+        assert ids == sorted(map(tuple, stats["written_batch_ids"])) and len(ids) == 20
+        print("REMOTE", stats["shared_memory_writes"], rb.write_count, stats["frames"])
+        rb.shutdown()
+    """)
+    assert "REMOTE 0 400 400" in out, out
