@@ -172,11 +172,7 @@ class LocalFeed:
             except (EOFError, OSError):
                 self._close_intake()
                 self.writer.resends += 1
-                if time.monotonic() >= deadline:
-                    raise ReplayBufferUnavailable(
-                        f"replay buffer unavailable: it went away and did not come back within "
-                        f"write_timeout_s={self.write_timeout_s:g}.") from None
-                time.sleep(0.2)
+                self._retry_until(deadline, "it went away and did not come back")
 
     def _connect_intake(self, deadline: float) -> None:
         while True:
@@ -190,11 +186,14 @@ class LocalFeed:
                 self.intake = Connection(sock.detach())
                 return
             except (RayActorError, GetTimeoutError, OSError) as exc:
-                if time.monotonic() >= deadline:
-                    raise ReplayBufferUnavailable(
-                        f"replay buffer unavailable: its intake did not open within "
-                        f"write_timeout_s={self.write_timeout_s:g} ({exc!r}).") from None
-                time.sleep(0.2)
+                self._retry_until(deadline, f"its intake did not open ({exc!r})")
+
+    def _retry_until(self, deadline: float, what: str) -> None:
+        """Wait a little before trying again; past ``deadline``, ``ReplayBufferUnavailable``."""
+        if time.monotonic() >= deadline:
+            raise ReplayBufferUnavailable(f"replay buffer unavailable: {what}, within "
+                                          f"write_timeout_s={self.write_timeout_s:g}.") from None
+        time.sleep(0.2)
 
     # -- workers -----------------------------------------------------------------------------
     def _attach(self, i: int) -> None:
