@@ -35,8 +35,10 @@ class BackgroundMixin:
             self._filler.start()
             return
         remaining = -1 if self.total_frames < 0 else max(0, self.total_frames - self._frames)
+        random_frames = max(0, self.init_random_frames - self._frames)  # (as iteration does)
         self._sync_if_changed()
-        _ray_get(self._driver.start.remote(self.replay_buffer.actor, remaining), timeout=CONTROL_TIMEOUT_S)
+        _ray_get(self._driver.start.remote(self.replay_buffer.actor, remaining, random_frames),
+                 timeout=CONTROL_TIMEOUT_S)
         if self._watcher is not None and self._sync_thread is None:
             self._sync_thread = threading.Thread(target=self._sync_loop, daemon=True,
                                                  name=f"{self.name}-weight-sync")

@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from torch import nn
 
 from actors.shm.folders import private_folder
@@ -193,3 +194,29 @@ def test_intake_writes_a_group_once_and_answers_per_batch():
     finally:
         buffer.close()
         os.close(fd)
+
+
+class AlwaysOne(nn.Module):
+    """Action 1 for every observation: a random action shows as a 0 now and then."""
+
+    def forward(self, obs):
+        return torch.ones(obs.shape[:-1], dtype=torch.int64)
+
+
+@pytest.mark.parametrize("checkpoints", [False, True])
+def test_start_takes_random_actions_for_init_random_frames(tmp_path, checkpoints):
+    kwargs = {"checkpoint_dir": str(tmp_path / "rb"), "checkpoint_every": 10} if checkpoints else {}
+    rb = RayReplayBuffer(10_000, **kwargs)
+    try:
+        with MultiaSyncDataCollector(counting_env, AlwaysOne(), num_workers=2, frames_per_batch=10,
+                                     total_frames=400, init_random_frames=100,
+                                     replay_buffer=rb) as c:
+            c.start()
+            wait_done(c)
+            stats = c.stats()
+        assert (stats["shared_memory_writes"] > 0) != checkpoints  # both routes
+        actions = rb.state_dict()["storage"]["action"][:400]
+        assert (actions[:100] == 0).any()  # random: P(100 ones) = 2**-100
+        assert (actions[200:] == 1).all()  # the policy's, once 100 frames were written
+    finally:
+        rb.shutdown()

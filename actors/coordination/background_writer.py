@@ -42,6 +42,7 @@ class BackgroundWriter:
         self.error: BaseException | None = None
         self.frames = 0
         self.total = -1
+        self.random_frames = 0  # init_random_frames still to come when start() was called
         self.written_ids: deque = deque(maxlen=WRITTEN_IDS_KEPT)  # acknowledged, oldest first
         self.written_batches = 0
         self.resends = 0
@@ -129,11 +130,14 @@ class BackgroundWriter:
                 self.resends += 1
                 time.sleep(0.2)
 
-    def start(self, buffer, total_frames: int = -1) -> bool:
+    def start(self, buffer, total_frames: int = -1, random_frames: int = 0) -> bool:
+        """Collect into ``buffer`` until ``total_frames`` (-1: until stopped); batches asked for
+        while fewer than ``random_frames`` are written take random actions."""
         if self.thread is not None and self.thread.is_alive():
             return False
         self.stop_event.clear()
         self.total = total_frames
+        self.random_frames = random_frames
         self.epoch, self.buffer = uuid.uuid4().hex, buffer
         self.thread = threading.Thread(target=self._run, args=(buffer, self.epoch), daemon=True,
                                        name=f"{self.name}-writer")
@@ -149,7 +153,7 @@ class BackgroundWriter:
             while not self.stop_event.is_set():
                 if self.total > 0 and self.frames >= self.total:
                     break
-                refs, meta = self.collection.next_ready()
+                refs, meta = self.collection.next_ready(self.frames < self.random_frames)
                 while not self.stop_event.is_set():
                     with self.write_lock:
                         if not self.paused.is_set():

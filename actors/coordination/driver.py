@@ -190,8 +190,8 @@ class Driver:
             self.ledger.undeliver(meta, "lost_before_fetch")
 
     # -- background --------------------------------------------------------------------------
-    def start(self, buffer, total_frames: int = -1) -> bool:
-        return self.writer.start(buffer, total_frames)
+    def start(self, buffer, total_frames: int = -1, random_frames: int = 0) -> bool:
+        return self.writer.start(buffer, total_frames, random_frames)
 
     def _local_feed(self, buffer, epoch: str):
         """A :class:`LocalFeed` into ``buffer`` when it and every env actor share this node."""

@@ -219,7 +219,7 @@ class LocalFeed:
         if i not in self.clients:
             return
         try:
-            self.clients[i][1].request(False)
+            self.clients[i][1].request(self.writer.frames < self.writer.random_frames)
         except OSError as exc:
             self._failed(i, "died", "", repr(exc))
             return
