@@ -126,12 +126,15 @@ def test_stop_fences_the_feed_and_pause_holds_it():
     try:
         c = MultiaSyncDataCollector(counting_env, num_workers=2, frames_per_batch=10, replay_buffer=rb)
         c.start()
-        time.sleep(0.5)
+        deadline = time.monotonic() + 30
+        while rb.write_count == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
         with c.pause():
             held = rb.write_count
-            time.sleep(0.5)
+            time.sleep(0.5)  # (nothing may land meanwhile: there is no event to wait for)
             assert rb.write_count == held
-        time.sleep(0.3)
+        while rb.write_count == held and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert rb.write_count > held
         c.async_shutdown()
         stopped = rb.write_count
