@@ -37,7 +37,7 @@ class BackgroundMixin:
         remaining = -1 if self.total_frames < 0 else max(0, self.total_frames - self._frames)
         random_frames = max(0, self.init_random_frames - self._frames)  # (as iteration does)
         self._sync_if_changed()
-        _ray_get(self._driver.start.remote(self.replay_buffer.actor, remaining, random_frames),
+        _ray_get(self._driver.start.remote(self.replay_buffer.write_target(), remaining, random_frames),
                  timeout=CONTROL_TIMEOUT_S)
         if self._watcher is not None and self._sync_thread is None:
             self._sync_thread = threading.Thread(target=self._sync_loop, daemon=True,

@@ -312,7 +312,7 @@ class DataCollectorBase(IterationMixin, ControlMixin, IntrospectionMixin, Backgr
         random_actions = self._random_now()
         if self.replay_buffer is not None and hasattr(self.replay_buffer, "actor"):
             metas = _ray_get(self._driver.collect_into.remote(
-                self.replay_buffer.actor, random_actions, self._async))
+                self.replay_buffer.write_target(), random_actions, self._async))
             self._frames += sum(m["frames"] for m in metas)
             self._iter += 1
             return None

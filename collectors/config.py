@@ -74,6 +74,9 @@ class Resources(_Strict):
 class Placement(_Strict):
     strategy: Optional[Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]] = None
     timeout_s: float = Field(default=30.0, gt=0)
+    # replay shards (RayReplayBuffer(num_shards=N)): one per node, or all on the caller's node;
+    # None: per_node when several nodes can hold one, else local
+    shards: Optional[Literal["per_node", "local"]] = None
 
 
 class DeploymentConfig(_Strict):

@@ -71,6 +71,15 @@ class RayReplayBuffer:
             About a quarter of ``True``'s memory for 4-frame stacks.
         name: names the actor ``<name>/replay-buffer`` (default: a fresh unique name); a
             collector writing to it names its batches after itself.
+        num_shards: ``N > 1``: N buffer actors (shards), each with ``capacity / N`` frames, its
+            own sampler and checkpoint (``checkpoint_dir/shard-<i>``), placed one per node on a
+            cluster and all on this node on one machine (``placement.shards`` in the config).
+            Collectors write each batch into the shard on its env actor's node (else one picked
+            by a stable hash); ``sample`` draws from the shards in proportion to their sizes
+            (prioritized: their total priority), so it stays uniform over every stored frame;
+            slices never span shards; ``len``, ``write_count`` and ``info()`` add up, with
+            each shard's figures under ``info()["shards"]``. Not with ``prefetch``,
+            ``samples_per_insert`` or ``sampler="without_replacement"`` (refused).
         config: the deployment config (a path, a dict or a ``DeploymentConfig``; default
             ``configs/local.yaml``'s settings): where Ray runs and ``resources.replay_buffer``
             (CPUs, a node to pin the actor to).
@@ -85,6 +94,15 @@ class RayReplayBuffer:
         (1000, 1000)
     """
 
+    def __new__(cls, *args, num_shards: int = 1, **kwargs):
+        if not isinstance(num_shards, int) or isinstance(num_shards, bool) or num_shards < 1:
+            raise ValueError(f"num_shards must be an int >= 1 (buffer actors); got {num_shards!r}.")
+        if cls is RayReplayBuffer and num_shards != 1:
+            from collectors.sharded_buffer import ShardedReplayBuffer
+
+            return super().__new__(ShardedReplayBuffer)
+        return super().__new__(cls)
+
     def __init__(self, capacity: int, *, batch_size: int | None = None, sampler: str = "random",
                  alpha: float = 0.6, beta: float = 0.4, eps: float = 1e-8,
                  slice_len: int | None = None, num_slices: int | None = None,
@@ -93,7 +111,9 @@ class RayReplayBuffer:
                  checkpoint_dir: str | None = None, checkpoint_every: int = 0,
                  prefetch: bool | int = False, timeout_s: float = 30.0, max_restarts: int | None = None,
                  seed: int | None = None, local_sampling: bool | None = None,
-                 compact_obs: bool | str = False, name: str | None = None, config=None, _actor=None):
+                 compact_obs: bool | str = False, name: str | None = None, num_shards: int = 1,
+                 config=None, _actor=None, _options: dict | None = None):
+        del num_shards  # 1 here: __new__ made a ShardedReplayBuffer for more
         self.name = name or f"ReplayBuffer-{uuid.uuid4().hex[:6]}"
         self.capacity = capacity
         self.batch_size = batch_size
@@ -120,6 +140,7 @@ class RayReplayBuffer:
             raise TypeError(f"compact_obs must be a bool or 'frames' (each frame of stacked "
                             f"observations stored once); got {compact_obs!r}.")
         self.compact_obs = compact_obs
+        self.sampler_name, self.beta, self.slice_spec = sampler, beta, (slice_len, num_slices)
         can_share = sampler == "random" and samples_per_insert is None and not compact_obs
         if local_sampling and not can_share:
             raise ValueError(
@@ -161,7 +182,7 @@ class RayReplayBuffer:
 
         cfg = load_config(config)
         ensure_ray(**cfg.ray_init_kwargs())
-        options = near_caller(cfg.resources.replay_buffer.options())
+        options = near_caller(cfg.resources.replay_buffer.options()) if _options is None else _options
         restarts = max_restarts if max_restarts is not None else (-1 if checkpoint_dir else 0)
         self.actor = ray.remote(buffer_body.ReplayBufferActor).options(
             name=f"{self.name}/replay-buffer", max_concurrency=8, max_restarts=restarts,
@@ -179,6 +200,10 @@ class RayReplayBuffer:
         """A new buffer restored from a checkpoint written by :meth:`checkpoint`."""
         from actors.storage.checkpoints import current_meta
 
+        if os.path.exists(os.path.join(path, "shards.json")):  # written by a sharded buffer
+            from collectors.sharded_buffer import ShardedReplayBuffer
+
+            return ShardedReplayBuffer.from_checkpoint(path, capacity, **kwargs)
         meta = current_meta(path)
         kwargs.setdefault("sampler", meta["sampler"])
         compact = meta.get("compact")
@@ -282,6 +307,14 @@ class RayReplayBuffer:
         if self._local is not None:
             sampled, self._local.unreported = self._local.unreported, 0
         return self._call("info", sampled)
+
+    def stats(self) -> dict:
+        """The same figures as :meth:`info` (TorchRL users look for ``stats``)."""
+        return self.info()
+
+    def write_target(self):
+        """The buffer actor: collectors write each batch into it."""
+        return self.actor
 
     def batch_ids(self) -> list:
         return self._call("batch_ids")

@@ -107,6 +107,7 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=10, help="steps per worker per batch")
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--only", choices=["buffer"], help="only start() into a RayReplayBuffer")
+    p.add_argument("--shards", type=int, default=1, help="replay shards (num_shards) of that buffer")
     args = p.parse_args(argv)
     w = args.workers
     ray.init(num_cpus=max(2, int(w * args.cpus_per_worker) + 2), dashboard_host="127.0.0.1",
@@ -118,7 +119,8 @@ def main(argv=None) -> None:
           f"{os.cpu_count()} cores")
     if args.only == "buffer":
         rate, route = into_buffer(policy, common, args)
-        print(f"start() into a RayReplayBuffer: {rate:.0f} batches/s ({route}); "
+        print(f"start() into a RayReplayBuffer of {args.shards} shard(s): {rate:.0f} batches/s "
+              f"({route}); "
               + ceilings(rate, args, rounds=False))
         return
     t0 = time.perf_counter()
@@ -163,7 +165,7 @@ def main(argv=None) -> None:
 def into_buffer(policy, common: dict, args) -> tuple[float, str]:
     """Batches per second written into a ``RayReplayBuffer`` by ``start()`` (async workers,
     ``--steps`` frames each), counted by the buffer, after a one-second warm-up."""
-    rb = RayReplayBuffer(1_000_000)
+    rb = RayReplayBuffer(1_000_000, num_shards=args.shards)
     c = MultiaSyncDataCollector(counting_env, policy, replay_buffer=rb,
                                 **dict(common, frames_per_batch=args.steps))
     try:

@@ -22,7 +22,7 @@ from ray.cluster_utils import Cluster
 from collectors import MultiSyncDataCollector
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0,
     "dashboard_host": "127.0.0.1", "dashboard_port": DASH_PORT})
-nodes = [cluster.add_node(num_cpus=NODE_CPUS), cluster.add_node(num_cpus=NODE_CPUS)]
+nodes = [cluster.add_node(num_cpus=NODE_CPUS) for _ in range(NUM_NODES)]
 cluster.wait_for_nodes()
 CONNECT
 try:
@@ -33,12 +33,13 @@ finally:
 """
 
 
-def run_in_cluster(body: str, node_cpus: int = 1, connect: bool = True) -> str:
-    """Run ``body`` against a head (no CPUs) plus two nodes, in its own process. With
+def run_in_cluster(body: str, node_cpus: int = 1, connect: bool = True, num_nodes: int = 2) -> str:
+    """Run ``body`` against a head (no CPUs) plus ``num_nodes`` nodes, in its own process. With
     ``connect=False`` the script does not call ``ray.init``: the collectors connect as the
     config (and ``RAY_COLLECTORS_ADDRESS``) say."""
     body = textwrap.indent(textwrap.dedent(body), "    ")
     script = (CLUSTER.replace("DASH_PORT", str(free_port())).replace("NODE_CPUS", str(node_cpus))
+              .replace("NUM_NODES", str(num_nodes))
               .replace("CONNECT", "ray.init(address=cluster.address)" if connect else ""))
     return run_script(script % body)
 
@@ -283,3 +284,53 @@ def test_start_from_other_nodes_writes_through_the_object_store_exactly():
         rb.shutdown()
     """)
     assert "REMOTE 0 400 400" in out, out
+
+
+def test_sharded_buffer_one_shard_per_node_takes_that_nodes_batches():
+    """Three nodes, one env actor and one replay shard on each (the driver on the head): every
+    batch lands in the shard of its worker's node, a sample spans all shards, and removing a
+    node loses only that shard's frames while the other two keep sampling."""
+    out = run_in_cluster("""
+        import time
+        from collectors import MultiaSyncDataCollector, RayReplayBuffer
+        from collectors.testing import counting_env
+        config = {"placement": {"shards": "per_node"},
+                  "resources": {"replay_buffer": {"num_cpus": 0}, "env_worker": {"num_cpus": 1},
+                                "driver": {"num_cpus": 0, "node": cluster.head_node.node_id}}}
+        rb = RayReplayBuffer(30_000, num_shards=3, batch_size=300, seed=0, config=config)
+        assert sorted(rb.nodes) == sorted(n.node_id for n in nodes), rb.nodes
+        c = MultiaSyncDataCollector(counting_env, num_workers=3, frames_per_batch=20,
+                                    total_frames=900, replay_buffer=rb, name="sharded",
+                                    config=config)
+        c.start()
+        deadline = time.monotonic() + 120
+        while c.is_running() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stats = c.stats()
+        c.shutdown(timeout=5)
+        worker_node = dict(enumerate(stats["worker_nodes"]))
+        assert len(set(worker_node.values())) == 3, worker_node
+        per_shard = []
+        for j, shard in enumerate(rb.shards):
+            ids = shard.batch_ids()
+            assert ids and {worker_node[tuple(b)[2]] for b in ids} == {rb.nodes[j]}, (j, ids[:3])
+            per_shard.append(len(ids))
+        assert sum(per_shard) == 45 and rb.write_count == 900, (per_shard, rb.write_count)
+        s = rb.sample()
+        assert set((s["index"] // rb.stride).tolist()) == {0, 1, 2}
+        sizes = [info["size"] for info in rb.info()["shards"]]
+        gone = 1
+        cluster.remove_node(next(n for n in nodes if n.node_id == rb.nodes[gone]))
+        deadline = time.monotonic() + 60
+        while gone not in rb.dead and time.monotonic() < deadline:
+            try:
+                rb.sample()
+            except Exception:
+                time.sleep(0.2)
+        s = rb.sample()
+        assert set((s["index"] // rb.stride).tolist()) == {0, 2}
+        assert len(rb) == sizes[0] + sizes[2]
+        print("SHARDED", per_shard, sizes, len(rb))
+        rb.shutdown()
+    """, num_nodes=3)
+    assert "SHARDED" in out, out

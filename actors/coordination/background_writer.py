@@ -16,9 +16,10 @@ import uuid
 from collections import deque
 
 import ray
-from ray.exceptions import GetTimeoutError, ObjectLostError, OwnerDiedError, RayActorError, RayTaskError
+from ray.exceptions import ActorDiedError, GetTimeoutError, ObjectLostError, OwnerDiedError, RayActorError, RayTaskError
 
 from actors.coordination.collection import Collection, Ledger
+from actors.coordination.shard_routes import ShardRoutes
 from actors.errors import ReplayBufferUnavailable, unwrap
 
 log = logging.getLogger("ray_collectors.writer")
@@ -47,12 +48,13 @@ class BackgroundWriter:
         self.written_batches = 0
         self.resends = 0
         self.instance = uuid.uuid4().hex[:12]  # two collectors of one name never share ids
-        self.incarnation = None  # of the buffer actor, from its last acknowledgement
-        self.undurable: deque = deque()  # (batch_id, refs, meta) not yet in a checkpoint
+        self.incarnation: dict = {}  # shard -> its actor's incarnation, from its last acknowledgement
+        self.undurable: dict = {}  # shard -> deque of (batch_id, refs, meta) not yet in a checkpoint
         self.restart_resends = 0  # batches sent again after a buffer restart
         self.rate_waits = 0  # sends the buffer's rate limiter held back (retried)
         self.epoch: str | None = None  # of the current start(): the buffer fences it at stop()
-        self.buffer = None
+        self.buffer = None  # the ShardRoutes of the current start()
+        self._routes: dict = {}  # tuple of shard handles -> their ShardRoutes
         self.feed_batches = 0  # batches written through the local feed (shared memory)
         # (buffer, epoch) -> a LocalFeed, or None when batches go through the object store
         self.feed_factory = None
@@ -61,28 +63,55 @@ class BackgroundWriter:
         """Unique per collector instance: (name, instance, worker, restarts, batch index)."""
         return (self.name, self.instance, meta["worker"], meta["restarts"], meta["batch_index"])
 
+    def routes(self, buffer) -> ShardRoutes:
+        """The routes into ``buffer``: a buffer actor, or a list of shard actors (their nodes
+        are asked once)."""
+        targets = tuple(buffer) if isinstance(buffer, (list, tuple)) else (buffer,)
+        if targets not in self._routes:
+            nodes = [None]
+            if len(targets) > 1:
+                infos = ray.get([t.info.remote() for t in targets], timeout=self.write_timeout_s)
+                nodes = [info.get("node_id") for info in infos]
+            self._routes[targets] = ShardRoutes(list(targets), nodes, self.name)
+        return self._routes[targets]
+
     def write(self, buffer, refs: list, meta: dict, epoch: str | None = None) -> int:
-        """Write one batch into the buffer actor, resending until acknowledged; raises
-        :class:`ReplayBufferUnavailable` after ``write_timeout_s`` without an answer. A buffer
-        that answers but holds writers back (``samples_per_insert``) is waited for, as long as
-        it takes, until :meth:`stop`. Returns frames written."""
+        """Write one batch into the buffer actor (or the shard :class:`ShardRoutes` picks),
+        resending until acknowledged; raises :class:`ReplayBufferUnavailable` after
+        ``write_timeout_s`` without an answer. A buffer that answers but holds writers back
+        (``samples_per_insert``) is waited for, as long as it takes, until :meth:`stop`.
+        Returns frames written."""
+        routes = self.routes(buffer)
         batch_id = self.batch_id(meta)
-        ack = self._send(buffer, batch_id, refs, meta, epoch)
+        while True:
+            shard = routes.route(meta)
+            try:
+                ack = self._send(routes.targets[shard], batch_id, refs, meta, epoch,
+                                 reroute=len(routes.targets) > 1)
+                break
+            except ActorDiedError:  # a shard gone for good: its node's batches go elsewhere
+                if not routes.mark_dead(shard):
+                    raise ReplayBufferUnavailable(
+                        f"replay buffer unavailable: every shard is gone (batch {batch_id}).") from None
+                log.warning("replay buffer shard %d is gone; writing to the others", shard)
+                self.undurable.pop(shard, None)
         if ack is None:
             return 0
-        if self.incarnation is not None and ack["incarnation"] != self.incarnation:
-            self._resend_undurable(buffer)  # the buffer restarted from its last checkpoint
-        self.incarnation = ack["incarnation"]
+        if shard in self.incarnation and ack["incarnation"] != self.incarnation[shard]:
+            self._resend_undurable(routes.targets[shard], shard)  # restarted from its checkpoint
+        self.incarnation[shard] = ack["incarnation"]
         self.written_ids.append(batch_id)
         self.written_batches += 1
-        self.undurable.append((batch_id, refs, meta))
-        while len(self.undurable) > ack["undurable"]:
-            self.undurable.popleft()
+        undurable = self.undurable.setdefault(shard, deque())
+        undurable.append((batch_id, refs, meta))
+        while len(undurable) > ack["undurable"]:
+            undurable.popleft()
         return ack["frames"]
 
-    def _resend_undurable(self, buffer) -> None:
+    def _resend_undurable(self, buffer, shard: int) -> None:
         """Send again what the restarted buffer may have lost; ids it holds are skipped."""
-        for batch_id, refs, meta in list(self.undurable):
+        undurable = self.undurable.get(shard, ())
+        for batch_id, refs, meta in list(undurable):
             self.restart_resends += 1
             if self._send(buffer, batch_id, refs, meta) is None:  # its data died with its worker:
                 try:                                            # counted dropped, not written
@@ -91,11 +120,13 @@ class BackgroundWriter:
                 except ValueError:
                     pass
         log.warning("replay buffer restarted: %d batches written since its last checkpoint were "
-                    "sent again", len(self.undurable))
+                    "sent again", len(undurable))
 
-    def _send(self, buffer, batch_id, refs: list, meta: dict, epoch=None) -> dict | None:
+    def _send(self, buffer, batch_id, refs: list, meta: dict, epoch=None,
+              reroute: bool = False) -> dict | None:
         """The acknowledgement of one batch, or ``None`` if it was not stored: its data died with
-        its worker, or collection was stopped (fenced) before the buffer took it."""
+        its worker, or collection was stopped (fenced) before the buffer took it. ``reroute``:
+        a buffer that died for good raises ``ActorDiedError`` (another shard takes the batch)."""
         deadline = time.monotonic() + self.write_timeout_s
         wait = max(0.1, min(RATE_WAIT_S, self.write_timeout_s / 2))
         while True:
@@ -123,6 +154,8 @@ class BackgroundWriter:
                     self.ledger.undeliver(meta, "lost_before_write")
                 return None
             except (RayActorError, GetTimeoutError) as exc:
+                if reroute and isinstance(exc, ActorDiedError):
+                    raise  # a dead shard: write() routes the batch to another one
                 if time.monotonic() >= deadline:
                     raise ReplayBufferUnavailable(
                         f"replay buffer unavailable: no acknowledgement of batch {batch_id} "
@@ -138,15 +171,15 @@ class BackgroundWriter:
         self.stop_event.clear()
         self.total = total_frames
         self.random_frames = random_frames
-        self.epoch, self.buffer = uuid.uuid4().hex, buffer
-        self.thread = threading.Thread(target=self._run, args=(buffer, self.epoch), daemon=True,
+        self.epoch, self.buffer = uuid.uuid4().hex, self.routes(buffer)
+        self.thread = threading.Thread(target=self._run, args=(self.buffer, self.epoch), daemon=True,
                                        name=f"{self.name}-writer")
         self.thread.start()
         return True
 
-    def _run(self, buffer, epoch: str) -> None:
+    def _run(self, routes: ShardRoutes, epoch: str) -> None:
         try:
-            feed = self.feed_factory(buffer, epoch) if self.feed_factory is not None else None
+            feed = self.feed_factory(routes, epoch) if self.feed_factory is not None else None
             if feed is not None:
                 feed.run()
                 return
@@ -157,7 +190,7 @@ class BackgroundWriter:
                 while not self.stop_event.is_set():
                     with self.write_lock:
                         if not self.paused.is_set():
-                            self.write(buffer, refs, meta, epoch)
+                            self.write(routes.targets, refs, meta, epoch)
                             self.frames += meta["frames"]
                             break
                     time.sleep(0.005)
@@ -178,10 +211,12 @@ class BackgroundWriter:
             self.thread.join(timeout)
             stopped = not self.thread.is_alive()
         if self.epoch is not None and self.buffer is not None:
-            try:
-                ray.get(self.buffer.fence.remote(self.epoch), timeout=max(1.0, timeout))
-            except Exception:  # noqa: BLE001 - a dead buffer takes no writes anyway
-                log.warning("could not fence the writes of %s in the replay buffer", self.name)
+            for shard in self.buffer.alive():
+                try:
+                    ray.get(self.buffer.targets[shard].fence.remote(self.epoch),
+                            timeout=max(1.0, timeout))
+                except Exception:  # noqa: BLE001 - a dead buffer takes no writes anyway
+                    log.warning("could not fence the writes of %s in the replay buffer", self.name)
         return stopped
 
     def pause(self, paused: bool) -> None:

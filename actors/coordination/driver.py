@@ -193,15 +193,17 @@ class Driver:
     def start(self, buffer, total_frames: int = -1, random_frames: int = 0) -> bool:
         return self.writer.start(buffer, total_frames, random_frames)
 
-    def _local_feed(self, buffer, epoch: str):
-        """A :class:`LocalFeed` into ``buffer`` when it and every env actor share this node."""
-        info = ray.get(buffer.info.remote(), timeout=self.options.write_timeout_s)
-        problem = feed_problem(self.options, self.info, info, ray.get_runtime_context().get_node_id())
+    def _local_feed(self, routes, epoch: str):
+        """A :class:`LocalFeed` into the buffer (its shards: ``routes``) when it and every env
+        actor share this node."""
+        infos = ray.get([routes.targets[i].info.remote() for i in routes.alive()],
+                        timeout=self.options.write_timeout_s)
+        problem = feed_problem(self.options, self.info, infos, ray.get_runtime_context().get_node_id())
         if problem is not None:
             log.info("%s: batches go to the replay buffer through the object store: %s",
                      self.name, problem)
             return None
-        return LocalFeed(self.writer, self.collection, buffer, epoch, self.options.write_timeout_s)
+        return LocalFeed(self.writer, self.collection, routes, epoch, self.options.write_timeout_s)
 
     def stop(self, timeout: float = 10.0) -> bool:
         return self.writer.stop(timeout)

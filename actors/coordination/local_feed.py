@@ -22,7 +22,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as wait_ready
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError
 
 from actors.errors import CollectorError, ReplayBufferUnavailable
 from actors.shm.folders import private_folder, remove_stale, shareable
@@ -35,13 +35,14 @@ POLL_S = 0.1  # how often a waiting feed looks at stop() and pause()
 DEPTH = 2  # requests in flight per env actor: it collects the next batch while one is written
 
 
-def feed_problem(options, worker_info: list, buffer_info: dict, here: str) -> str | None:
-    """Why background collection into this buffer cannot take the local feed (None: it can)."""
+def feed_problem(options, worker_info: list, buffer_infos: list, here: str) -> str | None:
+    """Why background collection into this buffer (its shards' ``info()``) cannot take the
+    local feed (None: it can)."""
     if options.shared_memory is False:
         return "shared_memory=False"
-    if buffer_info.get("checkpoint_dir"):
+    if any(info.get("checkpoint_dir") for info in buffer_infos):
         return "the buffer keeps checkpoints: batches stay resendable through the object store"
-    nodes = {info.get("node_id") for info in worker_info} | {buffer_info.get("node_id")}
+    nodes = {info.get("node_id") for info in worker_info} | {i.get("node_id") for i in buffer_infos}
     if nodes != {here}:
         return "the env actors or the buffer run on another node than the driver"
     if not shareable(1 << 20):
@@ -52,16 +53,16 @@ def feed_problem(options, worker_info: list, buffer_info: dict, here: str) -> st
 class LocalFeed:
     """One ``start()``'s feed; ``run()`` until the writer stops, reaches its total, or fails."""
 
-    def __init__(self, writer, collection, buffer, epoch: str, write_timeout_s: float):
+    def __init__(self, writer, collection, routes, epoch: str, write_timeout_s: float):
         self.writer, self.collection, self.pool = writer, collection, collection.pool
         self.ledger = collection.ledger
-        self.buffer, self.epoch, self.write_timeout_s = buffer, epoch, write_timeout_s
+        self.routes, self.epoch, self.write_timeout_s = routes, epoch, write_timeout_s
         self.clients: dict[int, tuple] = {}  # worker -> (handle, HandoffClient)
         # worker -> deadlines of its requests, oldest first (DEPTH at most: one per slot); the
         # oldest runs now, the next waits in the socket and starts as soon as it is done
         self.inflight: dict[int, list] = {}
         self.ready: list = []  # [(worker, meta, where)]: received, not yet written, in order
-        self.intake: Connection | None = None
+        self.intakes: dict[int, Connection] = {}  # shard -> its buffer actor's intake
         remove_stale()
         self.folder, self._lock_fd = private_folder("feed-")
 
@@ -69,7 +70,11 @@ class LocalFeed:
     def run(self) -> None:
         w = self.writer
         try:
-            self._connect_intake(time.monotonic() + self.write_timeout_s)
+            for shard in self.routes.alive():
+                try:
+                    self._connect_intake(shard, time.monotonic() + self.write_timeout_s)
+                except ActorDiedError:  # (others are left): its batches go to them
+                    self.routes.mark_dead(shard)
             for i, _ in self.pool.alive():
                 self._attach(i)
             while not w.stop_event.is_set():
@@ -123,7 +128,8 @@ class LocalFeed:
                 self._failed(i, "timeout", "", "")
 
     def _write_ready(self) -> None:
-        """Name every received batch to the buffer in one message; ask their workers again."""
+        """Name every received batch to its shard's intake, one message per shard; ask their
+        workers again."""
         w = self.writer
         take, planned = 0, w.frames
         for _, meta, _ in self.ready:  # up to total_frames, as the writer stops there
@@ -131,9 +137,23 @@ class LocalFeed:
                 break
             take += 1
             planned += meta["frames"]
-        group, self.ready = self.ready[:take], self.ready[take:]
+        taken, self.ready = self.ready[:take], self.ready[take:]
+        shards: dict[int, list] = {}
+        for item in taken:
+            shards.setdefault(self.routes.route(item[1]), []).append(item)
+        for shard, group in shards.items():
+            try:
+                self._write_group(shard, group)
+            except ActorDiedError:  # a shard gone for good: its batches go to the others
+                if not self.routes.mark_dead(shard):
+                    raise ReplayBufferUnavailable("replay buffer unavailable: every shard is gone.") from None
+                log.warning("replay buffer shard %d is gone; writing to the others", shard)
+                self.ready = group + self.ready
+
+    def _write_group(self, shard: int, group: list) -> None:
+        w = self.writer
         ids = [w.batch_id(meta) for _, meta, _ in group]
-        acks = self._send([(bid, where) for bid, (_, _, where) in zip(ids, group)])
+        acks = self._send(shard, [(bid, where) for bid, (_, _, where) in zip(ids, group)])
         held = [item for item, ack in zip(group, acks) if ack.get("rate_wait")]
         if held:  # sent again on the next round, in their order
             w.rate_waits += 1
@@ -154,38 +174,43 @@ class LocalFeed:
                 w.feed_batches += 1
             self._ask(i)
 
-    def _send(self, items: list) -> list:
-        """The buffer's acknowledgements of ``items``; a buffer that restarts is reconnected
+    def _send(self, shard: int, items: list) -> list:
+        """The shard's acknowledgements of ``items``; a buffer that restarts is reconnected
         to and sent the same items again (the slots still hold them; ids stop duplicates)."""
         deadline = time.monotonic() + self.write_timeout_s
         while True:
             try:
-                if self.intake is None:
-                    self._connect_intake(deadline)
-                self.intake.send((self.epoch, items))
+                if shard not in self.intakes:
+                    self._connect_intake(shard, deadline)
+                intake = self.intakes[shard]
+                intake.send((self.epoch, items))
                 # (a buffer held by its rate limiter answers within about a second)
-                if self.intake.poll(max(0.1, deadline - time.monotonic()) + 2.0):
-                    return self.intake.recv()
+                if intake.poll(max(0.1, deadline - time.monotonic()) + 2.0):
+                    return intake.recv()
                 raise ReplayBufferUnavailable(
                     f"replay buffer unavailable: no acknowledgement of {len(items)} batches within "
                     f"write_timeout_s={self.write_timeout_s:g}.")
             except (EOFError, OSError):
-                self._close_intake()
+                self._close_intake(shard)
                 self.writer.resends += 1
                 self._retry_until(deadline, "it went away and did not come back")
 
-    def _connect_intake(self, deadline: float) -> None:
+    def _connect_intake(self, shard: int, deadline: float) -> None:
+        """Open ``shard``'s intake; raises ``ActorDiedError`` for a shard gone for good when
+        other shards are left."""
         while True:
             try:
-                address = ray.get(self.buffer.open_intake.remote(self.folder),
+                address = ray.get(self.routes.targets[shard].open_intake.remote(self.folder),
                                   timeout=max(0.1, deadline - time.monotonic()))
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 sock.settimeout(CONNECT_TIMEOUT_S)
                 sock.connect(address)
                 sock.settimeout(None)
-                self.intake = Connection(sock.detach())
+                self.intakes[shard] = Connection(sock.detach())
                 return
             except (RayActorError, GetTimeoutError, OSError) as exc:
+                if isinstance(exc, ActorDiedError) and len(self.routes.alive()) > 1:
+                    raise
                 self._retry_until(deadline, f"its intake did not open ({exc!r})")
 
     def _retry_until(self, deadline: float, what: str) -> None:
@@ -239,10 +264,10 @@ class LocalFeed:
         self._attach(i)
 
     # -- end ---------------------------------------------------------------------------------
-    def _close_intake(self) -> None:
-        if self.intake is not None:
-            self.intake.close()
-            self.intake = None
+    def _close_intake(self, shard: int) -> None:
+        intake = self.intakes.pop(shard, None)
+        if intake is not None:
+            intake.close()
 
     def close(self) -> None:
         """Requests in flight count as cancelled, received batches not written as stopped; the
@@ -258,7 +283,8 @@ class LocalFeed:
         clients, self.clients = self.clients, {}
         for _, client in clients.values():
             client.close()
-        self._close_intake()
+        for shard in list(self.intakes):
+            self._close_intake(shard)
         folder, self.folder = self.folder, None
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)

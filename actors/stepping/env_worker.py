@@ -109,6 +109,8 @@ class EnvWorker:
         self.frames = 0
         self.episodes = 0
         self.compact_obs = options.compact_obs
+        # the node in every batch's meta: start() writes it to the replay shard on that node
+        self.node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
         if options.worker_nice:
             os.nice(options.worker_nice)  # background work: the trainer keeps its CPU share
         if plan.policy_kind != "random" or options.num_sub_threads != 1:
@@ -175,7 +177,7 @@ class EnvWorker:
 
     def ready(self) -> dict:
         ctx = ray.get_runtime_context() if ray.is_initialized() else None
-        return {"pid": os.getpid(), "node_id": ctx.get_node_id() if ctx else None}
+        return {"pid": os.getpid(), "node_id": self.node_id if ctx else None}
 
     def collect(self, random_actions: bool = False) -> tuple[dict, dict]:
         """Collect one batch; returns ``(arrays, meta)``. ``arrays`` are reused next call."""
@@ -227,6 +229,7 @@ class EnvWorker:
             "collect_time": time.perf_counter() - t0,
             "weights_time": t_weights,  # of which applying deferred calls and new weights
             "restarts": self.restarts,
+            "node_id": self.node_id,
         }
         return batch, meta
 

@@ -26,6 +26,17 @@ class BufferStateMixin:
                 "seen": [list(b) if isinstance(b, tuple) else b for b in self.seen],
                 "compact": None if self.compact is None else self.compact.meta()}
 
+    def shard_state(self) -> dict:
+        """What a sharded handle weighs this shard by: its size, and with priorities their
+        total and smallest value over the stored frames (``alpha`` applied)."""
+        with self.cond:
+            out = {"size": self.size, "total_priority": float(self.size), "min_priority": 1.0}
+            tree = getattr(self.sampler, "tree", None)
+            if tree is not None and self.size:
+                out["total_priority"] = float(tree.total)
+                out["min_priority"] = float(tree.min(self.size))
+            return out
+
     def state_dict(self) -> dict:
         with self.cond:
             return {"storage": None if self.storage is None else self.storage.clone(),
