@@ -51,6 +51,8 @@ class FiguresMixin:
             "running": driver.get("running", False),
             "written_batch_ids": driver.get("written_batch_ids", []),
             "buffer_resends": driver.get("buffer_resends", 0),  # sends retried, unanswered
+            # Ray calls that wrote batches through the object store (ready batches share one)
+            "buffer_write_calls": driver.get("buffer_write_calls", 0),
             # batches sent again because the buffer restarted from an older checkpoint
             "buffer_restart_resends": driver.get("buffer_restart_resends", 0),
             "policy_version": self.policy_version,

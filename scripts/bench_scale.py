@@ -108,6 +108,8 @@ def main(argv=None) -> None:
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--only", choices=["buffer"], help="only start() into a RayReplayBuffer")
     p.add_argument("--shards", type=int, default=1, help="replay shards (num_shards) of that buffer")
+    p.add_argument("--object-store", action="store_true",
+                   help="start() through the object store (shared_memory=False), as from other nodes")
     args = p.parse_args(argv)
     w = args.workers
     ray.init(num_cpus=max(2, int(w * args.cpus_per_worker) + 2), dashboard_host="127.0.0.1",
@@ -167,6 +169,7 @@ def into_buffer(policy, common: dict, args) -> tuple[float, str]:
     ``--steps`` frames each), counted by the buffer, after a one-second warm-up."""
     rb = RayReplayBuffer(1_000_000, num_shards=args.shards)
     c = MultiaSyncDataCollector(counting_env, policy, replay_buffer=rb,
+                                shared_memory=False if args.object_store else None,
                                 **dict(common, frames_per_batch=args.steps))
     try:
         c.start()

@@ -168,3 +168,24 @@ def test_a_pausing_trainer_holds_background_collection_without_killing_it():
     finally:
         c.shutdown(raise_on_error=False)
         rb.shutdown()
+
+
+def test_batches_ready_together_reach_the_buffer_in_one_call(rb):
+    """Through the object store (shared_memory=False), batches that are ready together share one
+    call per shard: after a pause, all four workers' batches wait, and go in one call. Every
+    batch is still stored once and the counts stay exact."""
+    with MultiaSyncDataCollector(counting_env, num_workers=4, frames_per_batch=10, total_frames=400,
+                                 replay_buffer=rb, shared_memory=False) as c:
+        with c.pause():
+            c.start()
+            time.sleep(2.0)  # every worker finishes its batch meanwhile
+        deadline = time.monotonic() + 60
+        while c.is_running() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stats = c.stats()
+    assert stats["shared_memory_writes"] == 0 and stats["frames"] == 400
+    ids = sorted(map(tuple, rb.batch_ids()))
+    assert ids == sorted(map(tuple, stats["written_batch_ids"])) and len(ids) == 40
+    assert rb.write_count == 400 and stats["buffer_write_calls"] < 40, stats["buffer_write_calls"]
+    for p in stats["per_worker"]:
+        assert p["frames"] == p["delivered"] + sum(p["dropped"].values()), p

@@ -16,16 +16,17 @@ import uuid
 from collections import deque
 
 import ray
-from ray.exceptions import ActorDiedError, GetTimeoutError, ObjectLostError, OwnerDiedError, RayActorError, RayTaskError
+from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError
 
 from actors.coordination.collection import Collection, Ledger
 from actors.coordination.shard_routes import ShardRoutes
-from actors.errors import ReplayBufferUnavailable, unwrap
+from actors.errors import ReplayBufferUnavailable
 
 log = logging.getLogger("ray_collectors.writer")
 
 WRITTEN_IDS_KEPT = 50_000
 RATE_WAIT_S = 5.0  # a write held by the buffer's rate limiter is retried after this
+GROUP_MAX = 64  # batches already there written in one call per shard
 
 
 class BackgroundWriter:
@@ -52,6 +53,7 @@ class BackgroundWriter:
         self.undurable: dict = {}  # shard -> deque of (batch_id, refs, meta) not yet in a checkpoint
         self.restart_resends = 0  # batches sent again after a buffer restart
         self.rate_waits = 0  # sends the buffer's rate limiter held back (retried)
+        self.write_calls = 0  # Ray calls that wrote batches through the object store
         self.epoch: str | None = None  # of the current start(): the buffer fences it at stop()
         self.buffer = None  # the ShardRoutes of the current start()
         self._routes: dict = {}  # tuple of shard handles -> their ShardRoutes
@@ -75,30 +77,41 @@ class BackgroundWriter:
             self._routes[targets] = ShardRoutes(list(targets), nodes, self.name)
         return self._routes[targets]
 
-    def write(self, buffer, refs: list, meta: dict, epoch: str | None = None) -> int:
-        """Write one batch into the buffer actor (or the shard :class:`ShardRoutes` picks),
-        resending until acknowledged; raises :class:`ReplayBufferUnavailable` after
-        ``write_timeout_s`` without an answer. A buffer that answers but holds writers back
-        (``samples_per_insert``) is waited for, as long as it takes, until :meth:`stop`.
-        Returns frames written."""
+    def write(self, buffer, items: list, epoch: str | None = None) -> None:
+        """Write batches ``[(refs, meta)]`` into the buffer actor (or the shards
+        :class:`ShardRoutes` picks), one call per shard for all of them, sending again until
+        each is acknowledged; raises :class:`ReplayBufferUnavailable` after ``write_timeout_s``
+        without an answer. A buffer that answers but holds writers back (``samples_per_insert``)
+        is waited for, as long as it takes, until :meth:`stop`."""
         routes = self.routes(buffer)
-        batch_id = self.batch_id(meta)
-        while True:
-            shard = routes.route(meta)
-            try:
-                ack = self._send(routes.targets[shard], batch_id, refs, meta, epoch,
-                                 reroute=len(routes.targets) > 1)
-                break
-            except ActorDiedError:  # a shard gone for good: its node's batches go elsewhere
-                if not routes.mark_dead(shard):
-                    raise ReplayBufferUnavailable(
-                        f"replay buffer unavailable: every shard is gone (batch {batch_id}).") from None
-                log.warning("replay buffer shard %d is gone; writing to the others", shard)
-                self.undurable.pop(shard, None)
-        if ack is None:
-            return 0
+        pending = [(self.batch_id(meta), refs, meta) for refs, meta in items]
+        while pending:
+            shards: dict[int, list] = {}
+            for item in pending:
+                shards.setdefault(routes.route(item[2]), []).append(item)
+            pending = []
+            for shard, group in shards.items():
+                target = routes.targets[shard]
+                try:
+                    acks = self._send(target, group, epoch, reroute=len(routes.targets) > 1)
+                except ActorDiedError:  # a shard gone for good: its node's batches go elsewhere
+                    if not routes.mark_dead(shard):
+                        raise ReplayBufferUnavailable(
+                            "replay buffer unavailable: every shard is gone.") from None
+                    log.warning("replay buffer shard %d is gone; writing to the others", shard)
+                    self.undurable.pop(shard, None)
+                    pending += group
+                    continue
+                for (batch_id, refs, meta), ack in zip(group, acks):
+                    self._acknowledged(shard, target, batch_id, refs, meta, ack)
+
+    def _acknowledged(self, shard: int, target, batch_id, refs, meta: dict, ack: dict) -> None:
+        if ack.get("lost") or ack.get("fenced") or ack.get("stopped"):
+            if meta["frames"]:  # its data died with its worker, or the collection was stopped
+                self.ledger.undeliver(meta, "lost_before_write" if ack.get("lost") else "stopped")
+            return
         if shard in self.incarnation and ack["incarnation"] != self.incarnation[shard]:
-            self._resend_undurable(routes.targets[shard], shard)  # restarted from its checkpoint
+            self._resend_undurable(target, shard)  # the shard restarted from its checkpoint
         self.incarnation[shard] = ack["incarnation"]
         self.written_ids.append(batch_id)
         self.written_batches += 1
@@ -106,15 +119,15 @@ class BackgroundWriter:
         undurable.append((batch_id, refs, meta))
         while len(undurable) > ack["undurable"]:
             undurable.popleft()
-        return ack["frames"]
 
     def _resend_undurable(self, buffer, shard: int) -> None:
         """Send again what the restarted buffer may have lost; ids it holds are skipped."""
-        undurable = self.undurable.get(shard, ())
-        for batch_id, refs, meta in list(undurable):
-            self.restart_resends += 1
-            if self._send(buffer, batch_id, refs, meta) is None:  # its data died with its worker:
-                try:                                            # counted dropped, not written
+        undurable = list(self.undurable.get(shard, ()))
+        self.restart_resends += len(undurable)
+        acks = self._send(buffer, undurable) if undurable else []
+        for (batch_id, _, _), ack in zip(undurable, acks):
+            if ack.get("lost"):  # its data died with its worker: counted dropped, not written
+                try:
                     self.written_ids.remove(batch_id)
                     self.written_batches -= 1
                 except ValueError:
@@ -122,46 +135,41 @@ class BackgroundWriter:
         log.warning("replay buffer restarted: %d batches written since its last checkpoint were "
                     "sent again", len(undurable))
 
-    def _send(self, buffer, batch_id, refs: list, meta: dict, epoch=None,
-              reroute: bool = False) -> dict | None:
-        """The acknowledgement of one batch, or ``None`` if it was not stored: its data died with
-        its worker, or collection was stopped (fenced) before the buffer took it. ``reroute``:
-        a buffer that died for good raises ``ActorDiedError`` (another shard takes the batch)."""
+    def _send(self, buffer, group: list, epoch=None, reroute: bool = False) -> list[dict]:
+        """The acknowledgements of ``group`` (``[(batch_id, refs, meta)]``), one per batch:
+        ``{"lost": True}`` when its data died with its worker, ``{"fenced"/"stopped": True}``
+        when collection was stopped before the buffer took it. ``reroute``: a buffer that died
+        for good raises ``ActorDiedError`` (another shard takes the batches)."""
         deadline = time.monotonic() + self.write_timeout_s
-        wait = max(0.1, min(RATE_WAIT_S, self.write_timeout_s / 2))
-        while True:
+        acks: list = [None] * len(group)
+        todo = list(range(len(group)))
+        while todo:
+            call = buffer.extend_refs.remote([(group[k][0], group[k][1]) for k in todo], epoch)
+            self.write_calls += 1
             try:
-                ack = ray.get(buffer.extend_ref.remote(refs, batch_id, wait, epoch),
-                              timeout=max(0.1, deadline - time.monotonic()) + wait)
-                if ack.get("fenced"):
-                    if meta["frames"]:
-                        self.ledger.undeliver(meta, "stopped")
-                    return None
-                return ack
-            except RayTaskError as exc:
-                if isinstance(unwrap(exc), TimeoutError):  # alive, but the rate limiter holds us
-                    if self.stop_event.is_set():
-                        if meta["frames"]:
-                            self.ledger.undeliver(meta, "stopped")
-                        return None
-                    self.rate_waits += 1
-                    deadline = time.monotonic() + self.write_timeout_s
-                    continue
-                if not isinstance(unwrap(exc), (ObjectLostError, OwnerDiedError)):
-                    raise
-                # the worker that owned this batch died before the buffer fetched it
-                if meta["frames"]:
-                    self.ledger.undeliver(meta, "lost_before_write")
-                return None
+                got = ray.get(call, timeout=max(0.1, deadline - time.monotonic()) + RATE_WAIT_S)
             except (RayActorError, GetTimeoutError) as exc:
                 if reroute and isinstance(exc, ActorDiedError):
-                    raise  # a dead shard: write() routes the batch to another one
+                    raise
                 if time.monotonic() >= deadline:
                     raise ReplayBufferUnavailable(
-                        f"replay buffer unavailable: no acknowledgement of batch {batch_id} "
+                        f"replay buffer unavailable: no acknowledgement of {len(todo)} batches "
                         f"within write_timeout_s={self.write_timeout_s:g} ({exc!r}).") from None
                 self.resends += 1
                 time.sleep(0.2)
+                continue
+            held = [k for k, ack in zip(todo, got) if ack.get("rate_wait")]
+            for k, ack in zip(todo, got):
+                acks[k] = ack
+            if held:  # alive, but its rate limiter holds them: sent again until stop()
+                if self.stop_event.is_set():
+                    for k in held:
+                        acks[k] = {"stopped": True}
+                    break
+                self.rate_waits += 1
+                deadline = time.monotonic() + self.write_timeout_s
+            todo = held
+        return acks
 
     def start(self, buffer, total_frames: int = -1, random_frames: int = 0) -> bool:
         """Collect into ``buffer`` until ``total_frames`` (-1: until stopped); batches asked for
@@ -186,21 +194,38 @@ class BackgroundWriter:
             while not self.stop_event.is_set():
                 if self.total > 0 and self.frames >= self.total:
                     break
-                refs, meta = self.collection.next_ready(self.frames < self.random_frames)
+                items = self._ready_batches()
                 while not self.stop_event.is_set():
                     with self.write_lock:
                         if not self.paused.is_set():
-                            self.write(routes.targets, refs, meta, epoch)
-                            self.frames += meta["frames"]
+                            self.write(routes.targets, items, epoch)
+                            self.frames += sum(meta["frames"] for _, meta in items)
                             break
                     time.sleep(0.005)
                 else:
-                    self.ledger.undeliver(meta, "stopped")
+                    for _, meta in items:
+                        self.ledger.undeliver(meta, "stopped")
         except BaseException as exc:  # noqa: BLE001 - reported through is_running()/stats()
             self.error = exc
             log.exception("background collection of %s stopped", self.name)
         finally:
             self.collection.cancel_inflight()
+
+    def _ready_batches(self) -> list:
+        """The next batch, and every other one already there (up to ``GROUP_MAX`` and the
+        total): written in one call per shard."""
+        random_actions = self.frames < self.random_frames
+        items = [self.collection.next_ready(random_actions)]
+        planned = self.frames + items[0][1]["frames"]
+        if self.total > 0 and planned >= self.total:
+            return items
+        for more in self.collection.ready_now(random_actions, GROUP_MAX - 1):
+            if self.total > 0 and planned >= self.total:  # (past the total: not written)
+                self.ledger.undeliver(more[1], "stopped")
+                continue
+            items.append(more)
+            planned += more[1]["frames"]
+        return items
 
     def stop(self, timeout: float = 10.0) -> bool:
         """Stop, and fence this start's writes in the buffer: once this returns, none lands,

@@ -234,6 +234,25 @@ class Collection:
             self._submit(i, h, random_actions)
             return out
 
+    def ready_now(self, random_actions: bool = False, limit: int = 64) -> list:
+        """Batches workers already finished, oldest request first, up to ``limit``: never
+        waits (``[]`` when none is there). Each worker is asked again as in :meth:`next_ready`."""
+        refs = list(self.inflight)
+        ready = ray.wait(refs, num_returns=len(refs), timeout=0)[0] if refs else []
+        out = []
+        for ref in ready[:limit]:
+            if ref not in self.inflight:  # (its worker was replaced meanwhile)
+                continue
+            i, h = self.inflight.pop(ref)
+            self.active_since[i] = time.monotonic()
+            got = self._resolve(ref, i, h)
+            if got is None:
+                self._resubmit_after_replace(i, random_actions)
+                continue
+            self._submit(i, h, random_actions)
+            out.append(got)
+        return out
+
     def _resubmit_after_replace(self, i: int, random_actions: bool) -> None:
         for r in [r for r, (j, _) in self.inflight.items() if j == i]:
             del self.inflight[r]

@@ -149,8 +149,7 @@ class Driver:
         """Collect (all workers, or the first ready with ``one``) and write into ``buffer``;
         the buffer actor fetches the batches from the object store itself. Returns the metas."""
         results = [self.next_ready(random_actions)] if one else self.collect_sync(random_actions)
-        for refs, meta in results:
-            self.writer.write(buffer, refs, meta)
+        self.writer.write(buffer, results)
         return [meta for _, meta in results]
 
     # -- the local route: batches the trainer took from the workers itself (shared memory) ---
@@ -271,6 +270,7 @@ class Driver:
             "shared_memory_writes": self.writer.feed_batches,
             "written_batch_ids": list(self.writer.written_ids),
             "buffer_resends": self.writer.resends,
+            "buffer_write_calls": self.writer.write_calls,
             "buffer_restart_resends": self.writer.restart_resends,
             "running": self.writer.is_running(),
             "policy_version": self.pool.version,

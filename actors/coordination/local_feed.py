@@ -141,19 +141,37 @@ class LocalFeed:
         shards: dict[int, list] = {}
         for item in taken:
             shards.setdefault(self.routes.route(item[1]), []).append(item)
-        for shard, group in shards.items():
+        sent = {shard: self._post(shard, group) for shard, group in shards.items()}
+        for shard, group in shards.items():  # (every shard writes while the acks are read)
             try:
-                self._write_group(shard, group)
+                self._write_group(shard, group, sent[shard])
             except ActorDiedError:  # a shard gone for good: its batches go to the others
                 if not self.routes.mark_dead(shard):
                     raise ReplayBufferUnavailable("replay buffer unavailable: every shard is gone.") from None
                 log.warning("replay buffer shard %d is gone; writing to the others", shard)
                 self.ready = group + self.ready
 
-    def _write_group(self, shard: int, group: list) -> None:
+    def _items(self, group: list) -> list:
+        return [(self.writer.batch_id(meta), where) for _, meta, where in group]
+
+    def _post(self, shard: int, group: list) -> bool:
+        """Send ``group`` to a connected shard without waiting for its answer (``False``:
+        not sent; :meth:`_send` connects and sends it)."""
+        intake = self.intakes.get(shard)
+        if intake is None:
+            return False
+        try:
+            intake.send((self.epoch, self._items(group)))
+            return True
+        except OSError:
+            self._close_intake(shard)
+            return False
+
+    def _write_group(self, shard: int, group: list, sent: bool = False) -> None:
         w = self.writer
-        ids = [w.batch_id(meta) for _, meta, _ in group]
-        acks = self._send(shard, [(bid, where) for bid, (_, _, where) in zip(ids, group)])
+        items = self._items(group)
+        ids = [bid for bid, _ in items]
+        acks = self._send(shard, items, sent)
         held = [item for item, ack in zip(group, acks) if ack.get("rate_wait")]
         if held:  # sent again on the next round, in their order
             w.rate_waits += 1
@@ -174,16 +192,19 @@ class LocalFeed:
                 w.feed_batches += 1
             self._ask(i)
 
-    def _send(self, shard: int, items: list) -> list:
-        """The shard's acknowledgements of ``items``; a buffer that restarts is reconnected
-        to and sent the same items again (the slots still hold them; ids stop duplicates)."""
+    def _send(self, shard: int, items: list, sent: bool = False) -> list:
+        """The shard's acknowledgements of ``items`` (``sent``: already sent by :meth:`_post`);
+        a buffer that restarts is reconnected to and sent the same items again (the slots
+        still hold them; ids stop duplicates)."""
         deadline = time.monotonic() + self.write_timeout_s
         while True:
             try:
                 if shard not in self.intakes:
                     self._connect_intake(shard, deadline)
                 intake = self.intakes[shard]
-                intake.send((self.epoch, items))
+                if not sent:
+                    intake.send((self.epoch, items))
+                sent = False  # (a retry sends again)
                 # (a buffer held by its rate limiter answers within about a second)
                 if intake.poll(max(0.1, deadline - time.monotonic()) + 2.0):
                     return intake.recv()
