@@ -22,7 +22,7 @@ TRAINER_ONLY = ("postproc", "replay_buffer", "config", "policy_factory", "pre_co
                 "post_collect_hook")  # never sent to the actors in the options
 
 
-def _integer(name: str, value, minimum: int | None = None):
+def check_integer(name: str, value, minimum: int | None = None):
     """An int (numpy integers too, never a bool or a float) not below ``minimum``."""
     if hasattr(value, "dtype") and getattr(value.dtype, "kind", "") in "iu" and getattr(value, "ndim", 0) == 0:
         value = int(value)
@@ -33,7 +33,7 @@ def _integer(name: str, value, minimum: int | None = None):
     return value
 
 
-def _number(name: str, value, *, positive: bool):
+def check_number(name: str, value, *, positive: bool):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
         raise ValueError(f"{name} must be a number; got {value!r}")
     if positive and not value > 0:
@@ -132,6 +132,14 @@ class CollectorOptions(BaseModel):
     track_traj_ids: StrictBool = Field(
         True, description="record ('collector', 'traj_ids'); False leaves the key out of the "
                           "yielded batches (TorchRL's option)")
+    worker_idx: Optional[int] = Field(
+        None, description="TorchRL's: this collector's index among several collectors "
+                                "(kept as the collector's worker_idx attribute, nothing else)")
+    extend_buffer: StrictBool = Field(
+        True, description="TorchRL's option (deprecated there): False writes a replay buffer in "
+                          "the trainer's process step by step (rb.add of each time step, in time "
+                          "order) instead of one extend per batch; not with postproc, split_trajs, "
+                          "return_same_td or a RayReplayBuffer")
     return_same_td: StrictBool = Field(
         False, description="TorchRL's option: every batch is written into the TensorDict the "
                            "previous one was (same object, same storage); keep a batch across "
@@ -217,24 +225,25 @@ class CollectorOptions(BaseModel):
                      "num_sub_threads", mode="before")
     @classmethod
     def _positive_int(cls, v, info):
-        return _integer(info.field_name, v, 1)
+        return check_integer(info.field_name, v, 1)
 
-    @field_validator("trajs_per_batch", "trajs_per_write", "num_threads", mode="before")
+    @field_validator("trajs_per_batch", "trajs_per_write", "num_threads", "worker_idx", mode="before")
     @classmethod
     def _optional_positive(cls, v, info):
-        return None if v is None else _integer(info.field_name, v, 1)
+        low = 0 if info.field_name == "worker_idx" else 1
+        return None if v is None else check_integer(info.field_name, v, low)
 
     @field_validator("max_restarts", "init_random_frames", mode="before")
     @classmethod
     def _non_negative_int(cls, v, info):
         if info.field_name == "init_random_frames" and (v is None or (type(v) is int and v == -1)):
             return 0  # TorchRL: None and -1 mean none
-        return _integer(info.field_name, v, 0)
+        return check_integer(info.field_name, v, 0)
 
     @field_validator("worker_nice", mode="before")
     @classmethod
     def _nice(cls, v):
-        v = _integer("worker_nice", v, 0)
+        v = check_integer("worker_nice", v, 0)
         if v > 19:
             raise ValueError(f"worker_nice must be in 0..19 (a niceness increment); got {v}")
         return v
@@ -242,14 +251,14 @@ class CollectorOptions(BaseModel):
     @field_validator("seed", mode="before")
     @classmethod
     def _seed(cls, v):
-        return None if v is None else _integer("seed", v, 0)
+        return None if v is None else check_integer("seed", v, 0)
 
     @field_validator("total_frames", mode="before")
     @classmethod
     def _total_frames(cls, v):
         if isinstance(v, float) and math.isinf(v) and v > 0:
             return -1
-        v = _integer("total_frames", v)
+        v = check_integer("total_frames", v)
         if v == 0 or v < -1:
             raise ValueError(f"total_frames must be positive or -1 (endless); got {v}")
         return v
@@ -259,7 +268,7 @@ class CollectorOptions(BaseModel):
     def _max_frames(cls, v):
         if v is None:
             return None
-        v = _integer("max_frames_per_traj", v)
+        v = check_integer("max_frames_per_traj", v)
         return v if v > 0 else None  # TorchRL: -1 / 0 mean "no limit"
 
     @field_validator("split_trajs", mode="before")
@@ -270,7 +279,7 @@ class CollectorOptions(BaseModel):
     @field_validator("sample_timeout_s", mode="before")
     @classmethod
     def _optional_timeout(cls, v):
-        return None if v is None else _number("sample_timeout_s", v, positive=True)
+        return None if v is None else check_number("sample_timeout_s", v, positive=True)
 
     @field_validator("startup_timeout_s", "restart_window_s", "write_timeout_s", mode="before")
     @classmethod
@@ -278,24 +287,24 @@ class CollectorOptions(BaseModel):
         if v is None:
             raise ValueError(f"{info.field_name} must be a positive number of seconds (nothing "
                              "waits forever); got None")
-        return _number(info.field_name, v, positive=True)
+        return check_number(info.field_name, v, positive=True)
 
     @field_validator("restart_backoff_s", mode="before")
     @classmethod
     def _backoff(cls, v):
-        return _number("restart_backoff_s", v, positive=False)
+        return check_number("restart_backoff_s", v, positive=False)
 
     @field_validator("num_cpus", "num_gpus", mode="before")
     @classmethod
     def _resource(cls, v, info):
-        return None if v is None else _number(info.field_name, v, positive=False)
+        return None if v is None else check_number(info.field_name, v, positive=False)
 
     @field_validator("preemptive_threshold", mode="before")
     @classmethod
     def _threshold(cls, v):
         if v is None:
             return None
-        v = _number("preemptive_threshold", v, positive=True)
+        v = check_number("preemptive_threshold", v, positive=True)
         if v > 1.0:
             raise ValueError(f"preemptive_threshold must be in (0, 1]; got {v!r}")
         return v
@@ -439,12 +448,3 @@ class CollectorOptions(BaseModel):
                 raise TypeError(f"{who}() got unexpected keyword argument(s) {unknown}. See "
                                 f"help({who}) for the options.") from None
             raise ValueError(f"{who}: " + "; ".join(problems) + ".") from None
-
-
-def options_doc(indent: str = "    ") -> str:
-    """The "Keyword Args" section of the collectors' docstrings, from the field descriptions."""
-    lines = ["Keyword Args:"]
-    for name, field in CollectorOptions.model_fields.items():
-        default = "required" if field.is_required() else f"default {field.default!r}"
-        lines.append(f"{indent}{name} ({default}): {field.description}.")
-    return "\n".join(lines)

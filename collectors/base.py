@@ -16,7 +16,7 @@ from ray.exceptions import ObjectLostError
 from actors.coordination import driver as driver_body
 from actors.stepping.env_worker import WorkerPlan
 from actors.errors import CollectorError
-from actors.options import CollectorOptions, options_doc
+from actors.options import CollectorOptions
 from actors.stepping.policy_runner import module_device
 from actors.stepping.vector_rollout import AUTO_MIN_ENVS, native_vector_problem
 from collectors import validate
@@ -32,7 +32,7 @@ from collectors.runtime import driver_get as _ray_get
 from collectors.runtime import ensure_ray, kill_quietly as _kill_quietly, near_caller
 from collectors.runtime import wait_dead as _wait_dead
 from collectors.shipping import ship_by_value
-from collectors.trajectories import Trajectories, check_trajectory_options
+from collectors.trajectories import Trajectories, check_trajectory_options, each_step
 from collectors.weight_sync import WeightWatcher
 
 
@@ -137,6 +137,7 @@ class DataCollectorBase(IterationMixin, ControlMixin, IntrospectionMixin, Backgr
         self.init_random_frames = options.init_random_frames
         self.postproc = options.postproc
         self.replay_buffer = options.replay_buffer
+        self.worker_idx = options.worker_idx  # TorchRL's: this collector's index among several
         self.name = options.name or f"{cls_name}-{uuid.uuid4().hex[:6]}"
         self.policy_version = 0
         self._masked = options.check_finite == "drop_episode"  # dropped episodes leave masked frames
@@ -331,6 +332,14 @@ class DataCollectorBase(IterationMixin, ControlMixin, IntrospectionMixin, Backgr
             self.options.post_collect_hook(batch)
         if self.replay_buffer is not None:  # a local buffer (e.g. TorchRL's): extend it here
             write = self._filler.extend if self._filler is not None else self.replay_buffer.extend
+            if self._trajs is None and not self.options.extend_buffer:  # TorchRL's add() per step
+                steps = each_step(batch, layout, len(metas))
+                if self._filler is not None:
+                    self._filler.extend(steps, steps=True)
+                else:
+                    for step in steps:
+                        self.replay_buffer.add(step)
+                return None
             if self._trajs is None:
                 write(batch.reshape(-1))
                 return None
@@ -409,6 +418,15 @@ class DataCollectorBase(IterationMixin, ControlMixin, IntrospectionMixin, Backgr
         return (f"{type(self).__name__}(name={self.name!r}, frames_per_batch="
                 f"{self.frames_per_batch}, total_frames={self.total_frames}, "
                 f"num_workers={self.num_workers}, num_envs={self.num_envs})")
+
+
+def options_doc(indent: str = "    ") -> str:
+    """The "Keyword Args" section of the collectors' docstrings, from the field descriptions."""
+    lines = ["Keyword Args:"]
+    for name, field in CollectorOptions.model_fields.items():
+        default = "required" if field.is_required() else f"default {field.default!r}"
+        lines.append(f"{indent}{name} ({default}): {field.description}.")
+    return "\n".join(lines)
 
 
 def _document(cls) -> None:

@@ -41,14 +41,19 @@ class LocalFiller:
             if not self.closed:
                 self.error = exc
 
-    def extend(self, batch) -> bool:
-        """Write ``batch`` unless stopped (waits while paused); True if written."""
+    def extend(self, batch, steps: bool = False) -> bool:
+        """Write ``batch`` unless stopped (waits while paused); True if written. ``steps``:
+        ``batch`` is a list of time steps, each added on its own (``extend_buffer=False``)."""
         with self.lock:
             while self.paused.is_set() and not self.closed:
                 self.resumed.wait(0.1)
             if self.closed:
                 return False
-            self.buffer.extend(batch)
+            if steps:
+                for step in batch:
+                    self.buffer.add(step)
+            else:
+                self.buffer.extend(batch)
             return True
 
     def pause(self, paused: bool) -> None:

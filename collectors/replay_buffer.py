@@ -2,6 +2,7 @@
 share it."""
 from __future__ import annotations
 
+import inspect
 import os
 import time
 import uuid
@@ -357,6 +358,11 @@ class RayReplayBuffer:
 
     def __repr__(self) -> str:
         return f"RayReplayBuffer(name={self.name!r})"
+
+
+# what help() and inspect show: __init__'s arguments (not __new__'s, which only picks the class)
+RayReplayBuffer.__signature__ = inspect.signature(RayReplayBuffer.__init__).replace(
+    parameters=list(inspect.signature(RayReplayBuffer.__init__).parameters.values())[1:])
 
 
 def _to_tensordict(arrays: dict, n: int):

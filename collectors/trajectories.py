@@ -97,6 +97,7 @@ def check_trajectory_options(options, cls_name: str) -> None:
     nothing or could not work; TorchRL's ``FutureWarning`` when the format is left unset."""
     import warnings
 
+    check_extend_buffer(options, cls_name)
     if options.trajs_per_batch is None:
         for name in ("traj_format", "trajs_per_write"):
             if getattr(options, name) is not None:
@@ -121,3 +122,33 @@ def check_trajectory_options(options, cls_name: str) -> None:
         warnings.warn("trajs_per_batch is set but traj_format is not: the layout is 'padded' "
                       "(TorchRL's current default, which TorchRL 0.16 changes to 'cat'). Pass "
                       "traj_format='padded' or 'cat' to choose.", FutureWarning, stacklevel=4)
+
+
+def check_extend_buffer(options, cls_name: str) -> None:
+    """``extend_buffer=False`` (step-by-step writes) where it can work, as TorchRL checks it."""
+    if options.extend_buffer or options.replay_buffer is None:
+        return  # (without a buffer it changes nothing, as in TorchRL)
+    if hasattr(options.replay_buffer, "actor"):
+        raise NotImplementedError(
+            f"{cls_name}: extend_buffer=False with a RayReplayBuffer is not supported (env actors "
+            "write whole batches into the buffer actor). Drop extend_buffer, or use a replay "
+            "buffer in this process (e.g. TorchRL's).")
+    clash = [name for name in ("postproc", "split_trajs", "return_same_td") if getattr(options, name)]
+    if clash:
+        raise ValueError(f"{cls_name}: {clash} need the whole batch, and extend_buffer=False writes "
+                         "the replay buffer step by step. Set extend_buffer=True or drop them.")
+    for name in ("trajs_per_batch", "preemptive_threshold"):
+        if getattr(options, name) is not None:
+            raise NotImplementedError(f"{cls_name}: extend_buffer=False with {name} is not "
+                                      f"supported. Drop one of them.")
+
+
+def each_step(batch, layout: str, workers: int) -> list:
+    """The time steps of ``batch`` in time order, one per worker each (``[]``, or ``[E]`` with
+    several envs per worker): what TorchRL's ``extend_buffer=False`` adds one at a time."""
+    if layout == "cat":  # workers concatenated along time
+        steps = batch.shape[-1] // workers
+        return [batch[..., w * steps + t] for t in range(steps) for w in range(workers)]
+    if layout == "stack":
+        return [batch[w, ..., t] for t in range(batch.shape[-1]) for w in range(batch.shape[0])]
+    return [batch[..., t] for t in range(batch.shape[-1])]

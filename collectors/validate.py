@@ -19,11 +19,9 @@ ANY = object()  # every value changes nothing here
 NO_OP_VALUES = {
     "reset_when_done": (True,), "interruptor": (None,),
     "use_buffers": ANY,  # we always step into preallocated arrays
-    "extend_buffer": (True,),  # whole batches go to the replay buffer
     "trust_policy": ANY,  # our policy check runs either way and changes no valid policy
     "cudagraph_policy": (None, False), "no_cuda_sync": ANY,
     "weight_updater": (None,), "weight_sync_schemes": (None,), "weight_recv_schemes": (None,),
-    "worker_idx": (None,),
     "mp_start_method": (None,), "collector_class": (None,), "local_init_rb": (None, False),
 }
 UNSUPPORTED = tuple(NO_OP_VALUES)

@@ -43,7 +43,7 @@ def test_every_torchrl_argument_is_accepted_at_its_default(theirs, ours):
 
 
 def test_values_that_would_change_behaviour_are_refused_by_name():
-    for key, value in [("extend_buffer", False), ("weight_updater", object()),
+    for key, value in [("weight_updater", object()),
                        ("reset_when_done", False), ("interruptor", object())]:
         with pytest.raises(NotImplementedError, match=key):
             SyncDataCollector(counting_env, frames_per_batch=8, **{key: value})
@@ -208,3 +208,76 @@ def test_shutdown_of_a_collector_whose_constructor_raised_is_a_no_op():
         c.shutdown()
         c.shutdown()  # idempotent
     SyncDataCollector.__new__(SyncDataCollector).shutdown()  # raised before any attribute was set
+
+
+def test_extend_buffer_false_adds_each_step_as_torchrl_does():
+    """TorchRL's Collector(extend_buffer=False) adds every step to the buffer on its own (in
+    time order); ours fills a TorchRL buffer the same way, frame for frame; the options that
+    need whole batches are refused with it, and a RayReplayBuffer is refused by name."""
+    from tensordict.nn import TensorDictModule
+    from torchrl.data import LazyTensorStorage, ReplayBuffer
+    from torchrl.envs import GymWrapper
+
+    from collectors.testing import CountingEnv
+
+    class Parity(nn.Module):
+        def forward(self, obs):
+            return obs[..., 0].long() % 2
+
+    policy = TensorDictModule(Parity(), in_keys=["observation"], out_keys=["action"])
+    theirs_rb = ReplayBuffer(storage=LazyTensorStorage(100))
+    env = lambda: GymWrapper(CountingEnv(5), categorical_action_encoding=True)  # noqa: E731
+    theirs = torchrl_collectors.Collector(env, policy, frames_per_batch=10, total_frames=30,
+                                          replay_buffer=theirs_rb, extend_buffer=False)
+    assert list(theirs) == [None] * 3
+    theirs.shutdown()
+    ours_rb = ReplayBuffer(storage=LazyTensorStorage(100))
+    added = []
+    add = ours_rb.add
+    ours_rb.add = lambda td: added.append(td.batch_size) or add(td)
+    with SyncDataCollector(counting_env, policy, frames_per_batch=10, total_frames=30,
+                           replay_buffer=ours_rb, extend_buffer=False) as c:
+        assert list(c) == [None] * 3
+    assert added == [torch.Size([])] * 30  # one add per step
+    n = len(theirs_rb)
+    assert n == len(ours_rb) == 30
+    for key in ("observation", ("next", "observation"), ("next", "done"), ("collector", "traj_ids")):
+        assert torch.equal(theirs_rb[:n][key].reshape(n, -1).float(),
+                           ours_rb[:n][key].reshape(n, -1).float()), key
+    for bad in ({"split_trajs": True}, {"postproc": lambda td: td}, {"return_same_td": True}):
+        with pytest.raises(ValueError, match="extend_buffer=False"):
+            SyncDataCollector(counting_env, frames_per_batch=10, replay_buffer=ours_rb,
+                              extend_buffer=False, **bad)
+    with RayReplayBuffer(10) as ray_rb, \
+            pytest.raises(NotImplementedError, match="extend_buffer=False with a RayReplayBuffer"):
+        SyncDataCollector(counting_env, frames_per_batch=10, replay_buffer=ray_rb,
+                          extend_buffer=False)
+
+
+def test_extend_buffer_false_steps_of_several_workers_in_time_order():
+    from torchrl.data import LazyTensorStorage, ReplayBuffer
+
+    rb = ReplayBuffer(storage=LazyTensorStorage(100))
+    with MultiSyncDataCollector(counting_env, num_workers=2, frames_per_batch=10, total_frames=10,
+                                replay_buffer=rb, extend_buffer=False) as c:
+        assert list(c) == [None]
+    obs = rb[:10]["observation"][:, 0]
+    worker = rb[:10]["collector", "worker_id"]
+    assert worker.tolist() == [0, 1] * 5  # step t of worker 0, then of worker 1
+    assert obs[0::2].tolist() == obs[1::2].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_worker_idx_is_kept_as_torchrl_keeps_it():
+    """TorchRL's collectors keep ``worker_idx`` as an attribute (their weight-sync schemes read
+    it); ours too, checked as a non-negative int."""
+    theirs = torchrl_collectors.Collector(lambda: __import__("torchrl.envs", fromlist=["GymEnv"]).GymEnv(
+        "CartPole-v1"), frames_per_batch=8, total_frames=8, worker_idx=3)
+    assert theirs.worker_idx == 3
+    theirs.shutdown()
+    with SyncDataCollector(counting_env, frames_per_batch=8, worker_idx=3) as c:
+        assert c.worker_idx == 3 and c.next().numel() == 8
+    with SyncDataCollector(counting_env, frames_per_batch=8) as c:
+        assert c.worker_idx is None
+    for bad in (-1, 1.5, True, "0"):
+        with pytest.raises(ValueError, match="worker_idx"):
+            SyncDataCollector(counting_env, frames_per_batch=8, worker_idx=bad)
