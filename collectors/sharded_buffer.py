@@ -140,12 +140,15 @@ class ShardedReplayBuffer(RayReplayBuffer):
         checkpoint_dir = kwargs.pop("checkpoint_dir", None)
         shards = []
         try:
+            sizes = split(manifest["capacity"], manifest["num_shards"])
             for i in range(manifest["num_shards"]):
-                shards.append(RayReplayBuffer.from_checkpoint(
-                    shard_folder(path, i), name=f"{name}/shard-{i}",
-                    seed=None if seed is None else seed + i,
-                    checkpoint_dir=None if checkpoint_dir is None else shard_folder(checkpoint_dir, i),
-                    **kwargs))
+                args = dict(name=f"{name}/shard-{i}", seed=None if seed is None else seed + i,
+                            checkpoint_dir=None if checkpoint_dir is None else shard_folder(checkpoint_dir, i),
+                            **kwargs)
+                if i in manifest.get("dead", ()):  # it was gone when checkpointed: empty again
+                    shards.append(RayReplayBuffer(sizes[i], sampler=manifest["sampler"], **args))
+                else:
+                    shards.append(RayReplayBuffer.from_checkpoint(shard_folder(path, i), **args))
         except BaseException:
             for shard in shards:
                 shard.shutdown()

@@ -131,7 +131,7 @@ def test_options_a_shard_cannot_apply_alone_are_refused():
         RayReplayBuffer(2, num_shards=3)
 
 
-def test_a_dead_shard_loses_only_its_frames_and_the_rest_keeps_sampling():
+def test_a_dead_shard_loses_only_its_frames_and_the_rest_keeps_sampling(tmp_path):
     with RayReplayBuffer(300, num_shards=3, batch_size=64, seed=0) as rb:
         fill(rb, [50, 50, 50])
         os.kill(rb.shards[1].info()["pid"], signal.SIGKILL)  # no checkpoint_dir: gone for good
@@ -145,6 +145,9 @@ def test_a_dead_shard_loses_only_its_frames_and_the_rest_keeps_sampling():
         assert 1 in rb.dead and not ((x >= 1000) & (x < 2000)).any()
         assert len(rb) == 100 and rb.info()["shards"][1]["alive"] is False
         assert rb.extend(frames(5000, 10)) == 10 and len(rb) == 110
+        rb.checkpoint(str(tmp_path / "ck"))  # the live shards; the dead one comes back empty
+    with RayReplayBuffer.from_checkpoint(str(tmp_path / "ck")) as back:
+        assert [s["size"] for s in back.info()["shards"]][1] == 0 and len(back) == 110
 
 
 def test_a_shard_restarts_from_its_own_checkpoint(tmp_path):
