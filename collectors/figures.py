@@ -71,6 +71,8 @@ class FiguresMixin:
             "placement": (self.config.placement.strategy if self.config else None) or "none",
             # batches handed over through shared memory (the local route), not the driver
             "shared_memory_batches": self._route.batches if self._route else 0,
+            # batches the trainer took from the env actors by Ray calls (other nodes, no /dev/shm)
+            "direct_batches": self._route.direct.batches if self._route and self._route.direct else 0,
             # start(): batches env actors handed to the replay buffer through shared memory
             "shared_memory_writes": driver.get("shared_memory_writes", 0),
         }

@@ -36,9 +36,8 @@ from actors.shm.folders import private_folder, remove_stale, shareable
 from actors.shm.weight_board import WeightBoard
 from collectors.control import CONTROL_TIMEOUT_S
 from collectors.runtime import driver_get
-
-SETTLE_EVERY = 64  # batches whose metas go to the driver in one call
-SETTLE_AFTER_S = 0.25  # or after this long, whichever comes first
+from collectors.ray_route import RayRoute
+from collectors.settle import BulkSettle
 
 
 def batch_problem(options, is_async: bool, cls_name: str) -> str | None:
@@ -77,10 +76,7 @@ class LocalRoute:
         self._lock_fd: int | None = None
         self.board: WeightBoard | None = None
         self.clients: dict[int, tuple] = {}  # worker -> (handle, HandoffClient)
-        self.timeouts: dict[int, float] = {}  # worker -> its hang deadline (s)
-        self.unsent: list = []  # [(worker, meta)] not yet sent to the driver
-        self.unsent_since = 0.0
-        self.settling = None  # the settle_many call in flight
+        self.ledger = BulkSettle(driver, version)  # metas to the driver; its hang deadlines
         self.batches = 0  # batches that came through the hand-off
         self.serving = False
         self.inflight: dict[int, float] = {}  # async: worker -> deadline of its request
@@ -105,6 +101,9 @@ class LocalRoute:
         if options.shared_memory is True and batches:
             raise ValueError(f"{type(owner).__name__}: shared_memory=True, but {batches}. Pass "
                              "shared_memory=None (use it where possible) or False.")
+        self.direct: RayRoute | None = None  # batches by Ray calls to the env actors instead
+        if batches is not None and batch_problem(options, is_async, type(owner).__name__) is None:
+            self.direct = RayRoute(self.name, driver, version)
         if problem:
             return
         remove_stale()  # folders of trainers that died (their lock is free)
@@ -130,8 +129,8 @@ class LocalRoute:
     # -- batches -----------------------------------------------------------------------------
     def _attach(self, indices) -> None:
         """Connect to workers ``indices`` (the driver's current ones); a dead one is reported."""
-        handles = driver_get(self.driver.worker_handles.remote(), CONTROL_TIMEOUT_S)
-        timeouts = driver_get(self.driver.settle_many.remote([], self.version()), CONTROL_TIMEOUT_S)
+        handles = driver_get(self.driver.worker_handles.remote(True), CONTROL_TIMEOUT_S)
+        self.ledger.now()
         opening = [(i, handles[i], handles[i].open_handoff.remote(self.folder))
                    for i in indices if handles[i] is not None]
         for i, handle, ref in opening:
@@ -143,14 +142,13 @@ class LocalRoute:
                 continue
             handle.serve.remote()
             self.clients[i] = (handle, HandoffClient(self.folder, address))
-            self.timeouts[i] = timeouts[i]
 
     def collect(self, random_actions: bool):
         """One batch from every worker, in worker order: ``(arrays list, metas list)``, or
         ``None`` when batches do not take this route. The arrays are views of the workers'
-        slots: copy them before the next call."""
+        slots: copy them before the next call. Workers this route cannot serve: the Ray route's."""
         if not self.serving:
-            return None
+            return self.direct.collect(random_actions) if self._direct_serving() else None
         pending: dict = {}  # worker -> deadline
         for i in sorted(self.clients):
             self._ask(i, random_actions, pending)
@@ -163,7 +161,7 @@ class LocalRoute:
                 for i, deadline in list(pending.items()):
                     if deadline <= time.monotonic():
                         del pending[i]
-                        self._failed(i, "timeout", "", f"no batch within {self.timeouts[i]:g}s")
+                        self._failed(i, "timeout", "", f"no batch within {self.ledger.timeouts[i]:g}s")
                         self._ask(i, random_actions, pending)
                 continue
             for conn in ready:
@@ -182,9 +180,9 @@ class LocalRoute:
             raise CollectorError(f"no worker of {self.name!r} is left to collect from.")
         order = sorted(results)
         metas = [results[i][1] for i in order]
-        self.unsent.extend(zip(order, metas))
+        for i, meta in zip(order, metas):
+            self.ledger.add(i, meta)
         self.batches += 1
-        self._settle_in_bulk()
         return [results[i][0] for i in order], metas
 
     def collect_any(self, random_actions: bool):
@@ -193,7 +191,7 @@ class LocalRoute:
         in flight; the one served is asked again by :meth:`release`, once the trainer copied
         its batch out."""
         if not self.serving:
-            return None
+            return self.direct.collect_any(random_actions) if self._direct_serving() else None
         for i in sorted(self.clients):
             if i not in self.inflight:
                 self._ask(i, random_actions, self.inflight)
@@ -208,7 +206,7 @@ class LocalRoute:
                 for i, deadline in list(self.inflight.items()):
                     if deadline <= time.monotonic():
                         del self.inflight[i]
-                        self._failed(i, "timeout", "", f"no batch within {self.timeouts[i]:g}s")
+                        self._failed(i, "timeout", "", f"no batch within {self.ledger.timeouts[i]:g}s")
                         self._ask_async(i, random_actions)
                 continue
             i = min((conns[c] for c in ready), key=lambda j: self.asked.get(j, 0.0))  # fair
@@ -225,14 +223,18 @@ class LocalRoute:
                 self._ask_async(i, random_actions)
                 continue
             self.taken = i
-            self.unsent.append((i, meta))
+            self.ledger.add(i, meta)
             self.batches += 1
-            self._settle_in_bulk()
             return [arrays], [meta]
+
+    def _direct_serving(self) -> bool:
+        return self.direct is not None and self.direct.serving
 
     def release(self, random_actions: bool) -> None:
         """Async: the trainer copied the batch :meth:`collect_any` gave; its worker may now
         write the next one into its slot."""
+        if self._direct_serving():
+            self.direct.release(random_actions)
         i, self.taken = self.taken, None
         if i is not None and self.serving and i in self.clients and i not in self.inflight:
             self._ask_async(i, random_actions)
@@ -252,7 +254,7 @@ class LocalRoute:
             except OSError as exc:
                 self._failed(i, "died", "", repr(exc))
                 continue
-            pending[i] = time.monotonic() + self.timeouts[i]
+            pending[i] = time.monotonic() + self.ledger.timeouts[i]
             return
         raise CollectorError(f"worker {i} of {self.name!r} could not be asked for a batch.", worker=i)
 
@@ -270,36 +272,19 @@ class LocalRoute:
             pass
         driver_get(self.driver.direct_failed.remote(i, handle, kind, cause, message, error))
 
-    # -- the ledger --------------------------------------------------------------------------
-    def _settle_in_bulk(self) -> None:
-        now = time.monotonic()
-        if len(self.unsent) == 1:
-            self.unsent_since = now
-        if len(self.unsent) >= SETTLE_EVERY or now - self.unsent_since >= SETTLE_AFTER_S:
-            self._send_settle()
-
-    def _send_settle(self) -> None:
-        self._await_settle()
-        items, self.unsent = self.unsent, []
-        self.settling = self.driver.settle_many.remote(items, self.version())
-
-    def _await_settle(self) -> None:
-        if self.settling is not None:
-            ref, self.settling = self.settling, None
-            timeouts = driver_get(ref, CONTROL_TIMEOUT_S)
-            self.timeouts = {i: timeouts[i] for i in self.timeouts}
-
     def settled(self) -> None:
         """Before any other call to the driver: its figures include every batch so far."""
-        if self.unsent:
-            self._send_settle()
-        self._await_settle()
+        self.ledger.flush()
+        if self.direct is not None:
+            self.direct.ledger.flush()
 
     # -- lifecycle ---------------------------------------------------------------------------
     def stop_serving(self) -> None:
         """Batches go through the driver from here on (the board stays); idempotent. Requests
         still in flight (async) are counted dropped, as the driver counts its own."""
         self.serving = False
+        if self.direct is not None:
+            self.direct.stop()
         if self.inflight:
             cancelled, self.inflight = sorted(self.inflight), {}
             try:

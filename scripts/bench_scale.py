@@ -109,14 +109,14 @@ def main(argv=None) -> None:
     p.add_argument("--only", choices=["buffer"], help="only start() into a RayReplayBuffer")
     p.add_argument("--shards", type=int, default=1, help="replay shards (num_shards) of that buffer")
     p.add_argument("--object-store", action="store_true",
-                   help="start() through the object store (shared_memory=False), as from other nodes")
+                   help="batches by Ray calls and the object store (shared_memory=False), as from other nodes")
     args = p.parse_args(argv)
     w = args.workers
     ray.init(num_cpus=max(2, int(w * args.cpus_per_worker) + 2), dashboard_host="127.0.0.1",
              log_to_driver=False)
     policy = nn.Sequential(nn.Linear(1, 2), ArgmaxLayer())
     common = dict(num_workers=w, frames_per_batch=w * args.steps, num_cpus=args.cpus_per_worker,
-                  startup_timeout_s=600)
+                  startup_timeout_s=600, shared_memory=False if args.object_store else None)
     print(f"{w} env actors, {args.cpus_per_worker} CPU each, {args.steps} steps per batch, "
           f"{os.cpu_count()} cores")
     if args.only == "buffer":
@@ -151,7 +151,9 @@ def main(argv=None) -> None:
     # (an async collector's batch is one worker's: frames_per_batch frames from one actor)
     c = MultiaSyncDataCollector(counting_env, policy, **dict(common, frames_per_batch=args.steps))
     rate = batches_per_s(c, args.seconds)
-    route = "shared memory" if c.stats()["shared_memory_batches"] else "the driver"
+    stats = c.stats()
+    route = "shared memory" if stats["shared_memory_batches"] else \
+        "Ray calls to the env actors" if stats["direct_batches"] else "the driver"
     c.shutdown()
     print(f"async: {rate:.0f} batches/s through {route} ({rate * args.steps:,.0f} frames/s); "
           + ceilings(rate, args, rounds=False))
@@ -169,7 +171,6 @@ def into_buffer(policy, common: dict, args) -> tuple[float, str]:
     ``--steps`` frames each), counted by the buffer, after a one-second warm-up."""
     rb = RayReplayBuffer(1_000_000, num_shards=args.shards)
     c = MultiaSyncDataCollector(counting_env, policy, replay_buffer=rb,
-                                shared_memory=False if args.object_store else None,
                                 **dict(common, frames_per_batch=args.steps))
     try:
         c.start()

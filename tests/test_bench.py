@@ -104,8 +104,9 @@ def test_scale_bench_counts_what_reaches_the_buffer_through_shared_memory():
     from collectors.policies import ArgmaxLayer
 
     scale = load_script("bench_scale")
-    args = argparse.Namespace(steps=10, seconds=0.5)
     policy = nn.Sequential(nn.Linear(1, 2), ArgmaxLayer())
-    rate, route = scale.into_buffer(policy, dict(num_workers=2, num_cpus=0.5), args)
-    assert route == "shared memory"
-    assert 10 < rate < 1_000_000
+    for shards in (1, 2):
+        args = argparse.Namespace(steps=10, seconds=0.5, shards=shards)
+        rate, route = scale.into_buffer(policy, dict(num_workers=2, num_cpus=0.5), args)
+        assert route == "shared memory"
+        assert 10 < rate < 1_000_000

@@ -25,6 +25,18 @@ cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0,
 nodes = [cluster.add_node(num_cpus=NODE_CPUS) for _ in range(NUM_NODES)]
 cluster.wait_for_nodes()
 CONNECT
+
+def run_in_background(c, within_s=120):
+    """start() until total_frames; the collector's stats, after shutting it down."""
+    import time
+    c.start()
+    deadline = time.monotonic() + within_s
+    while c.is_running() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stats = c.stats()
+    c.shutdown(timeout=5)
+    return stats
+
 try:
 %s
 finally:
@@ -272,12 +284,7 @@ def test_start_from_other_nodes_writes_through_the_object_store_exactly():
                                     total_frames=400, replay_buffer=rb, name="remote-feed")
         here = ray.get_runtime_context().get_node_id()
         assert here not in c.stats()["worker_nodes"]
-        c.start()
-        deadline = time.monotonic() + 120
-        while c.is_running() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        stats = c.stats()
-        c.shutdown(timeout=5)
+        stats = run_in_background(c)
         ids = sorted(map(tuple, rb.batch_ids()))
         assert ids == sorted(map(tuple, stats["written_batch_ids"])) and len(ids) == 20
         print("REMOTE", stats["shared_memory_writes"], rb.write_count, stats["frames"])
@@ -302,12 +309,7 @@ def test_sharded_buffer_one_shard_per_node_takes_that_nodes_batches():
         c = MultiaSyncDataCollector(counting_env, num_workers=3, frames_per_batch=20,
                                     total_frames=900, replay_buffer=rb, name="sharded",
                                     config=config)
-        c.start()
-        deadline = time.monotonic() + 120
-        while c.is_running() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        stats = c.stats()
-        c.shutdown(timeout=5)
+        stats = run_in_background(c)
         worker_node = dict(enumerate(stats["worker_nodes"]))
         assert len(set(worker_node.values())) == 3, worker_node
         per_shard = []

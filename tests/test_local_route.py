@@ -52,14 +52,15 @@ def no_duplicate_frames(batches):
     assert len(frames) == len(set(frames))
 
 
-def test_batches_through_shared_memory_equal_those_through_the_driver():
+def test_batches_through_shared_memory_equal_those_by_ray_calls():
     runs = {}
     for shared in (True, False):
         with MultiSyncDataCollector(counting_env, num_workers=2, frames_per_batch=24,
                                     total_frames=96, seed=3, shared_memory=shared) as c:
             runs[shared] = (torch.stack(list(c)), c.stats())
-    (local, stats), (driver, driver_stats) = runs[True], runs[False]
+    (local, stats), (driver, driver_stats) = runs[True], runs[False]  # False: the Ray route
     assert stats["shared_memory_batches"] == 4 and driver_stats["shared_memory_batches"] == 0
+    assert stats["direct_batches"] == 0 and driver_stats["direct_batches"] == 8  # worker batches
     assert (local == driver).all()
     assert local.shape == (4, 2, 12)
     assert (local.get(("collector", "worker_id"))[:, 1] == 1).all()
@@ -142,10 +143,11 @@ def test_a_worker_lost_during_a_hand_off_is_replaced_and_nothing_counts_twice(ki
     invariant(stats)
 
 
-def test_a_hanging_worker_misses_its_deadline_and_is_replaced():
+@pytest.mark.parametrize("shared_memory", [None, False])  # False: the Ray route
+def test_a_hanging_worker_misses_its_deadline_and_is_replaced(shared_memory):
     env = functools.partial(faulty_counting_env, "hang_step", [0], 45, 1)  # in batch 5
     with SyncDataCollector(env, frames_per_batch=10, total_frames=80, sample_timeout_s=2.0,
-                           name="local-hang") as c:
+                           shared_memory=shared_memory, name="local-hang") as c:
         t0 = time.monotonic()
         batches = list(c)
         took = time.monotonic() - t0
@@ -157,9 +159,11 @@ def test_a_hanging_worker_misses_its_deadline_and_is_replaced():
     invariant(stats)
 
 
-def test_an_error_in_a_worker_raises_as_through_the_driver():
+@pytest.mark.parametrize("shared_memory", [None, False])  # False: the Ray route
+def test_an_error_in_a_worker_raises_as_through_the_driver(shared_memory):
     env = functools.partial(faulty_counting_env, "raise_step", [0], 45, 1)  # in batch 5
-    c = SyncDataCollector(env, frames_per_batch=10, on_worker_error="raise", name="local-raise")
+    c = SyncDataCollector(env, frames_per_batch=10, on_worker_error="raise",
+                          shared_memory=shared_memory, name="local-raise")
     try:
         for _ in range(4):
             c.next()
@@ -294,7 +298,7 @@ def test_async_collectors_take_weights_from_the_board():
         assert len(versions) == 1 and (b["action"] == 5 * versions[0]).all()
 
 
-def test_a_short_dev_shm_keeps_batches_on_the_driver_and_weights_on_the_board(monkeypatch):
+def test_a_short_dev_shm_keeps_batches_on_ray_calls_and_weights_on_the_board(monkeypatch):
     import collectors.local_route as route
 
     monkeypatch.setattr(route, "shareable", lambda nbytes: nbytes <= 1 << 20)  # 1 MiB of room
@@ -302,7 +306,9 @@ def test_a_short_dev_shm_keeps_batches_on_the_driver_and_weights_on_the_board(mo
     with SyncDataCollector(counting_env, policy, frames_per_batch=20_000, total_frames=-1) as c:
         policy.a.fill_(4)  # (a 20,000-frame slot needs about 6 MiB)
         batch = c.next()
-        assert c.stats()["shared_memory_batches"] == 0 and c._route.board.writes == 1
+        stats = c.stats()
+        assert stats["shared_memory_batches"] == 0 and stats["direct_batches"] == 1
+        assert c._route.board.writes == 1
     assert (batch["action"] == 4).all() and batch.numel() == 20_000
     with pytest.raises(ValueError, match="shared_memory=True.*/dev/shm has room"):
         SyncDataCollector(counting_env, frames_per_batch=20_000, shared_memory=True)

@@ -131,8 +131,11 @@ class Driver:
         self.info = infos
         return infos
 
-    def worker_handles(self) -> list:
-        return self.pool.handles()
+    def worker_handles(self, alive_only: bool = False) -> list:
+        """Every worker's env actor; ``alive_only``: ``None`` for one that is gone (it could
+        not be replaced)."""
+        handles = self.pool.handles()
+        return [h if not alive_only or self.pool.is_alive(i) else None for i, h in enumerate(handles)]
 
     def kill_worker(self, i: int) -> None:
         """Testing hook: kill worker ``i`` as a crash would (it is replaced on next use)."""
