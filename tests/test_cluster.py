@@ -26,8 +26,7 @@ nodes = [cluster.add_node(num_cpus=NODE_CPUS) for _ in range(NUM_NODES)]
 cluster.wait_for_nodes()
 CONNECT
 
-def run_in_background(c, within_s=120):
-    """start() until total_frames; the collector's stats, after shutting it down."""
+def run_in_background(c, within_s=120):  # start() to total_frames; stats after shutdown
     import time
     c.start()
     deadline = time.monotonic() + within_s
