@@ -14,8 +14,9 @@ import zlib
 import numpy as np
 import ray
 import torch
-from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
+from collectors.errors import ReplayBufferUnavailable
 from collectors.replay_buffer import RayReplayBuffer, _to_tensordict
 from collectors.runtime import ensure_ray, near_caller
 
@@ -89,14 +90,15 @@ class ShardedReplayBuffer(RayReplayBuffer):
         if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < num_shards:
             raise ValueError(f"capacity must be an int of at least num_shards={num_shards} (one "
                              f"frame per shard); got {capacity!r}.")
-        name_of = sampler
-        if not isinstance(sampler, str):  # a TorchRL sampler object: each shard maps it
+        given = sampler
+        if not isinstance(sampler, str):  # a TorchRL sampler object: its settings, for each shard
             from collectors.torchrl_samplers import from_torchrl
 
-            name_of = from_torchrl(sampler, capacity)[0]
+            sampler, settings = from_torchrl(sampler, capacity)
+            kwargs.update(settings)
         refused = {"prefetch": prefetch if prefetch else None,
                    "samples_per_insert": samples_per_insert,
-                   "sampler": sampler if name_of == "without_replacement" else None}
+                   "sampler": given if sampler == "without_replacement" else None}
         for key, value in refused.items():
             if value is not None:
                 raise NotImplementedError(
@@ -170,25 +172,25 @@ class ShardedReplayBuffer(RayReplayBuffer):
     def _alive(self) -> list[int]:
         return [i for i in range(self.num_shards) if i not in self.dead]
 
-    def _each(self, method: str, *args, shards=None, timeout=None) -> dict:
+    def _each(self, method: str, *args, shards=None, timeout=None, wait: bool = True) -> dict:
         """``{shard: result}`` of one call per live shard, made at once; a shard that died for
-        good is left out from now on, one that is restarting is left out of this answer."""
+        good is left out from now on. One that is unreachable for now (restarting) is asked
+        again until the timeout (``wait``), or left out of this answer at once."""
         shards = self._alive() if shards is None else shards
         refs = {i: getattr(self.shards[i].actor, method).remote(*args) for i in shards}
         out = {}
         deadline = time.monotonic() + (timeout or self.timeout_s + 5)
-        for i, ref in refs.items():
+        while refs:
+            i, ref = refs.popitem()
             try:
                 out[i] = ray.get(ref, timeout=max(0.1, deadline - time.monotonic()))
-            except ActorDiedError:
-                self.dead.add(i)
             except (ActorUnavailableError, GetTimeoutError):
-                continue
-            except RayActorError:
+                if wait and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                    refs[i] = getattr(self.shards[i].actor, method).remote(*args)
+            except RayActorError:  # (ActorDiedError): gone for good
                 self.dead.add(i)
         if not self._alive():
-            from collectors.errors import ReplayBufferUnavailable
-
             raise ReplayBufferUnavailable(f"replay buffer {self.name!r}: every shard is gone.")
         return out
 
@@ -197,10 +199,18 @@ class ShardedReplayBuffer(RayReplayBuffer):
         """Write frames into the shard on this node (else one chosen by the batch id)."""
         batch_id = batch_id or (self.name, "extend", uuid.uuid4().hex)
         here = ray.get_runtime_context().get_node_id()
-        alive = self._alive()
-        pick = [i for i in alive if self.nodes[i] == here] or alive
-        shard = pick[zlib.crc32(repr(batch_id).encode()) % len(pick)]
-        return self.shards[shard].extend(td, batch_id)
+        while True:
+            alive = self._alive()
+            if not alive:
+                raise ReplayBufferUnavailable(f"replay buffer {self.name!r}: every shard is gone.")
+            pick = [i for i in alive if self.nodes[i] == here] or alive
+            shard = pick[zlib.crc32(repr(batch_id).encode()) % len(pick)]
+            try:
+                return self.shards[shard].extend(td, batch_id)
+            except ReplayBufferUnavailable:
+                self._each("length", shards=[shard])  # marks it dead if it is gone for good
+                if shard not in self.dead:
+                    raise  # (restarting, and not back within the timeout)
 
     def _weights(self, timeout: float) -> tuple[dict, dict]:
         """Each live shard's weight (its size, or its total priority) and state."""
@@ -213,15 +223,20 @@ class ShardedReplayBuffer(RayReplayBuffer):
             else:
                 remote.append(i)
         if remote:
-            states.update(self._each("shard_state", shards=remote, timeout=timeout))
+            states.update(self._each("shard_state", shards=remote, timeout=timeout, wait=False))
         key = "total_priority" if self.sampler == "prioritized" else "size"
         return {i: (s[key] if s["size"] else 0.0) for i, s in states.items()}, states
 
     def _reader(self, i: int):
+        """Shard ``i``'s shared-memory reader on this node, or ``None`` (calls then)."""
         local = self.shards[i]._local
         if local is None or local.off:
             return None
-        local._refresh()
+        try:
+            local._refresh()
+        except ReplayBufferUnavailable:  # gone for good: its frames are lost
+            self.dead.add(i)
+            return None
         return local.reader
 
     def sample(self, batch_size: int | None = None, timeout: float | None = None):

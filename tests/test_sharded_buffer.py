@@ -26,7 +26,8 @@ def frames(start, n, traj=None):
 def fill(rb, sizes):
     """Shard i holds frames i*1000 ... i*1000 + sizes[i] - 1."""
     for i, n in enumerate(sizes):
-        rb.shards[i].extend(frames(i * 1000, n))
+        if n:
+            rb.shards[i].extend(frames(i * 1000, n))
 
 
 @pytest.mark.parametrize("local_sampling", [None, False])
@@ -66,6 +67,19 @@ def test_indices_are_global_and_reach_the_right_shard_for_priorities():
         from_shard1 = s["x"].squeeze(-1) >= 1000
         assert torch.allclose(w[~from_shard1], torch.ones(1))
         assert torch.allclose(w[from_shard1], torch.full((1,), 3.0 ** -0.5))
+
+
+def test_torchrl_sampler_objects_are_mapped_for_every_shard():
+    """(TorchRL's PrioritizedSampler needs a C++ extension this machine lacks.)"""
+    from torchrl.data import SamplerWithoutReplacement, SliceSampler
+
+    with pytest.raises(NotImplementedError, match="num_shards=2"):
+        RayReplayBuffer(40, num_shards=2, sampler=SamplerWithoutReplacement())
+    with RayReplayBuffer(40, num_shards=2, batch_size=8, sampler=SliceSampler(slice_len=4)) as rb:
+        assert rb.sampler == "slice" and [s.capacity for s in rb.shards] == [20, 20]
+        fill(rb, [20, 20])
+        x = rb.sample()["x"].squeeze(-1).long().reshape(2, 4)
+        assert ((x[:, 1:] - x[:, :-1]) == 1).all()
 
 
 def test_slices_never_span_shards():
@@ -143,6 +157,10 @@ def test_a_dead_shard_loses_only_its_frames_and_the_rest_keeps_sampling(tmp_path
                 pass
         x = rb.sample()["x"].squeeze(-1)
         assert 1 in rb.dead and not ((x >= 1000) & (x < 2000)).any()
+        for k in range(8):  # writes go to the live shards only
+            assert rb.extend(frames(3000 + 10 * k, 10)) == 10
+        rb.empty()
+        fill(rb, [50, 0, 50])
         assert len(rb) == 100 and rb.info()["shards"][1]["alive"] is False
         assert rb.extend(frames(5000, 10)) == 10 and len(rb) == 110
         rb.checkpoint(str(tmp_path / "ck"))  # the live shards; the dead one comes back empty

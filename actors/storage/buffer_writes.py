@@ -95,9 +95,13 @@ class BufferWritesMixin:
                     merged = {k: np.concatenate([a[k] for _, a in fresh]) for k in fresh[0][1]}
                 except (KeyError, ValueError):  # (shapes differ: one by one)
                     merged = None
-                if merged is not None and self.extend(arrays_to_frames(merged), None, INTAKE_WAIT_S,
-                                                      group_ids=[bid for bid, _ in fresh]):
-                    written = frames
+                try:
+                    if merged is not None and self.extend(arrays_to_frames(merged), None, INTAKE_WAIT_S,
+                                                          group_ids=[bid for bid, _ in fresh]):
+                        written = frames
+                except TimeoutError:  # the rate limiter holds the group (nothing written): sent again
+                    return [{"rate_wait": True} if tuple(bid) in frames else {"frames": 0}
+                            for bid, _ in pairs]
             acks = []
             for bid, a in pairs:
                 bid = tuple(bid)
