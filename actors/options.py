@@ -98,7 +98,7 @@ class CollectorOptions(BaseModel):
                           "stop early; unfilled frames have traj id -1")
     cat_results: Union[Literal["stack", "cat"], int, None] = Field(
         None, description="MultiSync only: 'stack' gives [num_workers, ...]; -1 or 'cat' "
-                          "concatenates along time. None: 'stack'")
+                          "concatenates along time, 0 along the first dim. None: 'stack'")
     auto_sync_weights: StrictBool = Field(
         True, description="send the policy's weights to the workers before a batch whenever its "
                           "parameters or buffers changed in the trainer (as TorchRL's shared "
@@ -322,9 +322,9 @@ class CollectorOptions(BaseModel):
     @field_validator("cat_results", mode="before")
     @classmethod
     def _cat(cls, v):
-        if v in (None, "stack", "cat") or (isinstance(v, int) and not isinstance(v, bool) and v == -1):
+        if v in (None, "stack", "cat") or (isinstance(v, int) and not isinstance(v, bool) and v in (-1, 0)):
             return "cat" if v == -1 else v
-        raise ValueError(f"cat_results must be 'stack', -1 or 'cat'; got {v!r}")
+        raise ValueError(f"cat_results must be 'stack', -1 or 'cat', or 0; got {v!r}")
 
     @field_validator("exploration_type", mode="before")
     @classmethod

@@ -122,10 +122,10 @@ class DataCollectorBase(IterationMixin, ControlMixin, IntrospectionMixin, Backgr
                 f"{'' if self._async else ' x num_workers'}), as TorchRL does; "
                 "stats()['requested_frames_per_batch'] says so too.", stacklevel=3)
         capacity = getattr(options.replay_buffer, "capacity", None)
-        if isinstance(capacity, int) and capacity < steps * self._width:
+        if isinstance(capacity, int) and capacity < max(steps) * self._width:
             raise ValueError(
                 f"{cls_name}: the replay buffer holds {capacity} frames, less than one worker "
-                f"batch of {steps * self._width}; raise its capacity or lower frames_per_batch.")
+                f"batch of {max(steps) * self._width}; raise its capacity or lower frames_per_batch.")
         self.options = options
         self.frames_per_batch = self.requested_frames_per_batch
         self.total_frames = options.total_frames
@@ -232,12 +232,13 @@ class DataCollectorBase(IterationMixin, ControlMixin, IntrospectionMixin, Backgr
             return tuple(create_env_fn)
         return (create_env_fn,) * num_workers
 
-    def _batch_geometry(self, options: CollectorOptions) -> tuple[int, int]:
-        """Steps per worker batch, and the frames per yielded batch after rounding up."""
+    def _batch_geometry(self, options: CollectorOptions) -> tuple[tuple, int]:
+        """Steps of each worker's batch, and the frames per yielded batch after rounding up."""
         workers = 1 if self._async else options.num_workers
-        per_worker = math.ceil(options.frames_per_batch / workers)
-        steps = math.ceil(per_worker / self._width)
-        return steps, steps * self._width * workers
+        each = getattr(self, "_worker_frames", None) or \
+            (math.ceil(options.frames_per_batch / workers),) * options.num_workers
+        steps = tuple(math.ceil(f / self._width) for f in each)  # (MultiSync: TorchRL's list)
+        return steps, sum(steps[:workers]) * self._width
 
     def _start_driver(self, create_env_fn, env_fns, policy, kind, spec, steps) -> None:
         from collectors.config import load_config  # late: config imports are optional weight

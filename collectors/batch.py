@@ -19,11 +19,11 @@ def assemble(parts: list[dict], worker_ids: list[int] | None, layout: str,
     """Build one batch from per-worker arrays shaped ``[num_envs, T, ...]``.
 
     ``layout``: ``"single"`` (one worker: ``[T]`` or ``[E, T]``), ``"stack"`` (``[W, T]`` or
-    ``[W, E, T]``) or ``"cat"`` (workers concatenated along time). ``worker_ids`` adds
+    ``[W, E, T]``), ``"cat"`` (workers concatenated along time) or ``0`` (``[W * E, T]``). ``worker_ids`` adds
     ``("collector", "worker_id")``. ``compact_obs`` leaves out the ``("next", ...)`` copies of
     observation and state keys, as TorchRL's ``compact_obs=True`` does.
     """
-    num_envs, steps = parts[0][("collector", "traj_ids")].shape[:2]
+    num_envs = parts[0][("collector", "traj_ids")].shape[0]
     keys = [k for k in parts[0] if not (isinstance(k, tuple) and k[0] == "_compact")]
     if compact_obs:
         dropped = {("next", *k) for k in compacted_keys(keys)}
@@ -35,6 +35,8 @@ def assemble(parts: list[dict], worker_ids: list[int] | None, layout: str,
             arr = np.array(parts[0][key][0] if squeeze else parts[0][key])
         elif layout == "stack":
             arr = np.stack([p[key][0] if squeeze else p[key] for p in parts])
+        elif layout == 0:  # TorchRL's cat_results=0 with [E, T] worker batches: [W * E, T]
+            arr = np.concatenate([p[key] for p in parts], axis=0)
         else:
             arr = np.concatenate([p[key] for p in parts], axis=1)
             arr = arr[0] if squeeze else arr
@@ -46,8 +48,11 @@ def assemble(parts: list[dict], worker_ids: list[int] | None, layout: str,
         ids = torch.tensor(worker_ids, dtype=torch.int64)
         if layout == "stack":
             w = ids.view(-1, *([1] * (len(batch_shape) - 1))).expand(batch_shape)
+        elif layout == 0:
+            w = ids.repeat_interleave(num_envs).view(-1, 1).expand(batch_shape)
         else:
-            w = ids.repeat_interleave(steps).view(*([1] * (len(batch_shape) - 1)), -1).expand(batch_shape)
+            lengths = torch.tensor([p[("collector", "traj_ids")].shape[1] for p in parts])
+            w = ids.repeat_interleave(lengths).view(*([1] * (len(batch_shape) - 1)), -1).expand(batch_shape)
         flat[("collector", "worker_id")] = w.contiguous()
     names = [None] * (len(batch_shape) - 1) + ["time"]
     return nested_tensordict(flat, batch_shape, names)
@@ -126,6 +131,6 @@ def finish(batch: TensorDict, options, postproc, masked: bool) -> TensorDict:
         batch = postproc(batch)
     if not options.track_traj_ids:
         batch = batch.exclude(("collector", "traj_ids"))
-    if options.storing_device not in (None, "cpu"):
+    if options.storing_device is not None:  # ("cpu": the batch's device says so, as TorchRL)
         batch = batch.to(options.storing_device)
     return batch

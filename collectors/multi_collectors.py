@@ -20,14 +20,18 @@ def _workers(create_env_fn, num_workers):
 DEVICE_OPTIONS = ("device", "policy_device", "env_device", "storing_device")
 
 
+def _one_per_worker(cls_name: str, name: str, value, num_workers: int) -> None:
+    if len(value) != num_workers:
+        raise ValueError(f"{cls_name}: {name} as a list takes one value per worker: "
+                         f"{num_workers} workers, got {len(value)} values ({list(value)!r}).")
+
+
 def _per_worker(cls_name: str, name: str, value, num_workers: int):
     """TorchRL's per-worker list for ``name``: checked, and returned as its one value when every
     worker gets the same; different values per worker raise ``NotImplementedError``."""
     if not isinstance(value, (list, tuple)):
         return value
-    if len(value) != num_workers:
-        raise ValueError(f"{cls_name}: {name} as a list takes one value per worker: "
-                         f"{num_workers} workers, got {len(value)} values ({list(value)!r}).")
+    _one_per_worker(cls_name, name, value, num_workers)
     if any(v != value[0] for v in value):
         raise NotImplementedError(
             f"{cls_name}: {name}={list(value)!r}: different values per worker are not "
@@ -36,15 +40,19 @@ def _per_worker(cls_name: str, name: str, value, num_workers: int):
     return value[0]
 
 
-def _lists(cls_name: str, frames_per_batch, num_workers: int, kwargs: dict, is_async: bool):
+def _lists(cls_name: str, frames_per_batch, num_workers: int, kwargs: dict):
     """Per-worker lists of TorchRL's multi collectors: ``frames_per_batch`` (the batch is their
-    sum for sync collectors, one worker's value for async ones) and the device options."""
+    sum; async collectors, as TorchRL 0.14's, collect that sum in each worker's batch) and the
+    device options."""
     for name in DEVICE_OPTIONS:
         if name in kwargs:
             kwargs[name] = _per_worker(cls_name, name, kwargs[name], num_workers)
     if isinstance(frames_per_batch, (list, tuple)):
-        each = _per_worker(cls_name, "frames_per_batch", frames_per_batch, num_workers)
-        frames_per_batch = each if is_async else sum(frames_per_batch)
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in frames_per_batch):
+            raise ValueError(f"{cls_name}: frames_per_batch={list(frames_per_batch)!r}: each "
+                             "worker's value must be a positive integer.")
+        _one_per_worker(cls_name, "frames_per_batch", frames_per_batch, num_workers)
+        frames_per_batch = sum(frames_per_batch)
     return frames_per_batch
 
 
@@ -52,7 +60,8 @@ class MultiSyncDataCollector(DataCollectorBase):
     """Every worker collects its share of ``frames_per_batch``; one batch is yielded per round.
 
     ``cat_results="stack"`` gives ``[num_workers, T]`` (``[num_workers, num_envs, T]``);
-    ``cat_results=-1`` (or ``"cat"``) concatenates along time. Frames carry
+    ``cat_results=-1`` (or ``"cat"``) concatenates along time; ``0`` along the first dim
+    (``[num_workers * num_envs, T]``, or as ``-1`` with one env per worker). Frames carry
     ``("collector", "worker_id")`` and ``("collector", "policy_version")``.
 
     Example:
@@ -68,11 +77,22 @@ class MultiSyncDataCollector(DataCollectorBase):
     def __init__(self, create_env_fn, policy=None, *, num_workers: int | None = None,
                  frames_per_batch: int | list, total_frames: int = -1, **kwargs):
         num_workers = _workers(create_env_fn, num_workers)
-        frames_per_batch = _lists(type(self).__name__, frames_per_batch, num_workers, kwargs, False)
+        each = frames_per_batch
+        frames_per_batch = _lists(type(self).__name__, frames_per_batch, num_workers, kwargs)
+        if isinstance(each, (list, tuple)) and len(set(each)) > 1:  # worker i collects each[i]
+            if kwargs.get("cat_results") in (None, "stack") or (
+                    kwargs.get("cat_results") == 0 and kwargs.get("num_envs", 1) > 1):
+                raise ValueError(
+                    f"{type(self).__name__}: frames_per_batch={list(each)!r} gives workers "
+                    "batches of different lengths, which cannot be stacked (TorchRL fails on "
+                    "the first batch). Pass cat_results=-1 to concatenate them along time, or "
+                    "one value for every worker.")
+            self._worker_frames = tuple(each)
         super().__init__(create_env_fn, policy, frames_per_batch=frames_per_batch,
                          total_frames=total_frames, num_workers=num_workers, **kwargs)
-        self.cat_results = self.options.cat_results or "stack"
-        self._layout = self.cat_results
+        self.cat_results = "stack" if self.options.cat_results is None else self.options.cat_results
+        # 0 (TorchRL: torch.cat along dim 0) is "cat" when a worker's batch is [T]
+        self._layout = "cat" if self.cat_results == 0 and self._width == 1 else self.cat_results
 
 
 class MultiaSyncDataCollector(DataCollectorBase):
@@ -88,6 +108,6 @@ class MultiaSyncDataCollector(DataCollectorBase):
     def __init__(self, create_env_fn, policy=None, *, num_workers: int | None = None,
                  frames_per_batch: int | list, total_frames: int = -1, **kwargs):
         num_workers = _workers(create_env_fn, num_workers)
-        frames_per_batch = _lists(type(self).__name__, frames_per_batch, num_workers, kwargs, True)
+        frames_per_batch = _lists(type(self).__name__, frames_per_batch, num_workers, kwargs)
         super().__init__(create_env_fn, policy, frames_per_batch=frames_per_batch,
                          total_frames=total_frames, num_workers=num_workers, **kwargs)

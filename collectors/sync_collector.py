@@ -2,7 +2,10 @@
 door, ``Collector(..., num_collectors=N, sync=...)``, which builds a multi collector."""
 from __future__ import annotations
 
+import inspect
+
 from collectors.base import DataCollectorBase
+from collectors.interrupt import InterruptWatch, check_interruptor
 
 BACKENDS = (None, "ray", "direct", "process", "multiprocessing")  # TorchRL's names: our Ray actors
 
@@ -18,6 +21,12 @@ class SyncDataCollector(DataCollectorBase):
     ``MultiaSyncDataCollector`` (``sync=False`` or ``None``) with N env actors. ``backend`` may be
     ``None``, ``"ray"``, ``"process"`` or ``"direct"`` (all run on Ray actors here);
     ``backend_options`` are merged into the keyword arguments, as TorchRL does.
+
+    ``interruptor`` (TorchRL's, or any object with ``collection_stopped()``): once it says
+    stopped, the batch in flight ends after the env actor's current step (one step if it was
+    stopped before the batch was asked for) and the rest of the batch is padding with
+    ``("collector", "traj_ids") == -1``, as TorchRL's. Only real steps count towards
+    ``total_frames``.
 
     Example:
         >>> from collectors import SyncDataCollector
@@ -62,5 +71,41 @@ class SyncDataCollector(DataCollectorBase):
         return multi(*args, num_workers=num_collectors, **{**kwargs, **(backend_options or {})})
 
     def __init__(self, create_env_fn, policy=None, *, backend=None, backend_options=None,
-                 num_collectors=None, sync=None, **kwargs):
+                 num_collectors=None, sync=None, interruptor=None, **kwargs):
+        check_interruptor(interruptor, type(self).__name__)
+        self.interruptor = interruptor  # TorchRL's: stopped, the batch in flight is cut short
+        self._interrupt: InterruptWatch | None = None
         super().__init__(create_env_fn, policy, **kwargs)
+        if interruptor is not None:
+            self._interrupt = InterruptWatch(interruptor, self._worker_handles[0])
+
+    def _collect_one(self):
+        """A batch; with an ``interruptor`` (see :mod:`collectors.interrupt`) watched meanwhile."""
+        if self._interrupt is None:
+            return super()._collect_one()
+        self._check_open()
+        self._interrupt.before()
+        try:
+            return super()._collect_one()
+        finally:
+            self._interrupt.after()
+
+    def start(self) -> None:
+        if self.interruptor is not None:
+            raise NotImplementedError(
+                "start() with an interruptor: the interruptor cuts the batches the trainer asks "
+                "for, and start() collects without asking. Iterate, or build the collector "
+                "without the interruptor.")
+        super().start()
+
+    def shutdown(self, *args, **kwargs) -> None:
+        watch = getattr(self, "_interrupt", None)  # (a constructor that raised set none)
+        if watch is not None:
+            watch.close()
+        super().shutdown(*args, **kwargs)
+
+
+_sig = inspect.signature(SyncDataCollector)
+SyncDataCollector.__signature__ = _sig.replace(parameters=[
+    *_sig.parameters.values(),
+    inspect.Parameter("interruptor", inspect.Parameter.KEYWORD_ONLY, default=None)])

@@ -146,9 +146,16 @@ def check_extend_buffer(options, cls_name: str) -> None:
 def each_step(batch, layout: str, workers: int) -> list:
     """The time steps of ``batch`` in time order, one per worker each (``[]``, or ``[E]`` with
     several envs per worker): what TorchRL's ``extend_buffer=False`` adds one at a time."""
-    if layout == "cat":  # workers concatenated along time
-        steps = batch.shape[-1] // workers
-        return [batch[..., w * steps + t] for t in range(steps) for w in range(workers)]
+    if layout == "cat":  # workers concatenated along time (each its own number of steps)
+        ids = batch.get(("collector", "worker_id")).reshape(-1, batch.shape[-1])[0]
+        sizes = torch.unique_consecutive(ids, return_counts=True)[1].tolist()
+        starts = [sum(sizes[:w]) for w in range(len(sizes))]
+        return [batch[..., starts[w] + t] for t in range(max(sizes))
+                for w in range(len(sizes)) if t < sizes[w]]
+    if layout == 0:  # [W * E, T]: worker w's envs are rows w * E ... (w + 1) * E - 1
+        envs = batch.shape[0] // workers
+        return [batch[w * envs:(w + 1) * envs, t] for t in range(batch.shape[-1])
+                for w in range(workers)]
     if layout == "stack":
         return [batch[w, ..., t] for t in range(batch.shape[-1]) for w in range(batch.shape[0])]
     return [batch[..., t] for t in range(batch.shape[-1])]

@@ -50,6 +50,10 @@ def split_torchrl_options(kwargs: dict, cls_name: str) -> dict:
     """Remove TorchRL's options we lack from ``kwargs``: at values that change nothing they
     are dropped, otherwise ``NotImplementedError`` names them. Returns the rest."""
     rest = {}
+    if kwargs.get("reset_when_done") is False:  # as TorchRL 0.14's Collector
+        raise ValueError(f"{cls_name}: reset_when_done=False is deprecated in TorchRL 0.14 (its "
+                         "Collector raises ValueError too); envs reset when an episode ends. "
+                         "Remove it.")
     for key, value in kwargs.items():
         if key not in NO_OP_VALUES:
             rest[key] = value

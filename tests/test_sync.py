@@ -252,7 +252,7 @@ def test_bad_input_fails_before_actors():
         SyncDataCollector("CartPole-v1", nn.Linear(4, 2), frames_per_batch=10)
     with pytest.raises(PolicyOutputError, match="float32"):
         SyncDataCollector("Pendulum-v1", nn.Linear(3, 2), frames_per_batch=10)
-    with pytest.raises(NotImplementedError, match="reset_when_done"):
+    with pytest.raises(ValueError, match="reset_when_done=False is deprecated"):
         SyncDataCollector("CartPole-v1", frames_per_batch=10, reset_when_done=False)
     with pytest.raises(TypeError, match="not_an_option"):
         SyncDataCollector("CartPole-v1", frames_per_batch=10, not_an_option=1)

@@ -364,17 +364,148 @@ def _argmax_policy():
 
 
 @pytest.mark.parametrize("cls, shape", [(MultiSyncDataCollector, (2, 10)),
-                                        (MultiaSyncDataCollector, (10,))])
+                                        (MultiaSyncDataCollector, (20,))])
 def test_per_worker_lists_of_one_value_work_and_mixed_ones_are_refused(cls, shape):
     from collectors.testing import counting_env
 
     with cls([counting_env] * 2, frames_per_batch=[10, 10], device=["cpu", "cpu"],
              storing_device=("cpu", "cpu"), total_frames=40) as c:
         got = [tuple(b.batch_size) for b in c]
-    assert got == [shape] * (40 // (20 if cls is MultiSyncDataCollector else 10))
-    with pytest.raises(NotImplementedError, match=r"frames_per_batch=\[10, 20\]"):
-        cls([counting_env] * 2, frames_per_batch=[10, 20])
+    assert got == [shape] * 2  # async: each worker's batch is the list's sum, as TorchRL 0.14
+    if cls is MultiSyncDataCollector:  # stacking different lengths fails in TorchRL too
+        with pytest.raises(ValueError, match=r"frames_per_batch=\[10, 20\].*cat_results=-1"):
+            cls([counting_env] * 2, frames_per_batch=[10, 20])
+    else:  # as TorchRL 0.14's MultiAsyncCollector: every batch is 30 frames of one worker
+        with cls([counting_env] * 2, frames_per_batch=[10, 20], total_frames=60) as c:
+            batches = list(c)
+        assert [b.numel() for b in batches] == [30, 30]
+        assert all(b["collector", "worker_id"].unique().numel() == 1 for b in batches)
+    with pytest.raises(ValueError, match="positive integer"):
+        cls([counting_env] * 2, frames_per_batch=[10, 0])
     with pytest.raises(NotImplementedError, match="policy_device"):
         cls([counting_env] * 2, frames_per_batch=20, policy_device=["cpu", "meta"])
     with pytest.raises(ValueError, match="one value per worker: 2 workers, got 3"):
         cls([counting_env] * 2, frames_per_batch=[10, 10, 10])
+
+
+@pytest.mark.parametrize("shared_memory", [None, False])
+def test_multisync_per_worker_frames_concatenated_as_torchrl(shared_memory):
+    """frames_per_batch=[4, 7] with cat_results=-1: worker 0's 4 steps then worker 1's 7, each
+    worker's episodes going on across batches (counting env, episodes of 5)."""
+    from collectors.testing import counting_env
+
+    with MultiSyncDataCollector([counting_env] * 2, frames_per_batch=[4, 7], cat_results=-1,
+                                total_frames=22, shared_memory=shared_memory) as c:
+        assert c.requested_frames_per_batch == 11
+        assert c.get_distant_attr("frames_per_batch") == [4, 7]
+        batches = list(c)
+        stats = c.stats()
+    assert [b.batch_size for b in batches] == [torch.Size([11])] * 2
+    for b in batches:
+        assert b["collector", "worker_id"].tolist() == [0] * 4 + [1] * 7
+    obs = [b["observation"][:, 0].tolist() for b in batches]
+    assert obs[0] == [0, 1, 2, 3] + [0, 1, 2, 3, 4, 0, 1]
+    assert obs[1] == [4, 0, 1, 2] + [2, 3, 4, 0, 1, 2, 3]
+    assert stats["frames"] == 22
+
+
+def test_multisync_per_worker_frames_into_a_ray_replay_buffer_and_a_lost_worker():
+    import functools
+
+    from collectors import RayReplayBuffer
+    from collectors.testing import counting_env, faulty_counting_env
+
+    rb = RayReplayBuffer(1000)
+    try:
+        with MultiSyncDataCollector([counting_env] * 2, frames_per_batch=[3, 6], cat_results=-1,
+                                    total_frames=18, replay_buffer=rb) as c:
+            for _ in c:
+                pass
+        assert len(rb) == 18 and rb.write_count == 18
+    finally:
+        rb.shutdown()
+    env = functools.partial(faulty_counting_env, "exit", [1], 15, 1)  # worker 1 dies once
+    with MultiSyncDataCollector(env, num_workers=2, frames_per_batch=[4, 12], cat_results=-1,
+                                total_frames=48) as c:
+        batches = list(c)
+        stats = c.stats()
+    assert [b.numel() for b in batches] == [16] * 3
+    assert stats["restarts"] == 1
+    assert stats["per_worker"][1]["dropped"] == {"worker_died": 12}  # its batch, not 8 or 4
+    assert stats["per_worker"][0]["dropped"] == {}
+
+
+def test_cat_results_zero_concatenates_along_the_first_dim_as_torchrl():
+    from collectors.testing import counting_env
+
+    with MultiSyncDataCollector([counting_env] * 2, frames_per_batch=[4, 7], cat_results=0,
+                                total_frames=11) as c:
+        assert c.cat_results == 0
+        (flat,) = list(c)
+    assert flat.batch_size == torch.Size([11])  # one env per worker: the same as -1
+    assert flat["collector", "worker_id"].tolist() == [0] * 4 + [1] * 7
+    with MultiSyncDataCollector([counting_env] * 2, frames_per_batch=12, num_envs=2,
+                                cat_results=0, total_frames=12) as c:
+        (batch,) = list(c)
+    assert batch.batch_size == torch.Size([4, 3])  # [workers * envs, T]
+    assert batch["collector", "worker_id"][:, 0].tolist() == [0, 0, 1, 1]
+    assert (batch["observation"][..., 0] == torch.arange(3.0)).all()
+    with pytest.raises(ValueError, match="cat_results"):
+        MultiSyncDataCollector([counting_env] * 2, frames_per_batch=8, cat_results=2)
+
+
+def test_extend_buffer_false_with_per_worker_frames_adds_steps_in_time_order():
+    from torchrl.data import LazyTensorStorage, ReplayBuffer
+
+    from collectors.testing import counting_env
+
+    rb = ReplayBuffer(storage=LazyTensorStorage(100))
+    with MultiSyncDataCollector([counting_env] * 2, frames_per_batch=[2, 3], cat_results=-1,
+                                total_frames=5, replay_buffer=rb, extend_buffer=False) as c:
+        for _ in c:
+            pass
+    stored = rb[:]
+    assert stored["collector", "worker_id"].tolist() == [0, 1, 0, 1, 1]
+    assert stored["observation"][:, 0].tolist() == [0, 0, 1, 1, 2]
+
+
+def _records_device(td):
+    td.set("action", torch.zeros(td.batch_size, dtype=torch.int64))
+    td.set("saw_cpu", torch.full(td.batch_size, td.device is not None, dtype=torch.bool))
+    return td
+
+
+def _records_device_one_hot(td):  # a TorchRL env's Discrete action is one-hot
+    _records_device(td)
+    td.set("action", torch.nn.functional.one_hot(td.get("action"), 2))
+    return td
+
+
+def _torchrl_counting_env():
+    from torchrl.envs import GymWrapper
+
+    from collectors.testing import CountingEnv
+
+    return GymWrapper(CountingEnv())
+
+
+@pytest.mark.parametrize("env", ["gymnasium", "torchrl"])
+@pytest.mark.parametrize("kwargs, on_cpu", [({}, False), ({"device": "cpu"}, True),
+                                            ({"policy_device": "cpu"}, True),
+                                            ({"storing_device": "cpu"}, False),
+                                            ({"env_device": "cpu"}, False)])
+def test_the_policy_and_batch_see_the_device_torchrl_gives_them(env, kwargs, on_cpu):
+    """As TorchRL 0.14 (observed): with device or policy_device "cpu" a TensorDict policy's
+    input is on device cpu; with device or storing_device "cpu" so is the batch; otherwise
+    (env_device included) they have no device."""
+    from collectors.testing import counting_env
+
+    if env == "gymnasium":
+        make, policy = counting_env, _records_device
+    else:
+        make, policy = _torchrl_counting_env, _records_device_one_hot
+    with SyncDataCollector(make, policy, frames_per_batch=4, total_frames=4, **kwargs) as c:
+        (batch,) = list(c)
+    assert batch["saw_cpu"].all() if on_cpu else not batch["saw_cpu"].any()
+    stored = {"device", "storing_device"} & set(kwargs)
+    assert batch.device == (torch.device("cpu") if stored else None)

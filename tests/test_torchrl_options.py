@@ -43,10 +43,14 @@ def test_every_torchrl_argument_is_accepted_at_its_default(theirs, ours):
 
 
 def test_values_that_would_change_behaviour_are_refused_by_name():
-    for key, value in [("weight_updater", object()),
-                       ("reset_when_done", False), ("interruptor", object())]:
-        with pytest.raises(NotImplementedError, match=key):
-            SyncDataCollector(counting_env, frames_per_batch=8, **{key: value})
+    with pytest.raises(NotImplementedError, match="weight_updater"):
+        SyncDataCollector(counting_env, frames_per_batch=8, weight_updater=object())
+    with pytest.raises(NotImplementedError, match="interruptor"):  # TorchRL's multi take none
+        MultiSyncDataCollector([counting_env] * 2, frames_per_batch=8, interruptor=object())
+    with pytest.raises(TypeError, match="collection_stopped"):
+        SyncDataCollector(counting_env, frames_per_batch=8, interruptor=object())
+    with pytest.raises(ValueError, match="reset_when_done=False"):  # as TorchRL 0.14
+        MultiaSyncDataCollector([counting_env] * 2, frames_per_batch=8, reset_when_done=False)
     with pytest.raises(NotImplementedError, match="backend='submitit'"):
         Collector(counting_env, frames_per_batch=8, backend="submitit")
 

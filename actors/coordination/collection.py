@@ -75,11 +75,11 @@ class Ledger:
 class Collection:
     """Sync rounds (``collect_sync``) and async streaming (``next_ready``) over a pool."""
 
-    def __init__(self, pool: WorkerPool, ledger: Ledger, *, frames_per_worker_batch: int,
+    def __init__(self, pool: WorkerPool, ledger: Ledger, *, frames_per_worker_batch: tuple,
                  sample_timeout_s: float | None, prefetch: int, on_error: str):
         self.pool = pool
         self.ledger = ledger
-        self.frames_per_worker_batch = frames_per_worker_batch
+        self.worker_frames = frames_per_worker_batch  # frames of a batch, per worker
         self.sample_timeout_s = sample_timeout_s
         self.prefetch = prefetch
         self.on_error = on_error
@@ -139,7 +139,7 @@ class Collection:
         if kind == "timeout":
             self._timed_out(i, handle)
         elif kind == "died":
-            self.ledger.drop(i, "worker_died", self.frames_per_worker_batch)
+            self.ledger.drop(i, "worker_died", self.worker_frames[i])
             self.pool.replace(i, "died", message, handle=handle)
         elif kind == "fatal" or self.on_error == "raise":
             self.pool.mark_dead(i)
@@ -147,13 +147,13 @@ class Collection:
                 f"worker {i} of {self.pool.name!r} failed with {cause} (not retried):\n"
                 f"{message}", worker=i, original=getattr(error, "original", None)) from None
         else:
-            self.ledger.drop(i, "error", self.frames_per_worker_batch)
+            self.ledger.drop(i, "error", self.worker_frames[i])
             self.pool.replace(i, "error", message, handle=handle)
 
     def _timed_out(self, i: int, handle, drop: bool = True) -> None:
         self.ledger.per_worker[i]["timeouts"] += 1
         if drop:  # (async: the in-flight requests are dropped when resubmitted)
-            self.ledger.drop(i, "timeout", self.frames_per_worker_batch)
+            self.ledger.drop(i, "timeout", self.worker_frames[i])
         self.pool.replace(i, "timeout", f"no batch within {self.timeout(i):g}s (sample_timeout_s="
                           f"{self.sample_timeout_s}; None: adaptive)", handle=handle)
 
@@ -257,7 +257,7 @@ class Collection:
         for r in [r for r, (j, _) in self.inflight.items() if j == i]:
             del self.inflight[r]
             self.batch_refs.pop(r, None)
-            self.ledger.drop(i, "worker_died", self.frames_per_worker_batch)
+            self.ledger.drop(i, "worker_died", self.worker_frames[i])
         if self.pool.is_alive(i):
             h = self.pool.handle(i)
             for _ in range(self.prefetch):
@@ -277,7 +277,7 @@ class Collection:
     def cancel_inflight(self) -> None:
         """Forget outstanding async requests (their frames are counted as dropped)."""
         for i, _ in self.inflight.values():
-            self.ledger.drop(i, "cancelled", self.frames_per_worker_batch)
+            self.ledger.drop(i, "cancelled", self.worker_frames[i])
         for r in self.inflight:
             self.batch_refs.pop(r, None)
         self.inflight.clear()

@@ -20,7 +20,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from actors.coordination.background_writer import BackgroundWriter
 from actors.coordination.collection import Collection, Ledger
 from actors.coordination.local_feed import LocalFeed, feed_problem
-from actors.stepping.env_worker import EnvWorker
+from actors.stepping.env_worker import EnvWorker, worker_steps
 from actors.errors import EnvCreationError, StartupTimeout, unwrap
 from actors.coordination.metrics import Metrics
 from actors.coordination.restarts import RestartBudget
@@ -38,7 +38,7 @@ class Driver:
     """
 
     def __init__(self, name: str, plan_ref: list, options, actor_options: dict, *,
-                 steps_per_worker: int, envs_per_worker: int | None = None,
+                 steps_per_worker: int | tuple, envs_per_worker: int | None = None,
                  placement: dict | None = None):
         self.name = name
         self.plan_ref = plan_ref
@@ -52,16 +52,17 @@ class Driver:
         self.metrics = Metrics(name, "driver")
         self.pg = self._placement_group()
         envs = envs_per_worker or options.num_envs  # (a batched TorchRL env's batch size)
+        steps = worker_steps(steps_per_worker, self.num_workers)
         self.pool = WorkerPool(
             name, self.num_workers, spawn=self._spawn, kill=_kill, wait_ready=_wait_ready,
             budget=lambda: RestartBudget(options.max_restarts, options.restart_window_s,
                                          options.restart_backoff_s),
             on_error=options.on_worker_error, startup_timeout_s=options.startup_timeout_s,
-            id_margin=(steps_per_worker + 1) * envs + 1)
+            id_margin=(max(steps) + 1) * envs + 1)
         self.ledger = Ledger(self.num_workers, self.metrics)
         self.pool.on_restart = self.ledger.restarted
         self.collection = Collection(
-            self.pool, self.ledger, frames_per_worker_batch=steps_per_worker * envs,
+            self.pool, self.ledger, frames_per_worker_batch=tuple(s * envs for s in steps),
             sample_timeout_s=options.sample_timeout_s, prefetch=options.prefetch,
             on_error=options.on_worker_error)
         self.writer = BackgroundWriter(name, self.collection, self.ledger, options.write_timeout_s)
@@ -171,7 +172,7 @@ class Driver:
     def cancelled(self, workers: list) -> None:
         """The trainer stopped with these workers' requests in flight: their frames are dropped."""
         for i in workers:
-            self.ledger.drop(i, "cancelled", self.collection.frames_per_worker_batch)
+            self.ledger.drop(i, "cancelled", self.collection.worker_frames[i])
 
     def use_board(self, spec: dict) -> None:
         """The workers (and every replacement) take their weights from this board from now on."""

@@ -280,7 +280,7 @@ class LocalFeed:
         handle, client = self.clients.pop(i)
         client.close(stop=False)
         for _ in self.inflight.pop(i, []):
-            self.ledger.drop(i, "worker_died", self.collection.frames_per_worker_batch)
+            self.ledger.drop(i, "worker_died", self.collection.worker_frames[i])
         self.collection.failed(i, handle, kind, cause, message, error)
         self._attach(i)
 
@@ -295,7 +295,7 @@ class LocalFeed:
         workers go back to plain calls; the folder goes. Idempotent."""
         for i, pending in self.inflight.items():
             for _ in pending:
-                self.ledger.drop(i, "cancelled", self.collection.frames_per_worker_batch)
+                self.ledger.drop(i, "cancelled", self.collection.worker_frames[i])
         self.inflight = {}
         for _, meta, _ in self.ready:
             if meta["frames"]:

@@ -54,16 +54,22 @@ class WorkerPlan:
     """What every env worker of one collector is built from; put in Ray's object store once.
 
     ``env_fns`` holds one factory (a gymnasium id or a callable) per worker; ``spec`` is the
-    storage spec from :func:`collectors.validate.build_spec`; ``steps`` the steps per batch.
+    storage spec from :func:`collectors.validate.build_spec`; ``steps`` the steps per batch
+    (a tuple: one per worker, TorchRL's per-worker ``frames_per_batch``).
     """
 
     env_fns: tuple
     policy: Any
     policy_kind: str
     spec: dict
-    steps: int
+    steps: int | tuple
     options: CollectorOptions
     policy_factory: Any = None  # builds the policy in the actor, instead of ``policy``
+
+
+def worker_steps(steps: int | tuple, num_workers: int) -> tuple:
+    """Steps per batch of each worker."""
+    return tuple(steps) if isinstance(steps, tuple) else (steps,) * num_workers
 
 
 class WorkerView:
@@ -102,6 +108,7 @@ class EnvWorker:
         self.restarts = restarts
         self.batches = 0
         self._collecting = None
+        self._preempt_next = False  # preempt(next_batch=True) while idle: cut the next one
         self._lock = threading.Lock()  # guards _collecting and _deferred
         self._batch_lock = threading.Lock()  # held for a whole batch: close() waits for it
         self._profiler = None  # enable_profile(): a BatchProfiler over the next batches
@@ -131,20 +138,21 @@ class EnvWorker:
         ids = dict(slot_offset=worker_index * width, id_stride=options.num_workers,
                    id_offset=worker_index, id_counter=id_counter)
         policy = self._policy(plan, options.policy_device, worker_index)
+        steps = worker_steps(plan.steps, options.num_workers)[worker_index]
         if plan.spec.get("torchrl"):
             self.rollout = TensorDictRollout(env_fn, policy, plan.policy_kind,
-                                             plan.steps, options, **ids)
+                                             steps, options, **ids)
         elif options.native_vector:  # resolved to True/False by the collector
             self.rollout = VectorRollout(plan.env_fns[worker_index], options.env_kwargs(worker_index),
                                          policy, plan.policy_kind, plan.spec,
-                                         plan.steps, options, **ids)
+                                         steps, options, **ids)
         else:
             self.rollout = Rollout([env_fn] * options.num_envs, policy,
-                                   plan.policy_kind, plan.spec, plan.steps, options, **ids)
+                                   plan.policy_kind, plan.spec, steps, options, **ids)
 
         def per_env_loop(policy, id_counter: int) -> Rollout:
             return Rollout([env_fn] * options.num_envs, policy, plan.policy_kind, plan.spec,
-                           plan.steps, options, **dict(ids, id_counter=id_counter))
+                           steps, options, **dict(ids, id_counter=id_counter))
 
         self._per_env_loop = per_env_loop
         if seed is not None and seed[1]:
@@ -189,13 +197,13 @@ class EnvWorker:
         with self._lock:
             self._run_deferred()
             self._collecting = self.batches + 1
+            self.rollout.stop_requested, self._preempt_next = self._preempt_next, False
             if self._board is not None:  # new weights on the board: taken between batches only
                 version = self._board.poll()
                 if version is not None:
                     self.rollout.policy_version = version
         t_weights = time.perf_counter() - t0
         gc.disable()  # the loop makes no cycles; a full collection of Ray's heap mid-batch costs
-        self.rollout.stop_requested = False
         self.rollout.episode_returns = []
         self.rollout.env_errors = []
         profiling = self._profiler.batch() if self._profiler is not None else contextlib.nullcontext()
@@ -245,12 +253,16 @@ class EnvWorker:
         return compact_arrays(batch) if self.compact_obs else batch
 
     @ray.method(concurrency_group="control")
-    def preempt(self) -> bool:
-        """Cut the batch being collected short (called from another thread); no-op if idle."""
-        if self._collecting is not None:
-            self.rollout.stop_requested = True
-            return True
-        return False
+    def preempt(self, next_batch: bool = False) -> bool:
+        """Cut the batch being collected short after its current step (called from another
+        thread; a cut batch keeps at least one step). Idle: a no-op, or with ``next_batch`` the
+        next batch is cut after its first step (an ``interruptor`` stopped between batches)."""
+        with self._lock:
+            if self._collecting is not None:
+                self.rollout.stop_requested = True
+                return True
+            self._preempt_next = self._preempt_next or next_batch
+            return next_batch
 
     @ray.method(num_returns=2)
     def collect_pair(self, random_actions: bool = False) -> tuple[dict, dict]:

@@ -86,6 +86,7 @@ class PolicyRunner:
         self.num_envs = num_envs
         self.exploration_type = exploration_type
         self.device = None if device in (None, "cpu") else device  # where the policy runs
+        self.td_device = device  # a TensorDict policy's input: on "cpu" if asked, as TorchRL
         self.torch = None
         self._td_cls = None
         self._forward = policy
@@ -121,7 +122,7 @@ class PolicyRunner:
             return {ACTION_KEY: (out if device is None else out.cpu()).numpy()}
         td = self._td_cls(
             {k: torch.from_numpy(v) for k, v in obs.items()}, batch_size=[self.num_envs],
-            device=device)
+            device=self.td_device)
         out = self.policy(td)
         if out is None:
             out = td

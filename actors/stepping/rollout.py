@@ -206,7 +206,7 @@ class Rollout:
         perf = time.perf_counter
         with runner.context():
             for t in range(steps):
-                if self.stop_requested:
+                if self.stop_requested and t:  # a cut batch keeps at least one step
                     valid = t
                     break
                 if single:  # written into the batch, then given to the policy from there

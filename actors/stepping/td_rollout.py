@@ -118,6 +118,8 @@ class TensorDictRollout:
                 f"the TorchRL env has batch_size {shape}; give a single env (batch_size []) or "
                 "a batched env with one batch dimension (a SerialEnv, a ParallelEnv), and "
                 "num_envs=1 with a batched env"))
+        if env.device is None and self.options.policy_device == "cpu":  # (device fills it)
+            env = env.to("cpu")  # as TorchRL: the policy's input is on device cpu
         self.batched = len(shape) == 1  # the env's own batch dimension is the env dimension
         self.num_envs = shape[0] if shape else 1
         self.env = env
@@ -208,7 +210,7 @@ class TensorDictRollout:
         device = self.runner.device  # None: the policy runs on the env's (CPU) data
         with self.runner.context():
             while len(frames) < self.steps:  # a failed step adds no frame: the batch stays full
-                if self.stop_requested:
+                if self.stop_requested and frames:  # a cut batch keeps at least one step
                     break
                 carrier = self.carrier
                 if random_actions:

@@ -215,7 +215,7 @@ class VectorRollout:
         t_env, first = 0.0, True
         with runner.context():
             any_gap = bool(self._gap.any())
-            while have.min() < steps and not self.stop_requested:
+            while have.min() < steps and not (self.stop_requested and not first):
                 obs = self._obs
                 if random_actions:
                     action = np.asarray(self.env.action_space.sample())
