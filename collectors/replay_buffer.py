@@ -16,6 +16,7 @@ from actors.errors import unwrap
 from actors.storage.samplers import SAMPLERS
 from collectors.errors import ReplayBufferUnavailable
 from collectors.local_sampler import LocalSampler
+from collectors.sample_link import SampleLink
 from collectors.runtime import buffer_gone, ensure_ray, kill_quietly, near_caller, wait_dead
 
 # errors raised inside the buffer actor that are the caller's to handle, re-raised as themselves
@@ -59,7 +60,10 @@ class RayReplayBuffer:
         seed: seeds the samplers (the actor's and the local one), for reproducible samples.
         local_sampling: with the uniform sampler and no ``samples_per_insert``, the storage
             lives in shared memory and a process on the buffer's node samples it directly,
-            without a call to the actor (``None``: whenever possible; ``False``: always call).
+            without a call to the actor. Other samples (compact storage, prioritized, slices,
+            rate limits) a process on the node gets through a shared-memory slot the actor
+            writes them into, not the object store (without ``prefetch``). ``None``: whenever
+            possible; ``False``: always call.
         compact_obs: store each observation once (TorchRL's name). ``("next", obs)`` is rebuilt
             at sample time from the following slot of the same trajectory; the next
             observations that slot does not hold (episode ends, the last frame of each write)
@@ -151,9 +155,11 @@ class RayReplayBuffer:
                 f"{compact_obs!r}. Leave local_sampling=None to pick automatically.")
         self._share = can_share if local_sampling is None else bool(local_sampling)
         self._local = None
+        self._link: SampleLink | None = None  # samples the actor draws, through shared memory
         if _actor is not None:
             self.actor = _actor
             self._local = LocalSampler(self.actor, self.name, seed) if self._share else None
+            self._link = SampleLink(self.actor, self.name) if local_sampling is not False else None
             return
         if not isinstance(capacity, int) or capacity <= 0:
             raise ValueError(f"capacity must be a positive int; got {capacity!r}.")
@@ -194,6 +200,7 @@ class RayReplayBuffer:
             default_timeout_s=timeout_s, name=self.name, share=self._share,
             compact_obs=compact_obs)
         self._local = LocalSampler(self.actor, self.name, seed) if self._share else None
+        self._link = SampleLink(self.actor, self.name) if local_sampling is not False else None
         self._call("ready")
 
     @classmethod
@@ -215,7 +222,7 @@ class RayReplayBuffer:
 
     def __reduce__(self):
         return (_rebuild, (self.actor, self.name, self.batch_size, self.timeout_s, self._share,
-                           self.capacity, self.compact_obs))
+                           self.capacity, self.compact_obs, self._link is not None))
 
     def _call(self, method: str, *args, timeout: float | None = None, **kwargs):
         """Call the actor; while it restarts (from its checkpoint), retry until the timeout."""
@@ -259,6 +266,10 @@ class RayReplayBuffer:
             raise ValueError("sample() needs a batch_size (here or at construction).")
         if self._local is not None:  # same node: straight from the shared storage
             out = self._local.sample(n, timeout)
+            if out is not None:
+                return out
+        if self._link is not None and not self.prefetch:  # same node: the actor's sample, by slot
+            out = self._link.sample(n, timeout)
             if out is not None:
                 return out
         try:
@@ -307,7 +318,9 @@ class RayReplayBuffer:
         sampled = 0
         if self._local is not None:
             sampled, self._local.unreported = self._local.unreported, 0
-        return self._call("info", sampled)
+        # (link_samples: samples this handle got through the shared-memory link)
+        return {**self._call("info", sampled),
+                "link_samples": self._link.samples if self._link is not None else 0}
 
     def stats(self) -> dict:
         """The same figures as :meth:`info` (TorchRL users look for ``stats``)."""
@@ -342,6 +355,8 @@ class RayReplayBuffer:
         """Stop the actor and wait until it is gone (idempotent)."""
         if self._local is not None:
             self._local.close()
+        if self._link is not None:
+            self._link.close()
         try:  # removes its shared-memory files; a hung or dead actor is killed all the same
             ray.get(self.actor.close.remote(), timeout=2)
         except Exception:  # noqa: BLE001
@@ -371,6 +386,9 @@ def _to_tensordict(arrays: dict, n: int):
     return frames_tensordict(arrays, [n])
 
 
-def _rebuild(actor, name, batch_size, timeout_s, share=False, capacity=0, compact_obs=False):
-    return RayReplayBuffer(capacity, name=name, batch_size=batch_size, timeout_s=timeout_s,
-                           local_sampling=share, compact_obs=compact_obs, _actor=actor)
+def _rebuild(actor, name, batch_size, timeout_s, share=False, capacity=0, compact_obs=False,
+             link=False):
+    rb = RayReplayBuffer(capacity, name=name, batch_size=batch_size, timeout_s=timeout_s,
+                         local_sampling=share, compact_obs=compact_obs, _actor=actor)
+    rb._link = SampleLink(actor, name) if link else None
+    return rb

@@ -142,9 +142,11 @@ def pong_memory(frames: int, row_fn=None) -> None:
           "|---|---:|---:|---:|")
     obs_bytes = 4 * 84 * 84
     for label, kwargs in (("plain (TorchRL layout), local sampling", {}),
-                          ("plain, sampled through the actor", {"local_sampling": False}),
-                          ("compact_obs=True", {"compact_obs": True}),
-                          ("compact_obs='frames'", {"compact_obs": "frames"})):
+                          ("plain, sampled by calls to the actor", {"local_sampling": False}),
+                          ("compact_obs=True, sample link", {"compact_obs": True}),
+                          ("compact_obs='frames', sample link", {"compact_obs": "frames"}),
+                          ("compact_obs='frames', calls", {"compact_obs": "frames",
+                                                           "local_sampling": False})):
         with RayReplayBuffer(frames, batch_size=32, seed=0, **kwargs) as rb:
             with MultiSyncDataCollector(pong, None, num_workers=2, frames_per_batch=500,
                                         total_frames=frames, replay_buffer=rb,

@@ -148,10 +148,10 @@ class HandoffServer:
         self.listener.listen(1)
         self.slot = SlotWriter(folder, name, slots)
 
-    def serve(self, collect, connect_timeout_s: float = CONNECT_TIMEOUT_S) -> str:
+    def serve(self, collect, connect_timeout_s: float = CONNECT_TIMEOUT_S, raw: bool = False) -> str:
         """Answer requests with ``collect(random_actions) -> (arrays, meta)`` until the trainer
         says stop or goes away, or a batch fails (the failure is the last reply). Returns why
-        it ended."""
+        it ended. ``raw``: ``collect`` gets the request's bytes instead."""
         self.listener.settimeout(connect_timeout_s)
         try:
             sock, _ = self.listener.accept()
@@ -175,7 +175,7 @@ class HandoffServer:
                 if request == STOP:
                     return "stopped"
                 try:
-                    arrays, meta = collect(request == RANDOM)
+                    arrays, meta = collect(request if raw else request == RANDOM)
                     reply = ("ok", meta, *self.slot.write(arrays))
                 except Exception as exc:  # noqa: BLE001 - reported to the trainer, then we end
                     kind = "fatal" if isinstance(exc, FatalWorkerError) else "error"
@@ -226,9 +226,9 @@ class HandoffClient:
     def fileno(self) -> int:
         return self.conn.fileno()
 
-    def request(self, random_actions: bool) -> None:
-        """Ask for one batch (``OSError`` if the actor is gone)."""
-        self.conn.send_bytes(RANDOM if random_actions else COLLECT)
+    def request(self, random_actions: bool, raw: bytes | None = None) -> None:
+        """Ask for one batch (``OSError`` if the actor is gone); ``raw``: send these bytes."""
+        self.conn.send_bytes(raw if raw is not None else RANDOM if random_actions else COLLECT)
 
     def receive(self) -> tuple[dict, dict]:
         """The reply: ``(arrays, meta)``; the arrays are views of the slot, valid until the next

@@ -36,6 +36,7 @@ from tensordict import TensorDict
 
 from actors.stepping.compact import compacted_keys
 from actors.storage.frame_stacks import FrameStacks
+from actors.storage.gather import rows
 from actors.storage.side_store import SideStore
 
 
@@ -103,21 +104,26 @@ class CompactNext:
         """The values of ``key`` at ``slots`` as written (a copy)."""
         if self.frames is not None and key in self.frames.sizes:
             return self.frames.stacks(key, slots, storage)
-        return storage.get(key)[slots]
+        return rows(storage.get(key), slots)
 
     def rebuild(self, out: TensorDict, index: torch.Tensor, storage: TensorDict) -> TensorDict:
         """Add to ``out`` (the frames of slots ``index``) their next values, read from
         ``storage`` (the following slots) or from the side store; with frames, whole stacks."""
         side = self.side.slot[index]
         apart = side >= 0
-        following = (index + 1) % self.capacity
+        n, following = len(index), (index + 1) % self.capacity
         for key in self.keys or ():
-            value = self.root(key, following, storage)
+            stacked = self.frames is not None and key in self.frames.sizes
+            if stacked:  # this slot's and the next slot's stacks in one pass
+                both = self.frames.stacks(key, torch.cat([index, following]), storage)
+                out.set(key, both[:n])
+                value = both[n:]
+            else:
+                value = self.root(key, following, storage)
             if bool(apart.any()):
-                value[apart] = self.side.values[("next", *key)][side[apart]]
+                at = apart.nonzero().squeeze(1)
+                value.index_copy_(0, at, rows(self.side.values[("next", *key)], side[at]))
             out.set(("next", *key), value)
-            if self.frames is not None and key in self.frames.sizes:
-                out.set(key, self.frames.stacks(key, index, storage))
         return out
 
     # -- state -------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 from tensordict import TensorDict
 
+from actors.storage.gather import rows
 from actors.storage.side_store import SideStore
 
 
@@ -89,24 +90,30 @@ class FrameStacks:
 
     def stacks(self, key, slots: torch.Tensor, storage: TensorDict) -> torch.Tensor:
         """The whole stacks of ``key`` at ``slots``: newest frames from the ring, older ones
-        from the slots before (while derived) or from the first slot kept whole."""
-        size = self.sizes[key]
+        from the slots before (while derived) or from the first slot kept whole.
+
+        Where each frame comes from is worked out on the indices first; then one row gather
+        copies every frame from the ring and the few read from kept stacks replace theirs."""
+        size, n = self.sizes[key], len(slots)
         frames = storage.get(key)
-        out = frames.new_empty((len(slots), size, *frames.shape[1:]))
-        out[:, -1] = frames[slots]
+        source = torch.empty((n, size), dtype=torch.int64)  # ring slot of each frame...
+        kept_at = torch.full((n, size), -1, dtype=torch.int64)  # ...or its row in ``whole``
+        source[:, -1] = slots
         row = self.side.slot[slots].clone()  # the whole stack the rest comes from (-1: none yet)
         back = torch.zeros_like(slots)  # how many slots before ``slots`` that stack is
-        whole = self.side.values.get(key)
         for d in range(1, size):
             j = size - 1 - d
             chain = row < 0
             earlier = (slots - d) % self.capacity
-            if bool(chain.any()):
-                out[chain, j] = frames[earlier[chain]]
-            if not bool(chain.all()):
-                kept = ~chain
-                out[kept, j] = whole[row[kept], j + back[kept]]
+            source[:, j] = earlier
+            kept_at[:, j] = torch.where(chain, -1, row * size + j + back)
             found = chain & (self.side.slot[earlier] >= 0)
-            row[found] = self.side.slot[earlier[found]]
-            back[found] = d
-        return out
+            row = torch.where(found, self.side.slot[earlier], row)
+            back = torch.where(found, d, back)
+        kept_at = kept_at.view(-1)
+        out = rows(frames, source.view(-1))  # (a kept frame's slot is read, then replaced)
+        at = (kept_at >= 0).nonzero().squeeze(1)
+        if len(at):
+            whole = self.side.values[key].view(-1, *frames.shape[1:])
+            out.index_copy_(0, at, rows(whole, kept_at[at]))
+        return out.view(n, size, *frames.shape[1:])

@@ -15,8 +15,10 @@ from tensordict import TensorDict
 from actors.storage import checkpoints
 from actors.storage.buffer_state import BufferStateMixin
 from actors.storage.compact_storage import CompactNext
+from actors.storage.gather import gather
 from actors.storage.buffer_writes import BufferWritesMixin, arrays_to_frames  # noqa: F401
 from actors.coordination.metrics import Metrics
+from actors.storage.sample_link import SampleLinkMixin
 from actors.storage.samplers import make_sampler
 from actors.shm.folders import remove_stale, shareable
 from actors.storage.shared_ring import SharedRing
@@ -63,7 +65,7 @@ class RateLimiter:
         return {"inserts": self.inserts, "samples": self.samples}
 
 
-class ReplayBufferActor(BufferStateMixin, BufferWritesMixin):
+class ReplayBufferActor(BufferStateMixin, BufferWritesMixin, SampleLinkMixin):
     """Frames are stored flat: any batch dims of a written TensorDict become frames."""
 
     def __init__(self, capacity: int, *, sampler: str = "random", batch_size: int | None = None,
@@ -108,6 +110,8 @@ class ReplayBufferActor(BufferStateMixin, BufferWritesMixin):
         self.checkpoint_lock = threading.Lock()
         self.checkpoint_thread: threading.Thread | None = None
         self.checkpoint_pending = False
+        self._link_servers: dict = {}  # sample links opened, not yet serving (see sample_link)
+        self._link_count = 0  # sample links open
         if checkpoint_dir and checkpoints.has_versions(checkpoint_dir):
             self.load_checkpoint(checkpoint_dir)  # a damaged one raises: never silently empty
         elif checkpoint_dir:
@@ -272,7 +276,8 @@ class ReplayBufferActor(BufferStateMixin, BufferWritesMixin):
                        f"{n} samples (min_size={self.limiter.min_size})")
             while True:
                 index, weight = self.sampler.sample(n, self.storage, self.size)
-                out = self.storage[index].clone()
+                index = index.reshape(-1).long()
+                out = gather(self.storage, index)
                 if self.compact is not None:
                     self.compact.rebuild(out, index, self.storage)
                 self.limiter.samples += n

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from actors.shm.folders import LOCK, check_private, private_folder, shm_root, writer_gone
+from actors.storage.gather import rows
 
 log = logging.getLogger("ray_collectors.shared_ring")
 
@@ -156,9 +157,9 @@ class RingReader:
             return None
         idx = torch.randint(0, size, (n,), generator=self.gen)
         for _ in range(1000):
-            before = self.stamps[idx]
-            out = {key: t[idx] for key, t in self.tensors.items()}
-            torn = (self.stamps[idx] != before) | (before < 0)
+            before = rows(self.stamps, idx)
+            out = {key: rows(t, idx) for key, t in self.tensors.items()}
+            torn = (rows(self.stamps, idx) != before) | (before < 0)
             if not bool(torn.any()):
                 return out, idx
             idx[torn] = torch.randint(0, max(1, self.size()), (int(torn.sum()),), generator=self.gen)

@@ -1,0 +1,101 @@
+"""The trainer's side of a sample link (see :mod:`actors.storage.sample_link`).
+
+``RayReplayBuffer.sample()`` uses it when it cannot sample the shared storage itself (compact or
+frame storage, prioritized, slices, rate limits) and the buffer actor is on this node: the
+sample comes through a shared-memory slot instead of the object store. ``sample`` returns
+``None`` whenever the caller should use a Ray call instead (another node, no ``/dev/shm``, the
+actor busy with other links, or restarting: tried again after ``RETRY_S``).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+import ray
+
+from actors.shm.folders import private_folder, remove_stale, shareable
+from actors.shm.handoff import HandoffClient, WorkerFailed
+from actors.storage.sample_link import encode
+from collectors.batch import frames_tensordict
+
+RETRY_S = 5.0  # after a link failed to open or broke: calls until then
+OPEN_TIMEOUT_S = 30.0
+
+
+class SampleLink:
+    """``sample(n, timeout)``: a TensorDict, or ``None`` (use a call)."""
+
+    def __init__(self, actor, name: str):
+        self.actor = actor
+        self.name = name
+        self.client: HandoffClient | None = None
+        self.serving = None  # the actor's serve_samples call, for as long as the link is open
+        self.folder: str | None = None
+        self._lock_fd: int | None = None
+        self.off = False  # another node, or no shared memory here: calls for good
+        self.retry_at = 0.0
+        self.samples = 0  # batches received through the link
+
+    def _open(self) -> None:
+        if not shareable(1 << 20):
+            self.off = True
+            return
+        remove_stale()
+        self.folder, self._lock_fd = private_folder("samples-")
+        node = ray.get_runtime_context().get_node_id()
+        address = ray.get(self.actor.open_sample_link.remote(self.folder, node),
+                          timeout=OPEN_TIMEOUT_S)
+        if address is None:  # another node, or links enough: calls (look again later)
+            self._drop()
+            return
+        self.serving = self.actor.serve_samples.remote(address)
+        self.client = HandoffClient(self.folder, address)
+
+    def sample(self, n: int, timeout: float):
+        if self.off:
+            return None
+        if self.client is None:
+            if time.monotonic() < self.retry_at:
+                return None
+            try:
+                self._open()
+            except Exception:  # noqa: BLE001 - (restarting, unreachable): calls meanwhile
+                self._drop()
+            if self.client is None:
+                return None
+        conn = self.client.conn
+        try:
+            self.client.request(False, raw=encode(n, timeout))
+            if not conn.poll(timeout + 5.0):
+                self._drop()
+                raise TimeoutError(f"replay buffer {self.name!r}: no sample of {n} within "
+                                   f"{timeout + 5.0:g}s.")
+            arrays, _ = self.client.receive()
+            self.samples += 1
+            return frames_tensordict(arrays, [n])  # (a copy: the slot is written again next time)
+        except WorkerFailed as exc:  # sample() raised in the actor: as a call would
+            self._drop(stop=False)
+            if exc.cause is not None:
+                raise exc.cause from None
+            raise RuntimeError(exc.text) from None
+        except (EOFError, OSError):  # the actor is gone or restarting: calls handle it
+            self._drop(stop=False)
+            return None
+
+    def _drop(self, stop: bool = True) -> None:
+        self.retry_at = time.monotonic() + RETRY_S
+        self.close(stop)
+
+    def close(self, stop: bool = True) -> None:
+        """Tell the actor to stop serving this link; remove the folder. Idempotent."""
+        client, self.client = self.client, None
+        if client is not None:
+            client.close(stop)
+        self.serving = None
+        folder, self.folder = self.folder, None
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None

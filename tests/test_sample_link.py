@@ -1,0 +1,83 @@
+"""Samples the trainer cannot draw itself (compact and frame storage, prioritized) come from the
+buffer actor through a shared-memory slot when the trainer is on its node: the same samples a
+call gives, errors raised as a call raises them, calls again when the link breaks."""
+import pytest
+import ray
+import torch
+from tensordict import TensorDict
+
+from collectors import RayReplayBuffer
+
+
+def counting_frames(n: int, episode: int = 5) -> TensorDict:
+    """Frames of back-to-back episodes: obs t % episode, next obs t % episode + 1."""
+    t = torch.arange(n) % episode
+    obs = t.float()[:, None]
+    done = (t == episode - 1)[:, None]
+    return TensorDict({"observation": obs, ("next", "observation"): obs + 1,
+                       ("next", "reward"): torch.ones(n, 1), ("next", "done"): done,
+                       ("next", "terminated"): done,
+                       ("collector", "traj_ids"): torch.arange(n) // episode}, [n])
+
+
+@pytest.mark.parametrize("kwargs", [{"compact_obs": True}, {"sampler": "prioritized"},
+                                    {"sampler": "slice", "slice_len": 5}])
+def test_link_samples_are_the_actors(kwargs):
+    with RayReplayBuffer(200, batch_size=20, seed=0, **kwargs) as rb:
+        rb.extend(counting_frames(100))
+        for _ in range(5):
+            s = rb.sample()
+            assert s.batch_size == torch.Size([20])
+            assert (s["next", "observation"] == s["observation"] + 1).all()
+            assert (s["index"] < 100).all()
+        assert rb.info()["link_samples"] == 5  # through the slot, not by calls
+        if kwargs.get("sampler") == "prioritized":
+            assert "priority_weight" in s.keys()
+            rb.update_priority(s["index"], torch.full((20,), 5.0))
+
+
+def test_local_sampling_false_means_calls_only():
+    with RayReplayBuffer(200, batch_size=8, compact_obs=True, local_sampling=False) as rb:
+        rb.extend(counting_frames(50))
+        rb.sample()
+        assert rb.info()["link_samples"] == 0
+
+
+def test_an_error_in_the_actor_is_raised_as_a_call_raises_it_and_sampling_goes_on():
+    with RayReplayBuffer(200, batch_size=8, compact_obs=True, min_size=60) as rb:
+        rb.extend(counting_frames(50))
+        with pytest.raises(TimeoutError, match="min_size=60"):
+            rb.sample(timeout=0.2)
+        rb.extend(counting_frames(20))
+        assert rb.sample().batch_size == torch.Size([8])  # (by a call until the link reopens)
+
+
+def test_a_restarted_actor_is_sampled_by_calls_then_by_a_new_link(tmp_path):
+    with RayReplayBuffer(200, batch_size=8, compact_obs=True, checkpoint_dir=str(tmp_path),
+                         timeout_s=60) as rb:
+        rb.extend(counting_frames(50))
+        rb.sample()
+        rb.checkpoint(str(tmp_path))
+        pid = rb.info()["pid"]
+        ray.kill(rb.actor, no_restart=False)
+        while rb.info()["pid"] == pid:  # (the kill is asynchronous; info waits out the restart)
+            pass
+        before = rb.info()["link_samples"]
+        s = rb.sample()  # the link broke: a call
+        assert (s["next", "observation"] == s["observation"] + 1).all()
+        assert rb.info()["link_samples"] == before
+        rb._link.retry_at = 0.0  # (the link would be tried again after RETRY_S)
+        rb.sample()
+        assert rb.info()["link_samples"] == before + 1
+
+
+def test_a_pickled_handle_in_a_task_on_the_node_samples_through_its_own_link():
+    @ray.remote(num_cpus=0)
+    def draw(rb):
+        s = rb.sample(8)
+        return bool((s["next", "observation"] == s["observation"] + 1).all()), \
+            rb.info()["link_samples"]
+
+    with RayReplayBuffer(200, batch_size=8, compact_obs=True) as rb:
+        rb.extend(counting_frames(50))
+        assert ray.get(draw.remote(rb), timeout=60) == (True, 1)
