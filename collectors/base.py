@@ -21,7 +21,7 @@ from actors.stepping.policy_runner import module_device
 from actors.stepping.vector_rollout import AUTO_MIN_ENVS, native_vector_problem
 from collectors import validate
 from collectors.background import BackgroundMixin
-from collectors.batch import assemble, finish
+from collectors.batch import assemble, finish, real_frames
 from collectors.control import CONTROL_TIMEOUT_S, ControlMixin
 from collectors.local_route import LocalRoute, batch_problem
 from collectors.resources import check_feasible, on_cpu, worker_gpus
@@ -342,7 +342,7 @@ class DataCollectorBase(IterationMixin, ControlMixin, IntrospectionMixin, Backgr
                         self.replay_buffer.add(step)
                 return None
             if self._trajs is None:
-                write(batch.reshape(-1))
+                write(real_frames(batch))
                 return None
             self._trajs.ingest(batch)  # complete trajectories only, each flat
             if self.options.reset_at_each_iter:

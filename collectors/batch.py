@@ -103,6 +103,14 @@ def split_trajectories(batch: TensorDict) -> TensorDict:
     return out
 
 
+def real_frames(batch: TensorDict) -> TensorDict:
+    """``batch`` flat, without the frames its ``("collector", "mask")`` marks as padding (a
+    preempted worker's, a dropped episode's, ``split_trajs``' rows): what a buffer should get."""
+    flat = batch.reshape(-1)
+    mask = flat.get(("collector", "mask"), None)
+    return flat if mask is None else flat[mask]
+
+
 def mark_truncated(batch: TensorDict) -> None:
     """TorchRL's ``set_truncated``: the last step of each row ends (truncated, done)."""
     for key in ("truncated", "done"):

@@ -73,6 +73,10 @@ class SyncDataCollector(DataCollectorBase):
     def __init__(self, create_env_fn, policy=None, *, backend=None, backend_options=None,
                  num_collectors=None, sync=None, interruptor=None, **kwargs):
         check_interruptor(interruptor, type(self).__name__)
+        if interruptor is not None and kwargs.get("replay_buffer") is not None:
+            raise NotImplementedError(
+                f"{type(self).__name__}: interruptor with a replay_buffer: a cut batch is padding "
+                "after its last real step, which a buffer must not store. Use one of them.")
         self.interruptor = interruptor  # TorchRL's: stopped, the batch in flight is cut short
         self._interrupt: InterruptWatch | None = None
         super().__init__(create_env_fn, policy, **kwargs)
@@ -89,14 +93,6 @@ class SyncDataCollector(DataCollectorBase):
             return super()._collect_one()
         finally:
             self._interrupt.after()
-
-    def start(self) -> None:
-        if self.interruptor is not None:
-            raise NotImplementedError(
-                "start() with an interruptor: the interruptor cuts the batches the trainer asks "
-                "for, and start() collects without asking. Iterate, or build the collector "
-                "without the interruptor.")
-        super().start()
 
     def shutdown(self, *args, **kwargs) -> None:
         watch = getattr(self, "_interrupt", None)  # (a constructor that raised set none)

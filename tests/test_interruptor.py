@@ -87,18 +87,9 @@ def test_stopping_mid_batch_cuts_it_after_the_current_step_and_starting_again_re
     assert c._frames == real + 400
 
 
-def test_interruptor_with_start_is_refused_and_bad_objects_are_named():
+def test_bad_interruptor_objects_are_named():
     with pytest.raises(TypeError, match="collection_stopped"):
         SyncDataCollector(counting_env, frames_per_batch=8, interruptor=True)
-    from collectors import RayReplayBuffer
-    rb = RayReplayBuffer(100)
-    try:
-        with SyncDataCollector(counting_env, frames_per_batch=8, interruptor=Flag(),
-                               replay_buffer=rb) as c:
-            with pytest.raises(NotImplementedError, match="start\\(\\) with an interruptor"):
-                c.start()
-    finally:
-        rb.shutdown()
 
 
 def test_interruptor_never_stopped_changes_nothing():
@@ -120,3 +111,15 @@ def test_stopped_interruptor_with_gymnasiums_native_vector_env():
         ids = b["collector", "traj_ids"]
         assert b.batch_size == torch.Size([16, 4])
         assert (ids[:, 0] >= 0).all() and (ids[:, 1:] == -1).all()
+
+
+def test_interruptor_with_a_replay_buffer_is_refused():
+    from torchrl.data import LazyTensorStorage, ReplayBuffer
+
+    from collectors import RayReplayBuffer
+
+    with pytest.raises(NotImplementedError, match="interruptor with a replay_buffer"):
+        SyncDataCollector(counting_env, frames_per_batch=8, interruptor=Flag(),
+                          replay_buffer=ReplayBuffer(storage=LazyTensorStorage(100)))
+    with RayReplayBuffer(100) as rb, pytest.raises(NotImplementedError, match="replay_buffer"):
+        SyncDataCollector(counting_env, frames_per_batch=8, interruptor=Flag(), replay_buffer=rb)

@@ -198,3 +198,17 @@ def test_create_env_kwargs_per_worker():
     with pytest.raises(ValueError, match="one per worker"):
         MultiSyncDataCollector([counting_env] * 2, frames_per_batch=16,
                                create_env_kwargs=[{"episode_length": 3}])
+
+
+def test_preempted_padding_never_reaches_a_local_replay_buffer():
+    from torchrl.data import LazyTensorStorage, ReplayBuffer
+
+    rb = ReplayBuffer(storage=LazyTensorStorage(1000))
+    fns = [functools.partial(counting_env, 5), functools.partial(slow_counting_env, 0.02)]
+    with MultiSyncDataCollector(fns, frames_per_batch=400, preemptive_threshold=0.5,
+                                replay_buffer=rb, total_frames=1) as c:
+        for _ in c:
+            pass
+        frames = c.stats()["frames"]
+    assert 200 < len(rb) == frames < 400  # the slow worker's real frames only
+    assert (rb[:]["collector", "traj_ids"] >= 0).all()
