@@ -20,8 +20,6 @@ through shared memory, while Ray stays the control plane.
 """
 from __future__ import annotations
 
-import os
-import shutil
 import time
 import weakref
 from multiprocessing.connection import wait as wait_ready
@@ -32,7 +30,7 @@ import torch
 
 from actors.errors import CollectorError
 from actors.shm.handoff import HandoffClient, WorkerFailed
-from actors.shm.folders import private_folder, remove_stale, shareable
+from actors.shm.folders import private_folder, remove_folder, remove_stale, shareable
 from actors.shm.weight_board import WeightBoard
 from collectors.control import CONTROL_TIMEOUT_S
 from collectors.runtime import driver_get
@@ -303,9 +301,5 @@ class LocalRoute:
     def close(self) -> None:
         """Stop serving and remove the folder (board, sockets, slots); idempotent."""
         self.stop_serving()
-        folder, self.folder = self.folder, None
-        if folder is not None:
-            shutil.rmtree(folder, ignore_errors=True)
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        remove_folder(self.folder, self._lock_fd)
+        self.folder, self._lock_fd = None, None

@@ -8,13 +8,11 @@ actor busy with other links, or restarting: tried again after ``RETRY_S``).
 """
 from __future__ import annotations
 
-import os
-import shutil
 import time
 
 import ray
 
-from actors.shm.folders import private_folder, remove_stale, shareable
+from actors.shm.folders import private_folder, remove_folder, remove_stale, shareable
 from actors.shm.handoff import HandoffClient, WorkerFailed
 from actors.storage.sample_link import encode
 from collectors.batch import frames_tensordict
@@ -93,9 +91,5 @@ class SampleLink:
         if client is not None:
             client.close(stop)
         self.serving = None
-        folder, self.folder = self.folder, None
-        if folder is not None:
-            shutil.rmtree(folder, ignore_errors=True)
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        remove_folder(self.folder, self._lock_fd)
+        self.folder, self._lock_fd = None, None

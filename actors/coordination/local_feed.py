@@ -14,8 +14,6 @@ dropped), hang deadlines and replacements, fencing at ``stop()``, the rate limit
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import socket
 import time
 from multiprocessing.connection import Connection
@@ -25,7 +23,7 @@ import ray
 from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError
 
 from actors.errors import CollectorError, ReplayBufferUnavailable
-from actors.shm.folders import private_folder, remove_stale, shareable
+from actors.shm.folders import private_folder, remove_folder, remove_stale, shareable
 from actors.shm.handoff import CONNECT_TIMEOUT_S, HandoffClient, WorkerFailed
 
 log = logging.getLogger("ray_collectors.feed")
@@ -306,9 +304,5 @@ class LocalFeed:
             client.close()
         for shard in list(self.intakes):
             self._close_intake(shard)
-        folder, self.folder = self.folder, None
-        if folder is not None:
-            shutil.rmtree(folder, ignore_errors=True)
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        remove_folder(self.folder, self._lock_fd)
+        self.folder, self._lock_fd = None, None

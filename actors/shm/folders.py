@@ -98,3 +98,12 @@ def private_folder(prefix: str = "") -> tuple[str, int]:
         shutil.rmtree(folder, ignore_errors=True)
         raise
     return folder, fd
+
+
+def remove_folder(folder: str | None, lock_fd: int | None) -> None:
+    """Remove a folder made by :func:`private_folder`, then release its lock (either may be
+    ``None``: nothing to do for it)."""
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
+    if lock_fd is not None:
+        os.close(lock_fd)
