@@ -36,7 +36,7 @@ from tensordict import TensorDict
 
 from actors.stepping.compact import compacted_keys
 from actors.storage.frame_stacks import FrameStacks
-from actors.storage.gather import rows
+from actors.storage.gather import flat_key, rows
 from actors.storage.side_store import SideStore
 
 
@@ -106,9 +106,15 @@ class CompactNext:
             return self.frames.stacks(key, slots, storage)
         return rows(storage.get(key), slots)
 
-    def rebuild(self, out: TensorDict, index: torch.Tensor, storage: TensorDict) -> TensorDict:
-        """Add to ``out`` (the frames of slots ``index``) their next values, read from
-        ``storage`` (the following slots) or from the side store; with frames, whole stacks."""
+    def rebuilt_keys(self) -> tuple:
+        """The keys :meth:`rebuild` sets (as ``TensorDict.items`` names them): stacked roots
+        need not be gathered before."""
+        return tuple(flat_key(k) for k in (self.frames.sizes if self.frames is not None else ()))
+
+    def rebuild(self, out, index: torch.Tensor, storage: TensorDict):
+        """Add to ``out`` (the frames of slots ``index``: a TensorDict, or ``{key: tensor}``
+        keyed as ``TensorDict.items`` names them) their next values, read from ``storage`` (the
+        following slots) or from the side store; with frames, whole stacks."""
         side = self.side.slot[index]
         apart = side >= 0
         n, following = len(index), (index + 1) % self.capacity
@@ -116,14 +122,14 @@ class CompactNext:
             stacked = self.frames is not None and key in self.frames.sizes
             if stacked:  # this slot's and the next slot's stacks in one pass
                 both = self.frames.stacks(key, torch.cat([index, following]), storage)
-                out.set(key, both[:n])
+                out[flat_key(key)] = both[:n]
                 value = both[n:]
             else:
                 value = self.root(key, following, storage)
             if bool(apart.any()):
                 at = apart.nonzero().squeeze(1)
                 value.index_copy_(0, at, rows(self.side.values[("next", *key)], side[at]))
-            out.set(("next", *key), value)
+            out[("next", *key)] = value
         return out
 
     # -- state -------------------------------------------------------------------------------

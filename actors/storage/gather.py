@@ -8,8 +8,8 @@ Example:
     >>> import torch
     >>> from tensordict import TensorDict
     >>> td = TensorDict({"x": torch.arange(6).view(3, 2)}, [3])
-    >>> gather(td, torch.tensor([2, 0]))["x"].tolist()
-    [[4, 5], [0, 1]]
+    >>> [(k, rows(t, torch.tensor([2, 0])).tolist()) for k, t in Leaves().of(td)]
+    [('x', [[4, 5], [0, 1]])]
 """
 from __future__ import annotations
 
@@ -22,6 +22,21 @@ def rows(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.index_select(tensor, 0, index)
 
 
-def gather(td: TensorDict, index: torch.Tensor) -> TensorDict:
-    """``td[index].clone()`` for a 1-D integer ``index``, leaf by leaf."""
-    return td.apply(lambda t: torch.index_select(t, 0, index), batch_size=[index.shape[0]])
+def flat_key(key):
+    """A leaf's key as ``TensorDict.items(True, True)`` names it: a string at the root, else a
+    tuple (``("observation",)`` -> ``"observation"``)."""
+    return key[0] if isinstance(key, tuple) and len(key) == 1 else key
+
+
+class Leaves:
+    """``{key: tensor}`` of a TensorDict's leaves, listed once per TensorDict (a sample gathers
+    from plain tensors: no TensorDict bookkeeping per sample)."""
+
+    def __init__(self):
+        self._of = None
+        self.items: list = []
+
+    def of(self, td: TensorDict) -> list:
+        if self._of is not td:
+            self._of, self.items = td, list(td.items(include_nested=True, leaves_only=True))
+        return self.items

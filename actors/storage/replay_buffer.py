@@ -15,7 +15,7 @@ from tensordict import TensorDict
 from actors.storage import checkpoints
 from actors.storage.buffer_state import BufferStateMixin
 from actors.storage.compact_storage import CompactNext
-from actors.storage.gather import gather
+from actors.storage.gather import Leaves
 from actors.storage.buffer_writes import BufferWritesMixin, arrays_to_frames  # noqa: F401
 from actors.coordination.metrics import Metrics
 from actors.storage.sample_link import SampleLinkMixin
@@ -112,6 +112,7 @@ class ReplayBufferActor(BufferStateMixin, BufferWritesMixin, SampleLinkMixin):
         self.checkpoint_pending = False
         self._link_servers: dict = {}  # sample links opened, not yet serving (see sample_link)
         self._link_count = 0  # sample links open
+        self._leaves = Leaves()  # the storage's leaf tensors, listed once per storage
         if checkpoint_dir and checkpoints.has_versions(checkpoint_dir):
             self.load_checkpoint(checkpoint_dir)  # a damaged one raises: never silently empty
         elif checkpoint_dir:
@@ -261,11 +262,13 @@ class ReplayBufferActor(BufferStateMixin, BufferWritesMixin, SampleLinkMixin):
                 f"{self.limiter.inserts}, samples {self.limiter.samples}); nothing arrived.")
 
     def sample(self, batch_size: int | None = None, timeout: float | None = None) -> TensorDict:
-        return self._sample(batch_size, timeout, 1)[0]
+        out = self._sample(batch_size, timeout, 1)[0]
+        return TensorDict(out, batch_size=[len(out["index"])])
 
     def _sample(self, batch_size: int | None, timeout: float | None, count: int) -> list:
-        """Up to ``count`` batches: the first waits (bounded) for the rate limiter, the others
-        are taken only if it allows them right away."""
+        """Up to ``count`` batches, each ``{key: tensor}`` (keys as ``TensorDict.items`` names
+        them): the first waits (bounded) for the rate limiter, the others are taken only if it
+        allows them right away."""
         n = batch_size or self.batch_size
         if not n:
             raise ValueError("sample() needs a batch_size (here or at construction).")
@@ -277,13 +280,15 @@ class ReplayBufferActor(BufferStateMixin, BufferWritesMixin, SampleLinkMixin):
             while True:
                 index, weight = self.sampler.sample(n, self.storage, self.size)
                 index = index.reshape(-1).long()
-                out = gather(self.storage, index)
+                rebuilt = self.compact.rebuilt_keys() if self.compact is not None else ()
+                out = {k: torch.index_select(t, 0, index)
+                       for k, t in self._leaves.of(self.storage) if k not in rebuilt}
                 if self.compact is not None:
                     self.compact.rebuild(out, index, self.storage)
                 self.limiter.samples += n
-                out.set("index", index)
+                out["index"] = index
                 if weight is not None:
-                    out.set(WEIGHT_KEY, weight)
+                    out[WEIGHT_KEY] = weight
                 outs.append(out)
                 if len(outs) >= count or not self.limiter.can_sample(self.size, n):
                     break
@@ -297,7 +302,7 @@ class ReplayBufferActor(BufferStateMixin, BufferWritesMixin, SampleLinkMixin):
                       count: int = 1) -> list[dict]:
         """Up to ``count`` samples as ``[{key: ndarray}]``: Ray ships numpy arrays without
         pickling them, and one call for several batches saves round trips."""
-        return [{k: v.numpy() for k, v in out.items(include_nested=True, leaves_only=True)}
+        return [{k: v.numpy() for k, v in out.items()}
                 for out in self._sample(batch_size, timeout, max(1, int(count)))]
 
     def update_priority(self, index, priority) -> None:
