@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 
 import ray
+from ray.exceptions import RayError
 
 POLL_S = 0.001  # the interruptor has no wake-up: it is read every millisecond while a batch runs
 
@@ -28,9 +29,10 @@ def check_interruptor(interruptor, cls_name: str) -> None:
 class InterruptWatch:
     """Polls ``interruptor`` while :meth:`batch` is active and preempts ``worker`` once."""
 
-    def __init__(self, interruptor, worker, timeout_s: float = 30.0):
+    def __init__(self, interruptor, worker, timeout_s: float = 30.0, refresh=None):
         self.interruptor = interruptor
         self.worker = worker  # the env actor's handle
+        self.refresh = refresh  # () -> the env actor's current handle (it may be replaced)
         self.timeout_s = timeout_s
         self._in_flight = threading.Event()
         self._done = threading.Event()
@@ -41,7 +43,11 @@ class InterruptWatch:
         """Call before asking for a batch: tells the env actor now if collection is stopped,
         otherwise watches until :meth:`after`."""
         if self.interruptor.collection_stopped():
-            ray.get(self.worker.preempt.remote(True), timeout=self.timeout_s)
+            try:
+                ray.get(self.worker.preempt.remote(True), timeout=self.timeout_s)
+            except (RayError, TimeoutError):  # gone or restarting: the collect path deals
+                if self.refresh is not None:
+                    self.worker = self.refresh()
             return
         if self._thread is None:
             self._thread = threading.Thread(target=self._watch, name="interruptor-watch",

@@ -8,6 +8,7 @@ actor busy with other links, or restarting: tried again after ``RETRY_S``).
 """
 from __future__ import annotations
 
+import threading
 import time
 
 import ray
@@ -34,6 +35,7 @@ class SampleLink:
         self.off = False  # another node, or no shared memory here: calls for good
         self.retry_at = 0.0
         self.samples = 0  # batches received through the link
+        self._busy = threading.Lock()  # one request at a time; other threads use calls
 
     def _open(self) -> None:
         if not shareable(1 << 20):
@@ -51,8 +53,14 @@ class SampleLink:
         self.client = HandoffClient(self.folder, address)
 
     def sample(self, n: int, timeout: float):
-        if self.off:
+        if self.off or not self._busy.acquire(blocking=False):
             return None
+        try:
+            return self._sample(n, timeout)
+        finally:
+            self._busy.release()
+
+    def _sample(self, n: int, timeout: float):
         if self.client is None:
             if time.monotonic() < self.retry_at:
                 return None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import inspect
 
+import ray
+
 from collectors.base import DataCollectorBase
 from collectors.interrupt import InterruptWatch, check_interruptor
 
@@ -81,7 +83,13 @@ class SyncDataCollector(DataCollectorBase):
         self._interrupt: InterruptWatch | None = None
         super().__init__(create_env_fn, policy, **kwargs)
         if interruptor is not None:
-            self._interrupt = InterruptWatch(interruptor, self._worker_handles[0])
+            self._interrupt = InterruptWatch(interruptor, self._worker_handles[0],
+                                             refresh=self._current_worker)
+
+    def _current_worker(self):
+        """The env actor's handle now (the driver may have replaced it)."""
+        handles = ray.get(self._driver.worker_handles.remote(alive_only=True), timeout=30.0)
+        return handles[0] if handles else self._worker_handles[0]
 
     def _collect_one(self):
         """A batch; with an ``interruptor`` (see :mod:`collectors.interrupt`) watched meanwhile."""

@@ -123,3 +123,18 @@ def test_interruptor_with_a_replay_buffer_is_refused():
                           replay_buffer=ReplayBuffer(storage=LazyTensorStorage(100)))
     with RayReplayBuffer(100) as rb, pytest.raises(NotImplementedError, match="replay_buffer"):
         SyncDataCollector(counting_env, frames_per_batch=8, interruptor=Flag(), replay_buffer=rb)
+
+
+def test_a_stopped_interruptor_with_a_worker_that_died_goes_on():
+    from collectors.testing import kill_worker
+
+    interruptor = Flag()
+    interruptor.stop_collection()
+    with SyncDataCollector(counting_env, frames_per_batch=10, interruptor=interruptor,
+                           max_restarts=3) as c:
+        c.next()
+        kill_worker(c, 0)
+        for _ in range(3):
+            b = c.next()
+            assert b.numel() == 10
+        assert c.stats()["restarts"] == 1

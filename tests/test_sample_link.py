@@ -81,3 +81,28 @@ def test_a_pickled_handle_in_a_task_on_the_node_samples_through_its_own_link():
     with RayReplayBuffer(200, batch_size=8, compact_obs=True) as rb:
         rb.extend(counting_frames(50))
         assert ray.get(draw.remote(rb), timeout=60) == (True, 1)
+
+
+def test_threads_sampling_one_handle_each_get_whole_samples():
+    import threading
+
+    with RayReplayBuffer(200, batch_size=8, compact_obs=True) as rb:
+        rb.extend(counting_frames(100))
+        bad, errors = [], []
+
+        def draw():
+            try:
+                for _ in range(40):
+                    s = rb.sample()
+                    if not (s["next", "observation"] == s["observation"] + 1).all():
+                        bad.append(s)
+            except Exception as exc:  # noqa: BLE001
+                errors.append(exc)
+
+        threads = [threading.Thread(target=draw) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not errors and not bad
+        assert 0 < rb.info()["link_samples"] <= 120
