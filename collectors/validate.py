@@ -25,6 +25,11 @@ NO_OP_VALUES = {
     "mp_start_method": (None,), "collector_class": (None,), "local_init_rb": (None, False),
 }
 UNSUPPORTED = tuple(NO_OP_VALUES)
+# values TorchRL 0.14.1 itself refuses, with the error it raises (the others: NotImplementedError)
+TORCHRL_ERRORS = {
+    ("reset_when_done", False): (ValueError, "is deprecated in TorchRL 0.14 (its Collector raises "
+                                 "ValueError too); envs reset when an episode ends. Remove it."),
+}
 
 
 # TorchRL's same-node weight-sync schemes: what our own transport does (shared memory on the
@@ -48,16 +53,17 @@ def _no_op(key: str, value) -> bool:
 
 def split_torchrl_options(kwargs: dict, cls_name: str) -> dict:
     """Remove TorchRL's options we lack from ``kwargs``: at values that change nothing they
-    are dropped, otherwise ``NotImplementedError`` names them. Returns the rest."""
+    are dropped, otherwise ``NotImplementedError`` names them (or the error TorchRL itself
+    raises, where it refuses the value too). Returns the rest."""
     rest = {}
-    if kwargs.get("reset_when_done") is False:  # as TorchRL 0.14's Collector
-        raise ValueError(f"{cls_name}: reset_when_done=False is deprecated in TorchRL 0.14 (its "
-                         "Collector raises ValueError too); envs reset when an episode ends. "
-                         "Remove it.")
     for key, value in kwargs.items():
         if key not in NO_OP_VALUES:
             rest[key] = value
-        elif not _no_op(key, value):
+            continue
+        error = next((e for (k, v), e in TORCHRL_ERRORS.items() if k == key and value is v), None)
+        if error is not None:
+            raise error[0](f"{cls_name}: {key}={value!r} {error[1]}")
+        if not _no_op(key, value):
             raise NotImplementedError(
                 f"{cls_name} does not support TorchRL's option {key}={value!r} (accepted only "
                 f"at {'any value' if NO_OP_VALUES[key] is ANY else NO_OP_VALUES[key]}). Remove "

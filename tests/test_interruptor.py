@@ -1,7 +1,6 @@
 """TorchRL's ``interruptor`` on SyncDataCollector: once stopped, the batch in flight ends after
 the current step and the rest is padding with traj id -1; started again, batches are whole."""
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -71,13 +70,11 @@ def test_stopping_mid_batch_cuts_it_after_the_current_step_and_starting_again_re
     with SyncDataCollector(slow_counting_env, frames_per_batch=400, interruptor=interruptor) as c:
         stopper = threading.Timer(0.15, interruptor.stop_collection)
         stopper.start()
-        t0 = time.perf_counter()
         first = c.next()
-        took = time.perf_counter() - t0
         stopper.join()
         ids = first["collector", "traj_ids"]
         real = int((ids >= 0).sum())
-        assert 1 <= real < 400 and took < 0.8 * 400 * 0.002  # did not run to the end
+        assert 1 <= real < 400  # did not run to the end
         assert (ids[:real] >= 0).all() and (ids[real:] == -1).all()
         assert (first["observation"][:real, 0] == torch.arange(real)).all()
         interruptor.start_collection()

@@ -1,6 +1,8 @@
 """Samples the trainer cannot draw itself (compact and frame storage, prioritized) come from the
 buffer actor through a shared-memory slot when the trainer is on its node: the same samples a
 call gives, errors raised as a call raises them, calls again when the link breaks."""
+import time
+
 import pytest
 import ray
 import torch
@@ -60,8 +62,9 @@ def test_a_restarted_actor_is_sampled_by_calls_then_by_a_new_link(tmp_path):
         rb.checkpoint(str(tmp_path))
         pid = rb.info()["pid"]
         ray.kill(rb.actor, no_restart=False)
+        deadline = time.monotonic() + 60
         while rb.info()["pid"] == pid:  # (the kill is asynchronous; info waits out the restart)
-            pass
+            assert time.monotonic() < deadline, "the buffer actor did not restart within 60 s"
         before = rb.info()["link_samples"]
         s = rb.sample()  # the link broke: a call
         assert (s["next", "observation"] == s["observation"] + 1).all()

@@ -36,7 +36,11 @@ class Leaves:
         self._of = None
         self.items: list = []
 
-    def of(self, td: TensorDict) -> list:
+    def of(self, td: TensorDict, skip=None) -> list:
+        """The leaves of ``td``, without the keys ``skip()`` returns (asked once per ``td``)."""
         if self._of is not td:
-            self._of, self.items = td, list(td.items(include_nested=True, leaves_only=True))
+            left_out = skip() if skip is not None else ()
+            self._of = td
+            self.items = [(k, t) for k, t in td.items(include_nested=True, leaves_only=True)
+                          if k not in left_out]
         return self.items

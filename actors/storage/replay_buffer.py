@@ -280,9 +280,9 @@ class ReplayBufferActor(BufferStateMixin, BufferWritesMixin, SampleLinkMixin):
             while True:
                 index, weight = self.sampler.sample(n, self.storage, self.size)
                 index = index.reshape(-1).long()
-                rebuilt = self.compact.rebuilt_keys() if self.compact is not None else ()
+                rebuilt = self.compact.rebuilt_keys if self.compact is not None else None
                 out = {k: torch.index_select(t, 0, index)
-                       for k, t in self._leaves.of(self.storage) if k not in rebuilt}
+                       for k, t in self._leaves.of(self.storage, skip=rebuilt)}
                 if self.compact is not None:
                     self.compact.rebuild(out, index, self.storage)
                 self.limiter.samples += n
