@@ -8,10 +8,16 @@ actor busy with other links, or restarting: tried again after ``RETRY_S``).
 """
 from __future__ import annotations
 
+import functools
+import math
 import threading
 import time
+import weakref
 
+import numpy as np
 import ray
+import torch
+from tensordict import TensorDict
 
 from actors.shm.folders import private_folder, remove_folder, remove_stale, shareable
 from actors.shm.handoff import HandoffClient, WorkerFailed
@@ -20,6 +26,7 @@ from collectors.batch import frames_tensordict
 
 RETRY_S = 5.0  # after a link failed to open or broke: calls until then
 OPEN_TIMEOUT_S = 30.0
+POOL = 4  # slots whose samples are handed out as views; with all held, slot 0 is copied out
 
 
 class SampleLink:
@@ -36,6 +43,8 @@ class SampleLink:
         self.retry_at = 0.0
         self.samples = 0  # batches received through the link
         self._busy = threading.Lock()  # one request at a time; other threads use calls
+        self.free: list[int] = []  # pool slots no sample refers to any more
+        self.generation = 0  # of the open link (a slot released after it closed is not reused)
 
     def _open(self) -> None:
         if not shareable(1 << 20):
@@ -50,7 +59,8 @@ class SampleLink:
             self._drop()
             return
         self.serving = self.actor.serve_samples.remote(address)
-        self.client = HandoffClient(self.folder, address)
+        self.client = HandoffClient(self.folder, address, keep=2 * (POOL + 1), writable=True)
+        self.free = list(range(1, POOL + 1))
 
     def sample(self, n: int, timeout: float):
         if self.off or not self._busy.acquire(blocking=False):
@@ -71,15 +81,19 @@ class SampleLink:
             if self.client is None:
                 return None
         conn = self.client.conn
+        slot = self.free.pop() if self.free else 0
         try:
-            self.client.request(False, raw=encode(n, timeout))
+            self.client.request(False, raw=encode(n, timeout, slot))
             if not conn.poll(timeout + 5.0):
                 self._drop()
                 raise TimeoutError(f"replay buffer {self.name!r}: no sample of {n} within "
                                    f"{timeout + 5.0:g}s.")
-            arrays, _ = self.client.receive()
+            _, where = self.client.receive_where()
             self.samples += 1
-            return frames_tensordict(arrays, [n])  # (a copy: the slot is written again next time)
+            if slot == 0 or where[2] or not where[1]:  # (a copy: slot 0 is written again next time)
+                self._release(self.generation, slot)
+                return frames_tensordict(self.client.slots.arrays(*where), [n])
+            return self._views(where, n, slot)
         except WorkerFailed as exc:  # sample() raised in the actor: as a call would
             self._drop(stop=False)
             if exc.cause is not None:
@@ -89,6 +103,20 @@ class SampleLink:
             self._drop(stop=False)
             return None
 
+    def _views(self, where: tuple, n: int, slot: int) -> TensorDict:
+        """The sample as views of its slot, which goes back to the pool once none is left."""
+        path, layout, _ = where
+        end, leaves = _recipe(tuple(layout))
+        owner = self.client.slots.mapped(path)[:end].view(np.ndarray)  # (one object per sample)
+        weakref.finalize(owner, self._release, self.generation, slot)
+        whole = torch.from_numpy(owner)  # (its storage keeps ``owner`` alive)
+        return TensorDict({key: whole[off:stop].view(dtype).view(shape)
+                           for key, dtype, shape, off, stop in leaves}, batch_size=[n])
+
+    def _release(self, generation: int, slot: int) -> None:
+        if slot and generation == self.generation:
+            self.free.append(slot)
+
     def _drop(self, stop: bool = True) -> None:
         self.retry_at = time.monotonic() + RETRY_S
         self.close(stop)
@@ -96,8 +124,21 @@ class SampleLink:
     def close(self, stop: bool = True) -> None:
         """Tell the actor to stop serving this link; remove the folder. Idempotent."""
         client, self.client = self.client, None
+        self.generation += 1
+        self.free = []
         if client is not None:
             client.close(stop)
         self.serving = None
         remove_folder(self.folder, self._lock_fd)
         self.folder, self._lock_fd = None, None
+
+
+@functools.lru_cache(maxsize=64)
+def _recipe(layout: tuple) -> tuple[int, list]:
+    """A slot layout's end and ``(key, torch dtype, shape, start, stop)`` per leaf."""
+    leaves = []
+    for key, dtype, shape, off in layout:
+        dtype = np.dtype(dtype)
+        torch_dtype = torch.from_numpy(np.empty(0, dtype=dtype)).dtype
+        leaves.append((key, torch_dtype, shape, off, off + dtype.itemsize * math.prod(shape)))
+    return max((stop for *_, stop in leaves), default=0), leaves

@@ -109,3 +109,22 @@ def test_threads_sampling_one_handle_each_get_whole_samples():
             t.join(120)
         assert not errors and not bad
         assert 0 < rb.info()["link_samples"] <= 120
+
+
+def test_held_samples_stay_as_drawn_and_changing_one_leaves_the_buffer_alone():
+    with RayReplayBuffer(200, batch_size=16, seed=0, compact_obs=True) as rb:
+        rb.extend(counting_frames(100))
+        held = [rb.sample() for _ in range(10)]  # more than the link's slots: the rest copied
+        drawn = [s.clone() for s in held]
+        for _ in range(10):
+            rb.sample()
+        for s, first in zip(held, drawn):
+            assert (s == first).all()  # no later sample was written over a held one
+        held[0]["observation"].add_(1000)  # a sample is the trainer's to change
+        del held, drawn, s, first
+        for _ in range(10):
+            s = rb.sample()
+            assert (s["observation"] < 5).all() and (s["next", "observation"] == s["observation"] + 1).all()
+        assert rb.info()["link_samples"] == 30
+        del s
+        assert sorted(rb._link.free) == [1, 2, 3, 4]  # dropped samples gave their slots back

@@ -40,6 +40,7 @@ class SlotWriter:
     flight reads one batch while the next is written into the other."""
 
     def __init__(self, folder: str, name: str, slots: int = 1):
+        self.name = name
         self.slots = [_Slot(folder, f"{name}-{k}") for k in range(slots)]
         self.turn = 0
 
@@ -47,10 +48,14 @@ class SlotWriter:
     def path(self) -> str | None:  # (the slot written last)
         return self.slots[(self.turn - 1) % len(self.slots)].path
 
-    def write(self, arrays: dict) -> tuple[str | None, list, dict]:
-        slot = self.slots[self.turn]
-        self.turn = (self.turn + 1) % len(self.slots)
-        return slot.write(arrays)
+    def write(self, arrays: dict, slot: int | None = None) -> tuple[str | None, list, dict]:
+        """Into the next slot in turn, or into slot ``slot`` (added when new: the consumer
+        chooses among its slots, e.g. one it no longer reads)."""
+        if slot is None:
+            slot, self.turn = self.turn, (self.turn + 1) % len(self.slots)
+        while slot >= len(self.slots):
+            self.slots.append(_Slot(self.slots[0].folder, f"{self.name}-{len(self.slots)}"))
+        return self.slots[slot].write(arrays)
 
     def close(self, unlink: bool = True) -> None:
         for slot in self.slots:
@@ -110,18 +115,20 @@ class SlotMaps:
     """Read-only maps of slot files in ``folder`` (checked: regular files of ours there), the
     ``keep`` most recent kept mapped; ``arrays(path, layout, inline)`` gives a reply's arrays."""
 
-    def __init__(self, folder: str, keep: int = 1):
+    def __init__(self, folder: str, keep: int = 1, writable: bool = False):
         self.folder, self.keep = folder, keep
+        self.mode = "r+" if writable else "r"  # (r+: the reader hands out views it may write)
         self.maps: dict[str, np.memmap] = {}
 
     def arrays(self, path: str | None, layout: list, inline: dict) -> dict:
-        buf = self._map(path) if layout else None
+        buf = self.mapped(path) if layout else None
         arrays = {key: np.ndarray(shape, dtype=dtype, buffer=buf, offset=off)
                   for key, dtype, shape, off in layout}
         arrays.update(inline)
         return arrays
 
-    def _map(self, path: str) -> np.memmap:
+    def mapped(self, path: str) -> np.memmap:
+        """The map of slot file ``path`` (checked: a regular file of ours in the folder)."""
         buf = self.maps.get(path)
         if buf is None:
             st = os.lstat(path)
@@ -130,7 +137,8 @@ class SlotMaps:
                 raise OSError(f"slot {path} is not a regular file of ours in {self.folder}")
             if len(self.maps) >= self.keep:  # (a grown slot's old file is gone: unmap it)
                 self.maps.pop(next(iter(self.maps)))
-            buf = self.maps[path] = np.memmap(path, dtype=np.uint8, mode="r", shape=(st.st_size,))
+            buf = self.maps[path] = np.memmap(path, dtype=np.uint8, mode=self.mode,
+                                              shape=(st.st_size,))
         return buf
 
     def clear(self) -> None:
@@ -148,10 +156,12 @@ class HandoffServer:
         self.listener.listen(1)
         self.slot = SlotWriter(folder, name, slots)
 
-    def serve(self, collect, connect_timeout_s: float = CONNECT_TIMEOUT_S, raw: bool = False) -> str:
+    def serve(self, collect, connect_timeout_s: float = CONNECT_TIMEOUT_S, raw: bool = False,
+              slot_of=None) -> str:
         """Answer requests with ``collect(random_actions) -> (arrays, meta)`` until the trainer
         says stop or goes away, or a batch fails (the failure is the last reply). Returns why
-        it ended. ``raw``: ``collect`` gets the request's bytes instead."""
+        it ended. ``raw``: ``collect`` gets the request's bytes instead; ``slot_of(request)``:
+        the slot the reply goes into (default: in turn)."""
         self.listener.settimeout(connect_timeout_s)
         try:
             sock, _ = self.listener.accept()
@@ -176,7 +186,8 @@ class HandoffServer:
                     return "stopped"
                 try:
                     arrays, meta = collect(request if raw else request == RANDOM)
-                    reply = ("ok", meta, *self.slot.write(arrays))
+                    slot = slot_of(request) if slot_of is not None else None
+                    reply = ("ok", meta, *self.slot.write(arrays, slot))
                 except Exception as exc:  # noqa: BLE001 - reported to the trainer, then we end
                     kind = "fatal" if isinstance(exc, FatalWorkerError) else "error"
                     reply = ("error", kind, exc, "".join(traceback.format_exception(exc))[-8000:])
@@ -208,7 +219,7 @@ class WorkerFailed(Exception):
 class HandoffClient:
     """The trainer's side of one actor's hand-off: ``request`` then ``receive``."""
 
-    def __init__(self, folder: str, address: str):
+    def __init__(self, folder: str, address: str, keep: int = 1, writable: bool = False):
         if os.path.dirname(address) != folder:
             raise OSError(f"{address} is not in the collector's folder {folder}")
         self.folder = folder
@@ -221,7 +232,7 @@ class HandoffClient:
             raise
         sock.settimeout(None)
         self.conn = Connection(sock.detach())
-        self.slots = SlotMaps(folder, keep=1)
+        self.slots = SlotMaps(folder, keep, writable)
 
     def fileno(self) -> int:
         return self.conn.fileno()

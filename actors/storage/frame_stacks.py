@@ -30,6 +30,7 @@ Example:
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from tensordict import TensorDict
 
@@ -96,24 +97,27 @@ class FrameStacks:
         copies every frame from the ring and the few read from kept stacks replace theirs."""
         size, n = self.sizes[key], len(slots)
         frames = storage.get(key)
-        source = torch.empty((n, size), dtype=torch.int64)  # ring slot of each frame...
-        kept_at = torch.full((n, size), -1, dtype=torch.int64)  # ...or its row in ``whole``
-        source[:, -1] = slots
-        row = self.side.slot[slots].clone()  # the whole stack the rest comes from (-1: none yet)
-        back = torch.zeros_like(slots)  # how many slots before ``slots`` that stack is
+        kept = self.side.slot.numpy()  # (numpy: this index math is on a few dozen integers)
+        at_slot = slots.numpy()
+        source = np.empty((n, size), dtype=np.int64)  # ring slot of each frame...
+        kept_at = np.full((n, size), -1, dtype=np.int64)  # ...or its row in ``whole``
+        source[:, -1] = at_slot
+        row = kept[at_slot]  # the whole stack the rest comes from (-1: none yet)
+        back = np.zeros(n, dtype=np.int64)  # how many slots before ``slots`` that stack is
         for d in range(1, size):
             j = size - 1 - d
             chain = row < 0
-            earlier = (slots - d) % self.capacity
+            earlier = (at_slot - d) % self.capacity
             source[:, j] = earlier
-            kept_at[:, j] = torch.where(chain, -1, row * size + j + back)
-            found = chain & (self.side.slot[earlier] >= 0)
-            row = torch.where(found, self.side.slot[earlier], row)
-            back = torch.where(found, d, back)
-        kept_at = kept_at.view(-1)
-        out = rows(frames, source.view(-1))  # (a kept frame's slot is read, then replaced)
-        at = (kept_at >= 0).nonzero().squeeze(1)
+            kept_at[:, j] = np.where(chain, -1, row * size + j + back)
+            there = kept[earlier]
+            found = chain & (there >= 0)
+            row = np.where(found, there, row)
+            back = np.where(found, d, back)
+        kept_at = kept_at.ravel()
+        out = rows(frames, torch.from_numpy(source.ravel()))  # (a kept frame's slot is read,
+        at = np.flatnonzero(kept_at >= 0)                     # then replaced)
         if len(at):
             whole = self.side.values[key].view(-1, *frames.shape[1:])
-            out.index_copy_(0, at, rows(whole, kept_at[at]))
+            out.index_copy_(0, torch.from_numpy(at), rows(whole, torch.from_numpy(kept_at[at])))
         return out.view(n, size, *frames.shape[1:])

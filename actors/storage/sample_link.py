@@ -4,9 +4,9 @@ A Ray call returns a sample through the object store: about 4.5 ms for 32 Pong f
 with next observations) on the 2-core VM, most of it the round trip and the copies. A trainer
 on the buffer's node instead opens a link: the actor listens on a Unix socket in the trainer's
 private folder (see :mod:`actors.shm.handoff`), and for each request (``n``, timeout) draws the
-sample exactly as ``sample()`` does (sampler, rate limiter, compact rebuild), writes it into a
-slot file and replies with the slot's layout; the trainer copies it out. Both sides block in the
-kernel while they wait. Used for what the trainer cannot sample itself (compact and frame
+sample exactly as ``sample()`` does (sampler, rate limiter, compact rebuild), writes it into the
+slot file the request names (one the trainer no longer reads) and replies with the slot's
+layout; the trainer hands out views of that slot. Both sides block in the kernel while they wait. Used for what the trainer cannot sample itself (compact and frame
 storage, prioritized, slices, rate limits).
 """
 from __future__ import annotations
@@ -19,11 +19,15 @@ import ray
 from actors.shm.handoff import HandoffServer
 
 MAX_LINKS = 2  # each link holds one of the actor's threads while it is open
-REQUEST = struct.Struct("<qd")  # batch size, timeout (s)
+REQUEST = struct.Struct("<qdq")  # batch size, timeout (s), slot (one the trainer does not read)
 
 
-def encode(n: int, timeout: float) -> bytes:
-    return b"n" + REQUEST.pack(int(n), float(timeout))
+def encode(n: int, timeout: float, slot: int) -> bytes:
+    return b"n" + REQUEST.pack(int(n), float(timeout), int(slot))
+
+
+def slot_of(request: bytes) -> int:
+    return REQUEST.unpack(request[1:])[2]
 
 
 class SampleLinkMixin:
@@ -50,11 +54,11 @@ class SampleLinkMixin:
         if server is None:
             return "no link opened there"
         try:
-            return server.serve(self._link_sample, raw=True)
+            return server.serve(self._link_sample, raw=True, slot_of=slot_of)
         finally:
             with self.cond:
                 self._link_count -= 1
 
     def _link_sample(self, request: bytes) -> tuple[dict, dict]:
-        n, timeout = REQUEST.unpack(request[1:])
+        n, timeout, _ = REQUEST.unpack(request[1:])
         return self.sample_arrays(n, timeout)[0], {}
