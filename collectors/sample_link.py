@@ -8,8 +8,6 @@ actor busy with other links, or restarting: tried again after ``RETRY_S``).
 """
 from __future__ import annotations
 
-import functools
-import math
 import threading
 import time
 import weakref
@@ -20,7 +18,7 @@ import torch
 from tensordict import TensorDict
 
 from actors.shm.folders import private_folder, remove_folder, remove_stale, shareable
-from actors.shm.handoff import HandoffClient, WorkerFailed
+from actors.shm.handoff import HandoffClient, WorkerFailed, layout_end, layout_views
 from actors.storage.sample_link import encode
 from collectors.batch import frames_tensordict
 
@@ -106,12 +104,11 @@ class SampleLink:
     def _views(self, where: tuple, n: int, slot: int) -> TensorDict:
         """The sample as views of its slot, which goes back to the pool once none is left."""
         path, layout, _ = where
-        end, leaves = _recipe(tuple(layout))
-        owner = self.client.slots.mapped(path)[:end].view(np.ndarray)  # (one object per sample)
+        layout = tuple(layout)
+        owner = self.client.slots.mapped(path)[:layout_end(layout)].view(np.ndarray)  # (one object per sample)
         weakref.finalize(owner, self._release, self.generation, slot)
         whole = torch.from_numpy(owner)  # (its storage keeps ``owner`` alive)
-        return TensorDict({key: whole[off:stop].view(dtype).view(shape)
-                           for key, dtype, shape, off, stop in leaves}, batch_size=[n])
+        return TensorDict(layout_views(whole, layout), batch_size=[n])
 
     def _release(self, generation: int, slot: int) -> None:
         if slot and generation == self.generation:
@@ -132,13 +129,3 @@ class SampleLink:
         remove_folder(self.folder, self._lock_fd)
         self.folder, self._lock_fd = None, None
 
-
-@functools.lru_cache(maxsize=64)
-def _recipe(layout: tuple) -> tuple[int, list]:
-    """A slot layout's end and ``(key, torch dtype, shape, start, stop)`` per leaf."""
-    leaves = []
-    for key, dtype, shape, off in layout:
-        dtype = np.dtype(dtype)
-        torch_dtype = torch.from_numpy(np.empty(0, dtype=dtype)).dtype
-        leaves.append((key, torch_dtype, shape, off, off + dtype.itemsize * math.prod(shape)))
-    return max((stop for *_, stop in leaves), default=0), leaves

@@ -3,11 +3,13 @@ buffer actor through a shared-memory slot when the trainer is on its node: the s
 call gives, errors raised as a call raises them, calls again when the link breaks."""
 import time
 
+import numpy as np
 import pytest
 import ray
 import torch
 from tensordict import TensorDict
 
+from actors.shm.handoff import SlotMaps, SlotWriter
 from collectors import RayReplayBuffer
 
 
@@ -128,3 +130,19 @@ def test_held_samples_stay_as_drawn_and_changing_one_leaves_the_buffer_alone():
         assert rb.info()["link_samples"] == 30
         del s
         assert sorted(rb._link.free) == [1, 2, 3, 4]  # dropped samples gave their slots back
+
+
+def test_a_slot_write_leaves_what_is_in_place_and_moves_what_is_not(tmp_path):
+    folder = str(tmp_path)
+    writer, maps = SlotWriter(folder, "s"), SlotMaps(folder, keep=4)
+    a, b = np.arange(16, dtype=np.int64), np.arange(100, 164, dtype=np.int64)
+    writer.write({"a": a, "b": b}, slot=1)
+    views = writer.at(1).views()
+    views["a"].copy_(torch.arange(16) * 2)  # filled in place, as a sample gathered there
+    arrays = maps.arrays(*writer.write({"a": views["a"].numpy(), "b": b + 1}, slot=1))
+    assert (arrays["a"] == a * 2).all() and (arrays["b"] == b + 1).all()
+    # the same arrays in another order: "b" now goes where "a" is; both arrive whole
+    views = {k: v.numpy() for k, v in writer.at(1).views().items()}
+    arrays = maps.arrays(*writer.write({"b": views["b"], "a": views["a"]}, slot=1))
+    assert (arrays["a"] == a * 2).all() and (arrays["b"] == b + 1).all()
+    writer.close()

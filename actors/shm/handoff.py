@@ -19,6 +19,8 @@ larger slot file (its name goes with the reply); arrays of Python objects go ins
 """
 from __future__ import annotations
 
+import functools
+import math
 import os
 import socket
 import stat
@@ -26,6 +28,7 @@ import traceback
 from multiprocessing.connection import Connection
 
 import numpy as np
+import torch
 
 from actors.errors import FatalWorkerError
 
@@ -53,9 +56,12 @@ class SlotWriter:
         chooses among its slots, e.g. one it no longer reads)."""
         if slot is None:
             slot, self.turn = self.turn, (self.turn + 1) % len(self.slots)
+        return self.at(slot).write(arrays)
+
+    def at(self, slot: int) -> "_Slot":
         while slot >= len(self.slots):
             self.slots.append(_Slot(self.slots[0].folder, f"{self.name}-{len(self.slots)}"))
-        return self.slots[slot].write(arrays)
+        return self.slots[slot]
 
     def close(self, unlink: bool = True) -> None:
         for slot in self.slots:
@@ -70,6 +76,16 @@ class _Slot:
         self.generation = 0
         self.path: str | None = None
         self.buf: np.memmap | None = None
+        self.layout: tuple = ()  # of the last write
+        self._views: dict | None = None  # torch views of ``layout`` in ``buf``
+
+    def views(self) -> dict:
+        """``{key: tensor}``: where the last write put each array (writable views of the slot).
+        A producer may fill them directly; ``write`` then leaves in place what is in place."""
+        if self._views is None:
+            self._views = layout_views(torch.from_numpy(self.buf), self.layout) \
+                if self.buf is not None else {}
+        return self._views
 
     def write(self, arrays: dict) -> tuple[str | None, list, dict]:
         layout, inline, offset = [], {}, 0
@@ -82,9 +98,21 @@ class _Slot:
             offset += a.nbytes
         if layout and (self.buf is None or offset > self.buf.shape[0]):
             self._grow(offset)
+        if tuple(layout) != self.layout:
+            self.layout, self._views = tuple(layout), None
+        start = self.buf.ctypes.data if layout else 0
+        end, placed = start + (self.buf.nbytes if layout else 0), set()
+        for key, dtype, shape, off in layout:  # arrays already in the slot: in place, or moved
+            a = arrays[key]                      # out first (their place may be written over)
+            if start <= a.ctypes.data < end:
+                if a.ctypes.data == start + off and a.flags.c_contiguous:
+                    placed.add(key)
+                else:
+                    arrays = {**arrays, key: a.copy()}
         for key, dtype, shape, off in layout:
-            dst = np.ndarray(shape, dtype=dtype, buffer=self.buf, offset=off)
-            np.copyto(dst, arrays[key], casting="no")
+            if key not in placed:
+                dst = np.ndarray(shape, dtype=dtype, buffer=self.buf, offset=off)
+                np.copyto(dst, arrays[key], casting="no")
         return self.path, layout, inline
 
     def _grow(self, nbytes: int) -> None:
@@ -98,11 +126,12 @@ class _Slot:
             os.close(fd)
         old, self.path = self.path, path
         self.buf = np.memmap(path, dtype=np.uint8, mode="r+", shape=(size,))
+        self._views = None
         if old is not None:
             os.unlink(old)  # the trainer maps the new file when a reply names it
 
     def close(self, unlink: bool = True) -> None:
-        self.buf = None
+        self.buf, self._views = None, None
         path, self.path = self.path, None
         if path is not None and unlink:
             try:
@@ -161,7 +190,8 @@ class HandoffServer:
         """Answer requests with ``collect(random_actions) -> (arrays, meta)`` until the trainer
         says stop or goes away, or a batch fails (the failure is the last reply). Returns why
         it ended. ``raw``: ``collect`` gets the request's bytes instead; ``slot_of(request)``:
-        the slot the reply goes into (default: in turn)."""
+        the slot the reply goes into (default: in turn), and ``collect`` gets the views of
+        that slot's last reply as well (:meth:`_Slot.views`)."""
         self.listener.settimeout(connect_timeout_s)
         try:
             sock, _ = self.listener.accept()
@@ -185,8 +215,11 @@ class HandoffServer:
                 if request == STOP:
                     return "stopped"
                 try:
-                    arrays, meta = collect(request if raw else request == RANDOM)
                     slot = slot_of(request) if slot_of is not None else None
+                    if slot is None:
+                        arrays, meta = collect(request if raw else request == RANDOM)
+                    else:  # (where the slot's last reply was: the sample may go straight there)
+                        arrays, meta = collect(request, self.slot.at(slot).views())
                     reply = ("ok", meta, *self.slot.write(arrays, slot))
                 except Exception as exc:  # noqa: BLE001 - reported to the trainer, then we end
                     kind = "fatal" if isinstance(exc, FatalWorkerError) else "error"
@@ -267,3 +300,26 @@ class HandoffClient:
                 pass
         self.conn.close()
         self.slots.clear()
+
+
+def layout_views(whole: torch.Tensor, layout: tuple) -> dict:
+    """``{key: tensor}``: the arrays a slot layout places in ``whole`` (a uint8 tensor of the
+    slot), as views."""
+    return {key: whole[start:stop].view(dtype).view(shape)
+            for key, dtype, shape, start, stop in _recipe(layout)}
+
+
+def layout_end(layout: tuple) -> int:
+    """The first byte after the arrays of a slot layout."""
+    return max((stop for *_, stop in _recipe(layout)), default=0)
+
+
+@functools.lru_cache(maxsize=64)
+def _recipe(layout: tuple) -> list:
+    """``(key, torch dtype, shape, start, stop)`` per array of a slot layout."""
+    out = []
+    for key, dtype, shape, off in layout:
+        dtype = np.dtype(dtype)
+        torch_dtype = torch.from_numpy(np.empty(0, dtype=dtype)).dtype
+        out.append((key, torch_dtype, shape, off, off + dtype.itemsize * math.prod(shape)))
+    return out

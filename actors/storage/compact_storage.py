@@ -100,32 +100,35 @@ class CompactNext:
         return td
 
     # -- samples -----------------------------------------------------------------------------
-    def root(self, key, slots: torch.Tensor, storage: TensorDict) -> torch.Tensor:
-        """The values of ``key`` at ``slots`` as written (a copy)."""
+    def root(self, key, slots: torch.Tensor, storage: TensorDict, into=None) -> torch.Tensor:
+        """The values of ``key`` at ``slots`` as written (a copy; into ``into`` if it fits)."""
         if self.frames is not None and key in self.frames.sizes:
-            return self.frames.stacks(key, slots, storage)
-        return rows(storage.get(key), slots)
+            return self.frames.stacks(key, slots, storage, into)
+        return rows(storage.get(key), slots, into)
 
     def rebuilt_keys(self) -> tuple:
         """The keys :meth:`rebuild` sets (as ``TensorDict.items`` names them): stacked roots
         need not be gathered before."""
         return tuple(flat_key(k) for k in (self.frames.sizes if self.frames is not None else ()))
 
-    def rebuild(self, out, index: torch.Tensor, storage: TensorDict):
+    def rebuild(self, out, index: torch.Tensor, storage: TensorDict, into: dict | None = None):
         """Add to ``out`` (the frames of slots ``index``: a TensorDict, or ``{key: tensor}``
         keyed as ``TensorDict.items`` names them) their next values, read from ``storage`` (the
-        following slots) or from the side store; with frames, whole stacks."""
+        following slots) or from the side store; with frames, whole stacks. ``into``: tensors
+        (keyed as ``out``) the values go into where they fit."""
+        into = into or {}
         side = self.side.slot[index]
         apart = side >= 0
         n, following = len(index), (index + 1) % self.capacity
         for key in self.keys or ():
             stacked = self.frames is not None and key in self.frames.sizes
             if stacked:  # this slot's and the next slot's stacks in one pass
-                both = self.frames.stacks(key, torch.cat([index, following]), storage)
+                both = self.frames.stacks(key, torch.cat([index, following]), storage,
+                                          _pair(into.get(flat_key(key)), into.get(("next", *key))))
                 out[flat_key(key)] = both[:n]
                 value = both[n:]
             else:
-                value = self.root(key, following, storage)
+                value = self.root(key, following, storage, into.get(("next", *key)))
             if bool(apart.any()):
                 at = apart.nonzero().squeeze(1)
                 value.index_copy_(0, at, rows(self.side.values[("next", *key)], side[at]))
@@ -169,3 +172,15 @@ class CompactNext:
         if self.frames is not None:
             fresh.frames.sizes = dict(self.frames.sizes)
         return fresh
+
+
+def _pair(first: torch.Tensor | None, second: torch.Tensor | None) -> torch.Tensor | None:
+    """One tensor over ``first`` then ``second`` when they lie back to back in one storage
+    (a slot's root and next stacks), else ``None``."""
+    if first is None or second is None or first.dtype != second.dtype \
+            or first.shape != second.shape or not first.is_contiguous() \
+            or not second.is_contiguous() \
+            or second.data_ptr() != first.data_ptr() + first.numel() * first.element_size():
+        return None
+    return first.as_strided((2 * first.shape[0], *first.shape[1:]), first.stride(),
+                            first.storage_offset())

@@ -89,12 +89,13 @@ class FrameStacks:
         if len(after):
             self.side.put(after, {key: self.stacks(key, after, storage) for key in self.sizes})
 
-    def stacks(self, key, slots: torch.Tensor, storage: TensorDict) -> torch.Tensor:
+    def stacks(self, key, slots: torch.Tensor, storage: TensorDict, into=None) -> torch.Tensor:
         """The whole stacks of ``key`` at ``slots``: newest frames from the ring, older ones
         from the slots before (while derived) or from the first slot kept whole.
 
         Where each frame comes from is worked out on the indices first; then one row gather
-        copies every frame from the ring and the few read from kept stacks replace theirs."""
+        copies every frame from the ring (into ``into`` when it has the stacks' shape) and the
+        few read from kept stacks replace theirs."""
         size, n = self.sizes[key], len(slots)
         frames = storage.get(key)
         kept = self.side.slot.numpy()  # (numpy: this index math is on a few dozen integers)
@@ -115,8 +116,11 @@ class FrameStacks:
             row = np.where(found, there, row)
             back = np.where(found, d, back)
         kept_at = kept_at.ravel()
-        out = rows(frames, torch.from_numpy(source.ravel()))  # (a kept frame's slot is read,
-        at = np.flatnonzero(kept_at >= 0)                     # then replaced)
+        flat = into.view(-1, *frames.shape[1:]) if into is not None \
+            and into.shape == (n, size, *frames.shape[1:]) else None
+        # (a kept frame's slot is read, then replaced)
+        out = rows(frames, torch.from_numpy(source.ravel()), flat)
+        at = np.flatnonzero(kept_at >= 0)
         if len(at):
             whole = self.side.values[key].view(-1, *frames.shape[1:])
             out.index_copy_(0, torch.from_numpy(at), rows(whole, torch.from_numpy(kept_at[at])))

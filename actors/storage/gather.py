@@ -17,8 +17,12 @@ import torch
 from tensordict import TensorDict
 
 
-def rows(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``tensor[index]`` for a 1-D integer ``index`` (a new tensor)."""
+def rows(tensor: torch.Tensor, index: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
+    """``tensor[index]`` for a 1-D integer ``index``: a new tensor, or ``into`` filled when it
+    has the result's shape and dtype."""
+    if into is not None and into.dtype == tensor.dtype \
+            and into.shape == (len(index), *tensor.shape[1:]):
+        return torch.index_select(tensor, 0, index, out=into)
     return torch.index_select(tensor, 0, index)
 
 

@@ -15,7 +15,7 @@ from tensordict import TensorDict
 from actors.storage import checkpoints
 from actors.storage.buffer_state import BufferStateMixin
 from actors.storage.compact_storage import CompactNext
-from actors.storage.gather import Leaves
+from actors.storage.gather import Leaves, rows
 from actors.storage.buffer_writes import BufferWritesMixin, arrays_to_frames  # noqa: F401
 from actors.coordination.metrics import Metrics
 from actors.storage.sample_link import SampleLinkMixin
@@ -265,10 +265,12 @@ class ReplayBufferActor(BufferStateMixin, BufferWritesMixin, SampleLinkMixin):
         out = self._sample(batch_size, timeout, 1)[0]
         return TensorDict(out, batch_size=[len(out["index"])])
 
-    def _sample(self, batch_size: int | None, timeout: float | None, count: int) -> list:
+    def _sample(self, batch_size: int | None, timeout: float | None, count: int,
+                into: dict | None = None) -> list:
         """Up to ``count`` batches, each ``{key: tensor}`` (keys as ``TensorDict.items`` names
         them): the first waits (bounded) for the rate limiter, the others are taken only if it
-        allows them right away."""
+        allows them right away. ``into``: tensors the first batch's values go into where their
+        shapes and dtypes fit (a slot's views)."""
         n = batch_size or self.batch_size
         if not n:
             raise ValueError("sample() needs a batch_size (here or at construction).")
@@ -281,10 +283,11 @@ class ReplayBufferActor(BufferStateMixin, BufferWritesMixin, SampleLinkMixin):
                 index, weight = self.sampler.sample(n, self.storage, self.size)
                 index = index.reshape(-1).long()
                 rebuilt = self.compact.rebuilt_keys if self.compact is not None else None
-                out = {k: torch.index_select(t, 0, index)
+                dest, into = into or {}, None
+                out = {k: rows(t, index, dest.get(k))
                        for k, t in self._leaves.of(self.storage, skip=rebuilt)}
                 if self.compact is not None:
-                    self.compact.rebuild(out, index, self.storage)
+                    self.compact.rebuild(out, index, self.storage, dest)
                 self.limiter.samples += n
                 out["index"] = index
                 if weight is not None:

@@ -59,6 +59,8 @@ class SampleLinkMixin:
             with self.cond:
                 self._link_count -= 1
 
-    def _link_sample(self, request: bytes) -> tuple[dict, dict]:
+    def _link_sample(self, request: bytes, into: dict) -> tuple[dict, dict]:
+        """One sample, gathered straight into the slot where the same keys and shapes fit
+        (``into``: the slot's last layout), so the slot write has nothing left to copy."""
         n, timeout, _ = REQUEST.unpack(request[1:])
-        return self.sample_arrays(n, timeout)[0], {}
+        return {k: v.numpy() for k, v in self._sample(n, timeout, 1, into)[0].items()}, {}
