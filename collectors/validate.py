@@ -145,6 +145,21 @@ def torchrl_spec(env, policy, exploration_type: str) -> tuple[dict, str]:
             "env_batch": shape[0] if shape else 0}, kind
 
 
+def refuse_ragged(env) -> None:
+    """``NotImplementedError`` for a TorchRL env with entries whose shape varies (a ``-1`` in
+    their spec: dynamic specs, heterogeneous lazily stacked envs)."""
+    ragged = [(k[1:], tuple(spec[k].shape)) for spec in (env.output_spec, env.input_spec)
+              for k in spec.keys(True, True) if -1 in tuple(spec[k].shape)]
+    if ragged:
+        listed = ", ".join(f"{k if len(k) > 1 else k[0]!r}: {s}" for k, s in ragged[:4])
+        raise NotImplementedError(
+            f"the TorchRL env {type(env).__name__} has entries whose shape varies from step to "
+            f"step or between sub-envs (-1 in their specs: {listed}"
+            f"{', ...' if len(ragged) > 4 else ''}). A batch here holds one array per key, so "
+            "such envs are not supported yet. Pad those entries to a fixed shape (a transform), "
+            "or collect from this env with TorchRL's own collector.")
+
+
 def check_actions(env, td) -> None:
     """Every action key of ``env`` is in ``td``, shaped as its spec. Dtypes and values are the
     env's business (it casts, clips or projects them, as with TorchRL's collectors)."""
@@ -177,6 +192,7 @@ def build_spec(create_env_fn, create_env_kwargs, policy, num_envs: int,
                          "TorchRL env; this env is a gymnasium env. Drop it.")
     if is_torchrl_env(env):
         try:
+            refuse_ragged(env)
             if max_frames_per_traj:
                 env = with_step_counter(env, max_frames_per_traj)
             if register_transforms:

@@ -223,3 +223,16 @@ def test_batches_keep_the_policy_outputs_while_actions_are_random(cls):
     assert (batches[0]["action_value"] == 0).all() and (batches[0]["chosen_action_value"] == 0).all()
     assert (batches[-1]["action_value"] != 0).any()
     assert batches[0]["action_value"].dtype == batches[-1]["action_value"].dtype
+
+
+@pytest.mark.parametrize("cls", [SyncDataCollector, MultiSyncDataCollector])
+@pytest.mark.parametrize("env_name", ["EnvWithDynamicSpec", "HeterogeneousCountingEnv"])
+def test_envs_whose_entries_change_shape_are_refused_by_name(cls, env_name):
+    from torchrl.envs.utils import RandomPolicy
+    from torchrl.testing import mocking_classes
+
+    env_fn = getattr(mocking_classes, env_name)
+    policy = RandomPolicy(env_fn().full_action_spec)
+    kwargs = {"num_workers": 2} if cls is MultiSyncDataCollector else {}
+    with pytest.raises(NotImplementedError, match=rf"{env_name} has entries whose shape varies"):
+        cls(env_fn, policy, frames_per_batch=20, total_frames=40, **kwargs)
