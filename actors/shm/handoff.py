@@ -28,7 +28,6 @@ import traceback
 from multiprocessing.connection import Connection
 
 import numpy as np
-import torch
 
 from actors.errors import FatalWorkerError
 
@@ -83,6 +82,8 @@ class _Slot:
         """``{key: tensor}``: where the last write put each array (writable views of the slot).
         A producer may fill them directly; ``write`` then leaves in place what is in place."""
         if self._views is None:
+            import torch  # (here: env actors that never call this start without torch)
+
             self._views = layout_views(torch.from_numpy(self.buf), self.layout) \
                 if self.buf is not None else {}
         return self._views
@@ -302,7 +303,7 @@ class HandoffClient:
         self.slots.clear()
 
 
-def layout_views(whole: torch.Tensor, layout: tuple) -> dict:
+def layout_views(whole, layout: tuple) -> dict:
     """``{key: tensor}``: the arrays a slot layout places in ``whole`` (a uint8 tensor of the
     slot), as views."""
     return {key: whole[start:stop].view(dtype).view(shape)
@@ -317,6 +318,8 @@ def layout_end(layout: tuple) -> int:
 @functools.lru_cache(maxsize=64)
 def _recipe(layout: tuple) -> list:
     """``(key, torch dtype, shape, start, stop)`` per array of a slot layout."""
+    import torch
+
     out = []
     for key, dtype, shape, off in layout:
         dtype = np.dtype(dtype)
