@@ -105,7 +105,8 @@ class SampleLink:
         """The sample as views of its slot, which goes back to the pool once none is left."""
         path, layout, _ = where
         layout = tuple(layout)
-        owner = self.client.slots.mapped(path)[:layout_end(layout)].view(np.ndarray)  # (one object per sample)
+        # one object per sample: the finalizer fires once no tensor of this sample is left
+        owner = self.client.slots.mapped(path)[:layout_end(layout)].view(np.ndarray)
         weakref.finalize(owner, self._release, self.generation, slot)
         whole = torch.from_numpy(owner)  # (its storage keeps ``owner`` alive)
         return TensorDict(layout_views(whole, layout), batch_size=[n])
@@ -128,4 +129,3 @@ class SampleLink:
         self.serving = None
         remove_folder(self.folder, self._lock_fd)
         self.folder, self._lock_fd = None, None
-
