@@ -77,6 +77,7 @@ class _Slot:
         self.buf: np.memmap | None = None
         self.layout: tuple = ()  # of the last write
         self._views: dict | None = None  # torch views of ``layout`` in ``buf``
+        self._lent = False  # views handed out since the last write (arrays may sit in ``buf``)
 
     def views(self) -> dict:
         """``{key: tensor}``: where the last write put each array (writable views of the slot).
@@ -86,6 +87,7 @@ class _Slot:
 
             self._views = layout_views(torch.from_numpy(self.buf), self.layout) \
                 if self.buf is not None else {}
+        self._lent = True
         return self._views
 
     def write(self, arrays: dict) -> tuple[str | None, list, dict]:
@@ -101,10 +103,13 @@ class _Slot:
             self._grow(offset)
         if tuple(layout) != self.layout:
             self.layout, self._views = tuple(layout), None
-        start = self.buf.ctypes.data if layout else 0
-        end, placed = start + (self.buf.nbytes if layout else 0), set()
-        for key, dtype, shape, off in layout:  # arrays already in the slot: in place, or moved
-            a = arrays[key]                      # out first (their place may be written over)
+        placed, lent, self._lent = set(), self._lent and bool(layout), False
+        start = self.buf.ctypes.data if lent else 0
+        end = start + (self.buf.nbytes if lent else 0)
+        # with views lent, arrays may already sit in the slot: left in place, or moved out
+        # first (their place may be written over); env actors never pay for this check
+        for key, dtype, shape, off in layout if lent else ():
+            a = arrays[key]
             if start <= a.ctypes.data < end:
                 if a.ctypes.data == start + off and a.flags.c_contiguous:
                     placed.add(key)

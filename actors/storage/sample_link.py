@@ -6,8 +6,9 @@ on the buffer's node instead opens a link: the actor listens on a Unix socket in
 private folder (see :mod:`actors.shm.handoff`), and for each request (``n``, timeout) draws the
 sample exactly as ``sample()`` does (sampler, rate limiter, compact rebuild), writes it into the
 slot file the request names (one the trainer no longer reads) and replies with the slot's
-layout; the trainer hands out views of that slot. Both sides block in the kernel while they wait. Used for what the trainer cannot sample itself (compact and frame
-storage, prioritized, slices, rate limits).
+layout; the trainer hands out views of that slot. Both sides block in the kernel while they
+wait. Used for what the trainer cannot sample itself (compact and frame storage, prioritized,
+slices, rate limits).
 """
 from __future__ import annotations
 
