@@ -182,10 +182,13 @@ class DataCollectorBase(IterationMixin, ControlMixin, IntrospectionMixin, Backgr
         if options.preemptive_threshold is not None and (not self._multi or self._async):
             raise ValueError(f"preemptive_threshold is only for MultiSyncDataCollector; "
                              f"{cls_name} got {options.preemptive_threshold!r}. Remove it.")
-        if options.cat_results is not None and (not self._multi or self._async):
+        # TorchRL's multi async collector takes "stack" (each batch is one worker's anyway)
+        if options.cat_results is not None and (not self._multi or (
+                self._async and options.cat_results != "stack")):
             raise ValueError(
                 f"cat_results is only for MultiSyncDataCollector ({cls_name} yields one worker's "
-                f"batch at a time); got {options.cat_results!r}. Remove it.")
+                f"batch at a time; a multi async collector takes 'stack', as TorchRL's); got "
+                f"{options.cat_results!r}. Remove it.")
         if hasattr(options.replay_buffer, "actor"):  # batches go straight to the buffer actor
             skipped = [k for k in ("postproc", "split_trajs", "set_truncated", "post_collect_hook")
                        if getattr(options, k)] + ([] if options.track_traj_ids else ["track_traj_ids"])

@@ -7,6 +7,8 @@ from tensordict import NonTensorStack, TensorDict
 
 from actors.stepping.compact import compacted_keys
 
+COLLECTOR = "collector"
+
 
 def frames_tensordict(flat: dict, batch_size) -> TensorDict:
     """A TensorDict from ``{key or nested key tuple: array or tensor}`` (arrays are copied)."""
@@ -112,10 +114,12 @@ def real_frames(batch: TensorDict) -> TensorDict:
 
 
 def mark_truncated(batch: TensorDict) -> None:
-    """TorchRL's ``set_truncated``: the last step of each row ends (truncated, done)."""
-    for key in ("truncated", "done"):
-        flag = batch.get(("next", key))
-        flag[..., -1, :] = True
+    """TorchRL's ``set_truncated``: the last step of each row ends: its ``truncated`` and
+    ``done`` flags, nested ones (per agent) included, are set."""
+    last = (slice(None),) * (batch.batch_dims - 1) + (-1,)  # the time dim is the batch's last
+    for key in batch.get("next").keys(True, True):
+        if (key if isinstance(key, str) else key[-1]) in ("truncated", "done"):
+            batch.get(("next", *((key,) if isinstance(key, str) else key)))[last] = True
 
 
 def finish(batch: TensorDict, options, postproc, masked: bool) -> TensorDict:
@@ -137,8 +141,10 @@ def finish(batch: TensorDict, options, postproc, masked: bool) -> TensorDict:
         batch = split_trajectories(batch)
     if postproc is not None:
         batch = postproc(batch)
-    if not options.track_traj_ids:
-        batch = batch.exclude(("collector", "traj_ids"))
+    if not options.track_traj_ids:  # no bookkeeping entries: no "collector" one, as TorchRL
+        batch = batch.exclude(*((COLLECTOR, k) for k in ("traj_ids", "policy_version", "worker_id")))
+        if not batch.get(COLLECTOR).keys():
+            batch = batch.exclude(COLLECTOR)
     if options.storing_device is not None:  # ("cpu": the batch's device says so, as TorchRL)
         batch = batch.to(options.storing_device)
     return batch

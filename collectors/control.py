@@ -211,8 +211,11 @@ class ControlMixin:
     def state_dict(self) -> dict:
         self._check_open()
         self._route.settled()
-        out = {"frames": self._frames, "iter": self._iter, "policy_version": self.policy_version,
-               "worker_states": _ray_get(self._driver.broadcast.remote("state_dict"), timeout=CONTROL_TIMEOUT_S)}
+        workers = _ray_get(self._driver.broadcast.remote("state_dict"), timeout=CONTROL_TIMEOUT_S)
+        out = {"frames": self._frames, "iter": self._iter, "policy_version": self.policy_version}
+        out.update({f"worker{i}": w for i, w in enumerate(workers)})  # TorchRL's layout
+        if not self._multi and "env_state_dict" in workers[0]:
+            out["env_state_dict"] = workers[0]["env_state_dict"]
         if isinstance(self.policy, torch.nn.Module):
             out["policy_state_dict"] = {k: v.detach().clone() for k, v in self.policy.state_dict().items()}
         return out
@@ -225,7 +228,7 @@ class ControlMixin:
             self.policy.load_state_dict(state["policy_state_dict"])
             self.update_policy_weights_()
         self.policy_version = max(self.policy_version, int(state.get("policy_version", 0)))
-        workers = state.get("worker_states") or []
+        workers = [state[f"worker{i}"] for i in range(len(state)) if f"worker{i}" in state]
         if workers:
             handles = ray.get(self._driver.worker_handles.remote(), timeout=CONTROL_TIMEOUT_S)
             ray.get([h.load_state_dict.remote(s) for h, s in zip(handles, workers)],

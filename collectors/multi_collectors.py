@@ -22,8 +22,9 @@ DEVICE_OPTIONS = ("device", "policy_device", "env_device", "storing_device")
 
 def _one_per_worker(cls_name: str, name: str, value, num_workers: int) -> None:
     if len(value) != num_workers:
-        raise ValueError(f"{cls_name}: {name} as a list takes one value per worker: "
-                         f"{num_workers} workers, got {len(value)} values ({list(value)!r}).")
+        raise ValueError(f"{cls_name}: if `{name}` is provided as a sequence, it should contain "
+                         f"exactly one value per worker: {num_workers} workers, got "
+                         f"{len(value)} values ({list(value)!r}).")
 
 
 def _per_worker(cls_name: str, name: str, value, num_workers: int):

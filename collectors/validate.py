@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import math
 
 import gymnasium
 import numpy as np
@@ -160,9 +161,18 @@ def refuse_ragged(env) -> None:
             "or collect from this env with TorchRL's own collector.")
 
 
+def fits(shape: tuple, spec_shape: tuple) -> bool:
+    """An action of ``shape`` fits a spec of ``spec_shape``: the same shape, or the same values
+    with size-1 dims added or dropped (``()`` for ``(1,)``, ``(B,)`` for ``(B, 1)``, which
+    TorchRL's envs take). An index for a one-hot spec does not fit: it has fewer values."""
+    return shape == spec_shape or (math.prod(shape) == math.prod(spec_shape) and
+                                   [d for d in shape if d != 1] == [d for d in spec_shape if d != 1])
+
+
 def check_actions(env, td) -> None:
-    """Every action key of ``env`` is in ``td``, shaped as its spec. Dtypes and values are the
-    env's business (it casts, clips or projects them, as with TorchRL's collectors)."""
+    """Every action key of ``env`` is in ``td``, shaped as its spec (or as many values
+    broadcast to it). Dtypes and values are the env's business (it casts, clips or projects
+    them, as with TorchRL's collectors)."""
     for key in env.action_keys:
         action = td.get(key, None)
         if action is None:
@@ -171,7 +181,7 @@ def check_actions(env, td) -> None:
                 f"{list(env.action_keys)} (keys written: {sorted(map(str, td.keys(True, True)))}). "
                 "Write the action where the env reads it (a TensorDictModule's out_keys).")
         spec = env.full_action_spec[key]
-        if tuple(action.shape) != tuple(spec.shape):
+        if not fits(tuple(action.shape), tuple(spec.shape)):
             hint = ""
             if "OneHot" in type(spec).__name__:
                 hint = (" The env's actions are one-hot: return a one-hot vector (or build the "

@@ -22,7 +22,7 @@ from actors.coordination.restarts import RestartBudget
 from actors.storage.samplers import PrioritizedSampler, WithoutReplacementSampler
 from actors.coordination.worker_pool import WorkerPool
 from collectors import (MultiaSyncDataCollector, MultiSyncDataCollector, RayReplayBuffer,
-                        SyncDataCollector)
+                        SyncDataCollector, aSyncDataCollector)
 from collectors.policies import ArgmaxLayer
 from collectors.testing import counting_env, faulty_counting_env
 from conftest import alive_actor_names
@@ -136,7 +136,12 @@ def test_shutdown_raise_on_error_reports_a_failing_env_close():
 
 def test_async_collectors_refuse_cat_results_and_sync_refuse_preemption():
     with pytest.raises(ValueError, match="cat_results is only for MultiSyncDataCollector"):
-        MultiaSyncDataCollector(counting_env, num_workers=2, frames_per_batch=4, cat_results="stack")
+        MultiaSyncDataCollector(counting_env, num_workers=2, frames_per_batch=4, cat_results=-1)
+    with pytest.raises(ValueError, match="cat_results is only for MultiSyncDataCollector"):
+        aSyncDataCollector(counting_env, frames_per_batch=4, cat_results="stack")
+    with MultiaSyncDataCollector(counting_env, num_workers=2, frames_per_batch=4,
+                                 cat_results="stack") as c:  # TorchRL's async takes "stack"
+        assert c.next().shape == (4,)
     with pytest.raises(ValueError, match="preemptive_threshold"):
         SyncDataCollector(counting_env, frames_per_batch=4, preemptive_threshold=0.5)
     with pytest.raises(TypeError, match="one env actor"):

@@ -267,7 +267,7 @@ def test_state_dict_round_trip():
         state = c.state_dict()
     assert first["collector", "traj_ids"].tolist() == [0] * 5 + [1] * 5 + [2] * 5 + [3] * 5
     assert state["frames"] == 20 and state["iter"] == 2
-    assert state["worker_states"][0]["id_counter"] == 5  # id 4 went to the episode just begun
+    assert state["worker0"]["id_counter"] == 5  # id 4 went to the episode just begun
     fresh = nn.Sequential(nn.Linear(1, 2), ArgmaxLayer())
     with SyncDataCollector(counting_env, fresh, frames_per_batch=10, total_frames=100) as d:
         d.load_state_dict(state)

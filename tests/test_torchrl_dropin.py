@@ -384,7 +384,7 @@ def test_per_worker_lists_of_one_value_work_and_mixed_ones_are_refused(cls, shap
         cls([counting_env] * 2, frames_per_batch=[10, 0])
     with pytest.raises(NotImplementedError, match="policy_device"):
         cls([counting_env] * 2, frames_per_batch=20, policy_device=["cpu", "meta"])
-    with pytest.raises(ValueError, match="one value per worker: 2 workers, got 3"):
+    with pytest.raises(ValueError, match="exactly one value per worker: 2 workers, got 3"):
         cls([counting_env] * 2, frames_per_batch=[10, 10, 10])
 
 

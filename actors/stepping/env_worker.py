@@ -299,6 +299,26 @@ class EnvWorker:
 
         self._apply(attach)
 
+    def _between_batches(self, fn, timeout: float = 60.0):
+        """``fn()``'s result, run when no batch is being collected (see ``_apply``)."""
+        done, box = threading.Event(), {}
+
+        def run():
+            try:
+                box["value"] = fn()
+            except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread
+                box["error"] = exc
+            finally:
+                done.set()
+
+        self._apply(run)
+        if not done.wait(timeout):
+            raise TimeoutError(f"worker {self.worker_index}: its batch did not end within "
+                               f"{timeout:.0f} s")
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
     def _run_deferred(self) -> None:
         deferred, self._deferred = self._deferred, []
         for fn in deferred:
@@ -372,6 +392,8 @@ class EnvWorker:
         if hasattr(r.runner.module, "state_dict"):
             out["policy_state_dict"] = {k: v.detach().cpu().clone() for k, v in
                                         r.runner.module.state_dict().items()}
+        if hasattr(getattr(r, "env", None), "state_dict"):  # a TorchRL env: VecNorm's stats...
+            out["env_state_dict"] = self._between_batches(lambda: r.env.state_dict())
         return out
 
     @ray.method(concurrency_group="control")
@@ -384,6 +406,8 @@ class EnvWorker:
                 r.runner.load_weights(state["policy_state_dict"])
                 if self._board is not None:  # the restored weights stand, with their version
                     self._board.mark_seen()
+            if "env_state_dict" in state and hasattr(getattr(r, "env", None), "load_state_dict"):
+                r.env.load_state_dict(state["env_state_dict"])
             r.reset()  # fresh episodes: their ids continue after the restored counter
 
         self._apply(load)

@@ -1,0 +1,83 @@
+"""Behaviours TorchRL's own collector tests rely on, in our words: actions shaped with size-1
+dims dropped, nested truncation flags, TorchRL's state_dict layout (worker entries, the env's
+transform state)."""
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("torchrl", reason="install the torchrl extra")
+
+from tensordict.nn import TensorDictModule  # noqa: E402
+from torchrl.data.utils import CloudpickleWrapper  # noqa: E402
+from torchrl.envs import InitTracker, ObservationNorm, TransformedEnv  # noqa: E402
+from torchrl.testing.mocking_classes import (ContinuousActionVecMockEnv, CountingEnv,  # noqa: E402
+                                             DiscreteActionVecMockEnv, NestedCountingEnv)
+
+from actors.errors import PolicyOutputError  # noqa: E402
+from collectors import MultiSyncDataCollector, SyncDataCollector  # noqa: E402
+
+
+def ones_action(td):
+    return td.set("action", torch.ones(td.shape, dtype=torch.int))  # shape (), spec (1,)
+
+
+def test_an_action_without_the_specs_size_one_dim_is_taken_as_torchrl_does():
+    env = CountingEnv(max_steps=8, start_val=4)  # counts 4..8, then resets
+    with SyncDataCollector(env, ones_action, frames_per_batch=12, total_frames=12) as c:
+        batch = c.next()
+    expected = torch.cat([torch.arange(4, 9), torch.arange(4, 9), torch.arange(4, 6)])
+    assert torch.equal(batch["observation"].squeeze(-1), expected.to(torch.int32))
+    assert batch["action"].shape == (12,)  # kept as the policy wrote it, as TorchRL keeps it
+
+
+def test_an_index_action_on_a_one_hot_env_is_still_refused():
+    def index(td):
+        return td.set("action", torch.zeros(td.shape, dtype=torch.long))
+
+    with pytest.raises(PolicyOutputError, match="one-hot"):
+        SyncDataCollector(DiscreteActionVecMockEnv, index, frames_per_batch=4)
+
+
+def nested_env():
+    return TransformedEnv(NestedCountingEnv(), InitTracker()).add_truncated_keys()
+
+
+@pytest.mark.parametrize("cls", [SyncDataCollector, MultiSyncDataCollector])
+def test_set_truncated_ends_nested_and_root_flags(cls):
+    policy = CloudpickleWrapper(nested_env().rand_action)
+    envs = nested_env if cls is SyncDataCollector else [nested_env, nested_env]
+    with cls(envs, policy, frames_per_batch=20, total_frames=20, set_truncated=True) as c:
+        batch = c.next()
+    last = batch[..., -1]
+    assert last["next", "data", "truncated"].all() and last["next", "data", "done"].all()
+    assert not batch[..., 0]["next", "data", "truncated"].all()  # only the last step is cut
+
+
+def normed_env():
+    return TransformedEnv(ContinuousActionVecMockEnv(),
+                          ObservationNorm(loc=0.0, scale=1.0, in_keys=["observation"]))
+
+
+def test_state_dict_has_torchrl_worker_entries_and_restores_the_envs_transforms():
+    policy = TensorDictModule(nn.Linear(7, 7), in_keys=["observation"], out_keys=["action"])
+    with MultiSyncDataCollector([normed_env, normed_env], policy, frames_per_batch=8) as c:
+        c.next()
+        state = c.state_dict()
+        for w in ("worker0", "worker1"):
+            for k, v in policy.state_dict().items():
+                assert torch.equal(state[w]["policy_state_dict"][k], v)
+            loc_keys = [k for k in state[w]["env_state_dict"] if k.endswith("loc")]
+            assert loc_keys, state[w]["env_state_dict"].keys()
+        for w in ("worker0", "worker1"):
+            for k in loc_keys:
+                state[w]["env_state_dict"][k] = torch.full_like(state[w]["env_state_dict"][k], 1e3)
+        c.load_state_dict(state)
+        assert (c.next()["observation"] > 500).all()  # obs * scale + loc, with loc 1000 now
+
+
+def test_single_collector_state_dict_has_the_envs_state_at_the_top_as_torchrl():
+    policy = TensorDictModule(nn.Linear(7, 7), in_keys=["observation"], out_keys=["action"])
+    with SyncDataCollector(normed_env, policy, frames_per_batch=8) as c:
+        state = c.state_dict()
+    assert any(k.endswith("loc") for k in state["env_state_dict"])
+    assert state["env_state_dict"].keys() == state["worker0"]["env_state_dict"].keys()
