@@ -243,8 +243,7 @@ class CollectorOptions(BaseModel):
     @field_validator("worker_nice", mode="before")
     @classmethod
     def _nice(cls, v):
-        v = check_integer("worker_nice", v, 0)
-        if v > 19:
+        if check_integer("worker_nice", v, 0) > 19:
             raise ValueError(f"worker_nice must be in 0..19 (a niceness increment); got {v}")
         return v
 
@@ -265,11 +264,8 @@ class CollectorOptions(BaseModel):
 
     @field_validator("max_frames_per_traj", mode="before")
     @classmethod
-    def _max_frames(cls, v):
-        if v is None:
-            return None
-        v = check_integer("max_frames_per_traj", v)
-        return v if v > 0 else None  # TorchRL: -1 / 0 mean "no limit"
+    def _max_frames(cls, v):  # TorchRL: -1 / 0 mean "no limit"
+        return None if v is None or check_integer("max_frames_per_traj", v) <= 0 else v
 
     @field_validator("split_trajs", mode="before")
     @classmethod
@@ -289,32 +285,30 @@ class CollectorOptions(BaseModel):
                              "waits forever); got None")
         return check_number(info.field_name, v, positive=True)
 
-    @field_validator("restart_backoff_s", mode="before")
-    @classmethod
-    def _backoff(cls, v):
-        return check_number("restart_backoff_s", v, positive=False)
-
-    @field_validator("num_cpus", "num_gpus", mode="before")
+    @field_validator("num_cpus", "num_gpus", "restart_backoff_s", mode="before")
     @classmethod
     def _resource(cls, v, info):
         return None if v is None else check_number(info.field_name, v, positive=False)
 
     @field_validator("preemptive_threshold", mode="before")
     @classmethod
-    def _threshold(cls, v):
-        if v is None:
-            return None
-        v = check_number("preemptive_threshold", v, positive=True)
-        if v > 1.0:
-            raise ValueError(f"preemptive_threshold must be in (0, 1]; got {v!r}")
+    def _threshold(cls, v):  # 0: the others stop once the first worker delivered
+        if v is not None and check_number("preemptive_threshold", v, positive=False) > 1.0:
+            raise ValueError(f"preemptive_threshold must be in [0, 1]; got {v!r}")
+        return v
+
+    @field_validator("traj_format", mode="before")
+    @classmethod
+    def _traj_format(cls, v):
+        if v is not None and v not in ("padded", "cat"):
+            raise ValueError(f"traj_format must be 'padded' or 'cat'; got {v!r}")
         return v
 
     @field_validator("check_finite", mode="before")
     @classmethod
     def _check_finite(cls, v):
-        mapping = {False: "off", True: "raise", None: "off"}
         if isinstance(v, bool) or v is None:
-            return mapping[v]
+            return "raise" if v else "off"
         if v not in ("off", "raise", "drop_episode"):
             raise ValueError(f"check_finite must be False, True ('raise') or 'drop_episode'; got {v!r}")
         return v
@@ -395,12 +389,16 @@ class CollectorOptions(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _devices(cls, values):
-        """``device`` is the default of ``policy_device`` and ``storing_device`` (as TorchRL)."""
+        """``device`` is the default of ``policy_device`` and ``storing_device``; with neither,
+        batches are stored on ``env_device`` when the policy's is the same (as TorchRL)."""
         if isinstance(values, dict) and values.get("device") is not None:
             values = dict(values)
             for key in ("policy_device", "storing_device"):
                 if values.get(key) is None:
                     values[key] = values["device"]
+        if isinstance(values, dict) and values.get("storing_device") is None and str(
+                values.get("env_device")) == str(values.get("policy_device")) != "None":
+            values = dict(values, storing_device=values["env_device"])
         return values
 
     @field_validator("replay_buffer", mode="before")

@@ -1,6 +1,7 @@
 """``DataCollectorBase``: what every collector shares (driver actor, iteration, weights, stats)."""
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import threading
@@ -28,9 +29,8 @@ from collectors.resources import check_feasible, on_cpu, worker_gpus
 from collectors.figures import FiguresMixin
 from collectors.introspection import IntrospectionMixin
 from collectors.iteration import IterationMixin
-from collectors.runtime import driver_get as _ray_get
-from collectors.runtime import ensure_ray, kill_quietly as _kill_quietly, near_caller
-from collectors.runtime import wait_dead as _wait_dead
+from collectors.runtime import (driver_get as _ray_get, ensure_ray, kill_quietly as _kill_quietly,
+                                near_caller, wait_dead as _wait_dead)
 from collectors.shipping import ship_by_value
 from collectors.trajectories import Trajectories, check_trajectory_options, each_step
 from collectors.weight_sync import WeightWatcher
@@ -67,10 +67,9 @@ class DataCollectorBase(IterationMixin, ControlMixin, IntrospectionMixin, Backgr
         options = CollectorOptions.build(cls_name, frames_per_batch=frames_per_batch,
                                          total_frames=total_frames, **kwargs)
         self._check_options(options, cls_name)
-        if options.policy_factory is not None and policy is not None:
-            raise TypeError(f"{cls_name}: pass policy or policy_factory, not both.")
         env_fns = self._env_fns(create_env_fn, options.num_workers)
         # a policy built by its factory here too: for the checks, and as the weights' reference
+        # (a policy given beside the factory stays here, as TorchRL's: the source of weights)
         factory = options.policy_factory
         if isinstance(factory, tuple):  # one per worker (TorchRL): the first is the reference
             if len(factory) != options.num_workers:
@@ -89,19 +88,18 @@ class DataCollectorBase(IterationMixin, ControlMixin, IntrospectionMixin, Backgr
             raise ValueError(f"{cls_name}: create_env_kwargs is a list of "
                              f"{len(options.create_env_kwargs)} but num_workers="
                              f"{options.num_workers}; give one per worker or a single dict.")
-        spec, kind = validate.build_spec(env_fns[0], options.env_kwargs(0),
-                                         self._reference_policy, options.num_envs,
-                                         options.exploration_type, options.max_frames_per_traj,
-                                         bool(options.auto_register_policy_transforms))
+        probe = functools.partial(
+            validate.build_spec, policy=self._reference_policy, num_envs=options.num_envs,
+            exploration_type=options.exploration_type,
+            max_frames_per_traj=options.max_frames_per_traj,
+            register_transforms=bool(options.auto_register_policy_transforms),
+            policy_device=options.policy_device)
+        spec, kind = probe(env_fns[0], options.env_kwargs(0))
         others = {(id(f), repr(options.env_kwargs(i))): (f, options.env_kwargs(i))
                   for i, f in enumerate(env_fns) if i}
         others.pop((id(env_fns[0]), repr(options.env_kwargs(0))), None)
         for other, other_kwargs in others.values():
-            other_spec, _ = validate.build_spec(other, other_kwargs,
-                                                self._reference_policy, options.num_envs,
-                                                options.exploration_type,
-                                                options.max_frames_per_traj,
-                                                bool(options.auto_register_policy_transforms))
+            other_spec, _ = probe(other, other_kwargs)
             if other_spec != spec:
                 raise ValueError(f"{cls_name}: the env factories of the workers make different "
                                  f"envs (spaces {other_spec} vs {spec}); their batches could not "
@@ -145,7 +143,7 @@ class DataCollectorBase(IterationMixin, ControlMixin, IntrospectionMixin, Backgr
         if options.num_threads is not None:  # (this process: TorchRL's multi collectors do it)
             torch.set_num_threads(options.num_threads)
         self._trajs = Trajectories() if options.trajs_per_batch else None  # trajs_per_batch
-        self._traj_format = options.traj_format or "padded"
+        self.traj_format = options.traj_format or "padded"  # (TorchRL's attribute)
         self._next_iter = None  # next() with trajs_per_batch: steps one iteration
         self._frames = 0
         self._iter = 0
@@ -182,7 +180,6 @@ class DataCollectorBase(IterationMixin, ControlMixin, IntrospectionMixin, Backgr
         if options.preemptive_threshold is not None and (not self._multi or self._async):
             raise ValueError(f"preemptive_threshold is only for MultiSyncDataCollector; "
                              f"{cls_name} got {options.preemptive_threshold!r}. Remove it.")
-        # TorchRL's multi async collector takes "stack" (each batch is one worker's anyway)
         if options.cat_results is not None and (not self._multi or (
                 self._async and options.cat_results != "stack")):
             raise ValueError(
@@ -255,7 +252,8 @@ class DataCollectorBase(IterationMixin, ControlMixin, IntrospectionMixin, Backgr
         check_feasible(actor_options, options.num_workers, type(self).__name__)
         ship_by_value(create_env_fn, options.create_env_kwargs, policy, options.policy_factory,
                       options.init_fn)
-        plan = WorkerPlan(env_fns=env_fns, policy=on_cpu(policy), policy_kind=kind, spec=spec,
+        plan = WorkerPlan(env_fns=env_fns, policy=None if options.policy_factory else on_cpu(policy),
+                          policy_kind=kind, spec=spec,
                           steps=steps, options=options.for_workers(),
                           policy_factory=options.policy_factory)
         try:
@@ -345,7 +343,7 @@ class DataCollectorBase(IterationMixin, ControlMixin, IntrospectionMixin, Backgr
                         self.replay_buffer.add(step)
                 return None
             if self._trajs is None:
-                write(real_frames(batch))
+                write(real_frames(batch, getattr(self.replay_buffer, "storage", None)))
                 return None
             self._trajs.ingest(batch)  # complete trajectories only, each flat
             if self.options.reset_at_each_iter:

@@ -105,9 +105,12 @@ def split_trajectories(batch: TensorDict) -> TensorDict:
     return out
 
 
-def real_frames(batch: TensorDict) -> TensorDict:
+def real_frames(batch: TensorDict, storage=None) -> TensorDict:
     """``batch`` flat, without the frames its ``("collector", "mask")`` marks as padding (a
-    preempted worker's, a dropped episode's, ``split_trajs``' rows): what a buffer should get."""
+    preempted worker's, a dropped episode's, ``split_trajs``' rows): what a buffer should get.
+    A ``storage`` of two dims (TorchRL's ``ndim=2``) gets one row per env, ``[envs, T]``."""
+    if getattr(storage, "ndim", 1) == 2 and batch.batch_dims >= 2 and ("collector", "mask") not in batch.keys(True):
+        return batch.reshape(-1, batch.shape[-1])
     flat = batch.reshape(-1)
     mask = flat.get(("collector", "mask"), None)
     return flat if mask is None else flat[mask]

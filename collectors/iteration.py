@@ -33,7 +33,7 @@ class IterationMixin:
                 if self.options.reset_at_each_iter:  # their episodes never finish
                     self._trajs.clear(partial_only=True)
                 while len(self._trajs.complete) >= self.options.trajs_per_batch:
-                    yield self._trajs.emit(self.options.trajs_per_batch, self._traj_format)
+                    yield self._trajs.emit(self.options.trajs_per_batch, self.traj_format)
         except (Exception, KeyboardInterrupt):
             self.shutdown(raise_on_error=False)
             raise

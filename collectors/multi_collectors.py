@@ -94,6 +94,9 @@ class MultiSyncDataCollector(DataCollectorBase):
         self.cat_results = "stack" if self.options.cat_results is None else self.options.cat_results
         # 0 (TorchRL: torch.cat along dim 0) is "cat" when a worker's batch is [T]
         self._layout = "cat" if self.cat_results == 0 and self._width == 1 else self.cat_results
+        self.preemptive_threshold = self.options.preemptive_threshold
+        # TorchRL's shared stop flag; here the driver ends the slow workers' batches, so None
+        self.interruptor = None
 
 
 class MultiaSyncDataCollector(DataCollectorBase):

@@ -119,9 +119,9 @@ def check_trajectory_options(options, cls_name: str) -> None:
         raise ValueError(f"{cls_name}: trajs_per_write={options.trajs_per_write} sizes replay "
                          "buffer writes, and there is no replay_buffer. Drop it.")
     if options.traj_format is None and options.replay_buffer is None:
-        warnings.warn("trajs_per_batch is set but traj_format is not: the layout is 'padded' "
-                      "(TorchRL's current default, which TorchRL 0.16 changes to 'cat'). Pass "
-                      "traj_format='padded' or 'cat' to choose.", FutureWarning, stacklevel=4)
+        warnings.warn("trajs_per_batch is set but traj_format is not: the layout is 'padded', "
+                      "TorchRL's current default, which will change to 'cat' in torchrl v0.16. "
+                      "Pass traj_format='padded' or 'cat' to choose.", FutureWarning, stacklevel=4)
 
 
 def check_extend_buffer(options, cls_name: str) -> None:

@@ -118,7 +118,8 @@ def make_probe_env(create_env_fn, create_env_kwargs):
     return env
 
 
-def torchrl_spec(env, policy, exploration_type: str) -> tuple[dict, str]:
+def torchrl_spec(env, policy, exploration_type: str,
+                 policy_device: str | None = None) -> tuple[dict, str]:
     """Check a TorchRL env (single, or batched along one dimension) and the policy on one
     reset: the policy must write every one of the env's action keys, shaped as its spec."""
     kind = policy_kind(policy)
@@ -131,7 +132,12 @@ def torchrl_spec(env, policy, exploration_type: str) -> tuple[dict, str]:
         try:
             td_policy = prepare_td_policy(policy, kind, env)
             device = module_device(policy)
-            td = env.reset() if device is None else env.reset().to(device)
+            td = env.reset()
+            env_device = None if env.device is None else str(env.device)
+            if device is not None:
+                td = td.to(device)
+            elif policy_device != env_device:  # TorchRL's device rules, as in the env actor
+                td = td.to("cpu") if policy_device == "cpu" else td.clear_device_()
             with PolicyRunner(policy, kind, (), 1, exploration_type).context():
                 out = td_policy(td)
             td = td if out is None else out
@@ -193,7 +199,8 @@ def check_actions(env, td) -> None:
 
 def build_spec(create_env_fn, create_env_kwargs, policy, num_envs: int,
                exploration_type: str = "random", max_frames_per_traj: int | None = None,
-               register_transforms: bool = False) -> tuple[dict, str]:
+               register_transforms: bool = False,
+               policy_device: str | None = None) -> tuple[dict, str]:
     """The worker storage spec and the policy kind, after running the policy once here."""
     env = make_probe_env(create_env_fn, create_env_kwargs)
     if register_transforms and not is_torchrl_env(env):
@@ -207,7 +214,7 @@ def build_spec(create_env_fn, create_env_kwargs, policy, num_envs: int,
                 env = with_step_counter(env, max_frames_per_traj)
             if register_transforms:
                 env = with_policy_transforms(env, policy)
-            return torchrl_spec(env, policy, exploration_type)
+            return torchrl_spec(env, policy, exploration_type, policy_device)
         finally:
             if not env.is_closed:  # (a batched env that never started is closed already)
                 env.close()

@@ -106,8 +106,16 @@ def test_policy_factory_builds_the_policy_in_each_actor():
         c.update_policy_weights_(weights)
         b = c.next()
         assert (b["action"] == 0).all() and (b["collector", "policy_version"] == 1).all()
-    with pytest.raises(TypeError, match="not both"):
-        SyncDataCollector(counting_env, LockedPolicy(), policy_factory=LockedPolicy, frames_per_batch=8)
+    # both (TorchRL): the factory builds the actors' policies, the policy here is the weights'
+    # source, never pickled
+    here = LockedPolicy()
+    with MultiSyncDataCollector(counting_env, here, policy_factory=LockedPolicy, num_workers=2,
+                                frames_per_batch=8, auto_sync_weights=False) as c:
+        assert (c.next()["action"] == 1).all()
+        with torch.no_grad():
+            here.linear.bias.copy_(torch.tensor([1.0, 0.0]))
+        c.update_policy_weights_()
+        assert (c.next()["action"] == 0).all()
 
 
 def test_devices_cpu_accepted_cuda_checked():

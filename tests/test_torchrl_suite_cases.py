@@ -7,7 +7,7 @@ from torch import nn
 
 pytest.importorskip("torchrl", reason="install the torchrl extra")
 
-from tensordict.nn import TensorDictModule  # noqa: E402
+from tensordict.nn import TensorDictModule, TensorDictModuleBase  # noqa: E402
 from torchrl.data.utils import CloudpickleWrapper  # noqa: E402
 from torchrl.envs import InitTracker, ObservationNorm, TransformedEnv  # noqa: E402
 from torchrl.testing.mocking_classes import (ContinuousActionVecMockEnv, CountingEnv,  # noqa: E402
@@ -81,3 +81,59 @@ def test_single_collector_state_dict_has_the_envs_state_at_the_top_as_torchrl():
         state = c.state_dict()
     assert any(k.endswith("loc") for k in state["env_state_dict"])
     assert state["env_state_dict"].keys() == state["worker0"]["env_state_dict"].keys()
+
+
+class DeviceCheck(TensorDictModuleBase):
+    """Acts with zeros; raises unless its input TensorDict's device is ``expected``."""
+
+    in_keys, out_keys = ["observation"], ["action"]
+
+    def __init__(self, expected):
+        super().__init__()
+        self.expected = expected
+
+    def forward(self, td):
+        if td.device != self.expected:
+            raise AssertionError(f"policy input on {td.device}, expected {self.expected}")
+        return td.set("action", torch.zeros(*td.shape, 7))
+
+
+@pytest.mark.parametrize("policy_device, seen", [(None, None), ("cpu", torch.device("cpu"))])
+def test_the_policy_sees_the_device_torchrl_gives_it(policy_device, seen):
+    # an env on cpu: with no policy_device the policy's input has no device (TorchRL clears
+    # it), with policy_device="cpu" it is on cpu
+    with SyncDataCollector(ContinuousActionVecMockEnv, DeviceCheck(seen), frames_per_batch=4,
+                           env_device="cpu", policy_device=policy_device) as c:
+        batch = c.next()
+    # and with env_device == policy_device, batches are stored there (TorchRL's fallback)
+    assert batch.device == (torch.device("cpu") if policy_device == "cpu" else None)
+
+
+def counting_pair():
+    from torchrl.envs import SerialEnv
+
+    return SerialEnv(2, CountingEnv)
+
+
+def test_a_two_dim_local_buffer_gets_one_row_per_env():
+    from torchrl.data import LazyTensorStorage, ReplayBuffer
+
+    rb = ReplayBuffer(storage=LazyTensorStorage(64, ndim=2))
+    with MultiSyncDataCollector([counting_pair, counting_pair], ones_action, frames_per_batch=16,
+                                total_frames=16, replay_buffer=rb) as c:
+        assert list(c) == [None]
+    data = rb[:]
+    assert data.shape == (4, 4)  # 2 workers x 2 envs, 4 steps each
+    assert (data["next", "observation"] - data["observation"] == 1).all()
+
+
+def test_preemptive_threshold_takes_torchrls_range():
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="preemptive_threshold"):
+            MultiSyncDataCollector([CountingEnv] * 2, ones_action, frames_per_batch=8,
+                                   preemptive_threshold=bad)
+    with MultiSyncDataCollector([CountingEnv] * 2, ones_action, frames_per_batch=8,
+                                preemptive_threshold=0.0) as c:
+        assert c.preemptive_threshold == 0.0 and c.interruptor is None
+        ids = c.next()["collector", "traj_ids"]
+        assert (ids >= 0).all(-1).any()  # the worker that delivered first: all real frames

@@ -118,8 +118,7 @@ class TensorDictRollout:
                 f"the TorchRL env has batch_size {shape}; give a single env (batch_size []) or "
                 "a batched env with one batch dimension (a SerialEnv, a ParallelEnv), and "
                 "num_envs=1 with a batched env"))
-        if env.device is None and self.options.policy_device == "cpu":  # (device fills it)
-            env = env.to("cpu")  # as TorchRL: the policy's input is on device cpu
+        self._set_devices(env)
         self.batched = len(shape) == 1  # the env's own batch dimension is the env dimension
         self.num_envs = shape[0] if shape else 1
         self.env = env
@@ -127,6 +126,17 @@ class TensorDictRollout:
         if seed is not None:
             env.set_seed(seed, static_seed=self.static_seed)
         self._reset_all(fresh_ids)
+
+    def _set_devices(self, env) -> None:
+        """TorchRL's device rules: the policy's input is moved to ``policy_device`` when the
+        env's device differs, the env's input back to the env's device, and the carrier has
+        no device when the two differ (or the env has none)."""
+        policy_dev = self.options.policy_device
+        env_dev = None if env.device is None else str(env.device)
+        differ = policy_dev != env_dev
+        self._carrier_device_free = differ or env_dev is None
+        self._policy_input_cpu = differ and policy_dev == "cpu"  # (CUDA: the runner's device)
+        self._env_input_device = env.device if differ else None
 
     def _seed(self) -> int | None:
         if self.seed is None:
@@ -143,6 +153,8 @@ class TensorDictRollout:
         """Reset every env; their next frames start new trajectories (new ids unless the
         batch in progress marks the cut itself, see ``_env_failed``)."""
         self.carrier = self.env.reset()
+        if self._carrier_device_free:
+            self.carrier.clear_device_()
         if fresh_ids or self.traj_ids is None:
             self.traj_ids = self._new_ids(self.num_envs)
             self.returns = [0.0] * self.num_envs
@@ -219,7 +231,11 @@ class TensorDictRollout:
                         carrier.update(self._zero_outputs.clone())
                 else:
                     try:
-                        if device is None:
+                        if device is None and self._policy_input_cpu:
+                            moved = carrier.to("cpu")
+                            out = policy(moved)
+                            out = moved if out is None else out
+                        elif device is None:
                             out = policy(carrier)
                         else:  # the policy's device and back: the env keeps its CPU data
                             moved = carrier.to(device)
@@ -232,7 +248,11 @@ class TensorDictRollout:
                         carrier.update(out)
                 t0 = clock()
                 try:
+                    if self._env_input_device is not None:
+                        carrier = carrier.to(self._env_input_device)
                     step, self.carrier = env.step_and_maybe_reset(carrier)
+                    if self._carrier_device_free:
+                        self.carrier.clear_device_()
                 except Exception as exc:  # noqa: BLE001 - the episode is cut, the env rebuilt
                     t_env += clock() - t0
                     self._env_failed(exc, frames)
