@@ -84,6 +84,11 @@ class PolicyOutputError(FatalWorkerError, ValueError):
     """The policy produced an output that does not fit the action space or its own spec."""
 
 
+class PolicyWrapError(PolicyOutputError, TypeError):
+    """A plain ``nn.Module`` policy whose ``forward`` arguments name no observation the env
+    has: it cannot be wrapped (a ``TypeError``, as TorchRL's)."""
+
+
 class EnvSpecError(FatalWorkerError, ValueError):
     """The env returned data that does not match its declared spaces (or is not finite)."""
 

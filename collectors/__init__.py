@@ -25,6 +25,7 @@ _EXPORTS = {
     "EnvSpecError": "collectors.errors",
     "PolicyError": "collectors.errors",
     "PolicyOutputError": "collectors.errors",
+    "PolicyWrapError": "collectors.errors",
     "RayCollectorsError": "collectors.errors",
     "ReplayBufferUnavailable": "collectors.errors",
     "StartupTimeout": "collectors.errors",

@@ -1,6 +1,8 @@
 """What a collector does between batches: seeds, resets, policy weights, state."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import ray
 import torch
 
@@ -13,6 +15,8 @@ AUTO_SYNC_POLL_S = 0.05  # during start(): how often the trainer's policy is che
 
 class ControlMixin:
     """``DataCollectorBase``'s control methods (the driver's ``broadcast`` and weight calls)."""
+
+    profile_config = None  # TorchRL's: enable_profile()'s settings, until disable_profile()
 
     def set_seed(self, seed: int, static_seed: bool = False) -> int:
         """Seed every env and the policy RNGs; every env starts a new episode from it.
@@ -74,7 +78,8 @@ class ControlMixin:
         """
         self._check_open()
         if self._iter > 0:
-            raise RuntimeError("enable_profile() must be called before iteration starts.")
+            raise RuntimeError("Cannot enable profiling after iteration has started: call "
+                               "enable_profile() before iterating.")
         if int(num_rollouts) <= int(warmup_rollouts) or int(warmup_rollouts) < 0:
             raise ValueError(f"num_rollouts ({num_rollouts}) must exceed warmup_rollouts "
                              f"({warmup_rollouts}) >= 0: nothing would be recorded.")
@@ -98,6 +103,16 @@ class ControlMixin:
         self._route.settled()
         _ray_get(self._driver.call_workers.remote({w: ("enable_profile", (config,))
                                                    for w in workers}), timeout=CONTROL_TIMEOUT_S)
+        self.profile_config = SimpleNamespace(workers=workers, **config)
+
+    def disable_profile(self) -> None:
+        """Stop profiling (a trace not written yet is dropped); ``profile_config`` is None."""
+        self._check_open()
+        if self.profile_config is not None:
+            _ray_get(self._driver.call_workers.remote(
+                {w: ("disable_profile", ()) for w in self.profile_config.workers}),
+                timeout=CONTROL_TIMEOUT_S)
+        self.profile_config = None
 
     def update_policy_weights_(self, policy_or_weights=None, *, worker_ids=None,
                                weights_dict=None, model_id=None) -> None:

@@ -23,7 +23,8 @@ from collectors.batch import assemble, finish
 from collectors.control import CONTROL_TIMEOUT_S
 from collectors.runtime import driver_get
 
-PER_WORKER_METHODS = ("update_policy_weights_", "reset")  # what map_fn maps on multi collectors
+# what map_fn maps on multi collectors
+PER_WORKER_METHODS = ("update_policy_weights_", "reset", "get_distant_attr")
 
 
 def _calls(list_of_args, list_of_kwargs, count: int | None) -> tuple[list, list]:
@@ -39,8 +40,8 @@ def _calls(list_of_args, list_of_kwargs, count: int | None) -> tuple[list, list]
         raise ValueError(f"list_of_args and list_of_kwargs must have the same length; got "
                          f"{len(list_of_args)} and {len(list_of_kwargs)}.")
     if count is not None and len(list_of_args) != count:
-        raise ValueError(f"map_fn on a multi collector takes one entry per worker: expected "
-                         f"{count}, got {len(list_of_args)}.")
+        raise ValueError(f"map_fn on a multi collector takes one entry per worker: Expected "
+                         f"{count} argument entries, got {len(list_of_args)}.")
     return [tuple(a) for a in list_of_args], [dict(k) for k in list_of_kwargs]
 
 
@@ -83,8 +84,8 @@ class IntrospectionMixin:
         A single-worker collector calls its own method (as TorchRL's ``Collector``). A multi
         collector takes one entry per worker and calls the method for that worker; the methods
         that have a per-worker meaning here are ``update_policy_weights_`` (weights, or ``()``
-        for the trainer's policy) and ``reset`` (no arguments); others raise
-        ``NotImplementedError``.
+        for the trainer's policy), ``reset`` (no arguments) and ``get_distant_attr`` (a path
+        in that worker); others raise ``NotImplementedError``.
         """
         self._check_open()
         if not self._multi:
@@ -98,6 +99,9 @@ class IntrospectionMixin:
             for i, (a, k) in enumerate(zip(args, kwargs)):
                 self.update_policy_weights_(*a, **dict(k, worker_ids=[i]))
             return [None] * self.num_workers
+        if method_name == "get_distant_attr":  # worker i's attribute at its own path
+            return [self._from_workers("distant_attr", *a, *k.values(), workers=[i])[0]
+                    for i, (a, k) in enumerate(zip(args, kwargs))]
         if method_name == "reset":
             if any(args) or any(kwargs):
                 raise TypeError("map_fn('reset') on a multi collector takes no arguments per "

@@ -93,7 +93,9 @@ def test_map_fn_calls_the_collector_or_each_worker():
         next(iter(c))  # each worker takes its weights before this batch
         got = c.get_distant_attr("policy[0].weight")
         assert [float(g.detach().flatten()[0]) for g in got] == [1.0, 2.0]
-        with pytest.raises(ValueError, match="one entry per worker"):
+        with pytest.raises(ValueError, match="one entry per worker: Expected 2 argument entries"):
             c.map_fn("update_policy_weights_", list_of_args=weights[:1])
+        assert c.map_fn("get_distant_attr", list_of_args=[("worker_idx",)] * 2) == [0, 1]
+        assert c.map_fn("get_distant_attr", list_of_kwargs=[{"attr": "worker_idx"}] * 2) == [0, 1]
         with pytest.raises(NotImplementedError, match="update_policy_weights_, reset"):
             c.map_fn("set_seed", list_of_args=[(1,), (2,)])

@@ -346,10 +346,15 @@ def test_enable_profile_writes_a_trace_of_the_chosen_workers(tmp_path, shared_me
         c.enable_profile(num_rollouts=1, warmup_rollouts=1)
     with pytest.raises(ValueError, match="out of range"):
         c.enable_profile(workers=[5])
+    assert c.profile_config is None
+    c.enable_profile(workers=[0], save_path=str(tmp_path / "dropped_{worker_idx}.json"))
+    c.disable_profile()  # before any batch: nothing is recorded, nothing written
+    assert c.profile_config is None
     c.enable_profile(workers=[1], num_rollouts=3, warmup_rollouts=1,
                      save_path=str(tmp_path / "trace_{worker_idx}.json"))
+    assert (c.profile_config.workers, c.profile_config.num_rollouts) == ([1], 3)
     list(c)
-    with pytest.raises(RuntimeError, match="before iteration"):
+    with pytest.raises(RuntimeError, match="Cannot enable profiling after iteration"):
         c.enable_profile()
     c.shutdown()
     assert [p.name for p in tmp_path.iterdir()] == ["trace_1.json"]

@@ -344,6 +344,15 @@ class EnvWorker:
         self._apply(start)
 
     @ray.method(concurrency_group="control")
+    def disable_profile(self) -> None:
+        def stop():
+            if self._profiler is not None:
+                self._profiler.stop()
+            self._profiler = None
+
+        self._apply(stop)
+
+    @ray.method(concurrency_group="control")
     def set_weights(self, weights, version: int) -> int:
         if isinstance(weights, list):  # a wrapped ObjectRef, resolved here and only here
             weights = ray.get(weights[0])

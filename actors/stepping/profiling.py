@@ -49,6 +49,13 @@ class BatchProfiler:
             with_flops=c.get("with_flops", False))
         self._profile.__enter__()
 
+    def stop(self) -> None:
+        """End the run now (``disable_profile``): a trace not written yet is dropped."""
+        profile, self._profile, self.done = self._profile, None, True
+        if profile is not None:
+            profile.on_trace_ready = None
+            profile.__exit__(None, None, None)
+
     @contextlib.contextmanager
     def batch(self):
         """Around one batch; the run ends (and the trace is written) after the last one."""

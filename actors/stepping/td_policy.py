@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import inspect
 
-from actors.errors import PolicyOutputError
+from actors.errors import PolicyWrapError
 
 
 def prepare_td_policy(policy, kind: str, env):
@@ -67,10 +67,11 @@ def wrap_module(policy, env):
     elif len(leaves) == 1 and len(required) <= 1:
         in_keys = leaves
     else:
-        raise PolicyOutputError(
-            f"a plain nn.Module policy is wrapped by matching its forward arguments {names} to "
-            f"the env's observation keys {roots}, and they do not match. Name the arguments "
-            "after the observations, or wrap it in a TensorDictModule naming its in_keys.")
+        raise PolicyWrapError(
+            f"Arguments to policy.forward are incompatible with entries in the env's observation "
+            f"keys: a plain nn.Module policy is wrapped by matching its forward arguments "
+            f"{names} to the env's observation keys {roots}. Name the arguments after the "
+            "observations, or wrap it in a TensorDictModule naming its in_keys.")
     out_keys = list(env.action_keys)
     probe = env.fake_tensordict()
     device = next((t.device for t in (*policy.parameters(), *policy.buffers())), None)
