@@ -329,7 +329,7 @@ class DataCollectorBase(IterationMixin, ControlMixin, IntrospectionMixin, Backgr
             self._route.release(self._frames + valid < self.init_random_frames)
         self._frames += valid
         self._iter += 1
-        batch = finish(batch, self.options, self.postproc, self._masked)
+        batch = finish(batch, self.options, self.postproc, self._masked, self.spec.get("nested"))
         if self.options.post_collect_hook is not None:
             self.options.post_collect_hook(batch)
         if self.replay_buffer is not None:  # a local buffer (e.g. TorchRL's): extend it here

@@ -125,9 +125,15 @@ def mark_truncated(batch: TensorDict) -> None:
             batch.get(("next", *((key,) if isinstance(key, str) else key)))[last] = True
 
 
-def finish(batch: TensorDict, options, postproc, masked: bool) -> TensorDict:
+def finish(batch: TensorDict, options, postproc, masked: bool, nested=None) -> TensorDict:
     """The batch as the user gets it: masks, TorchRL's extra entries, postproc, device
-    (``options``: the collector's; ``masked``: dropped episodes leave masked frames)."""
+    (``options``: the collector's; ``masked``: dropped episodes leave masked frames; ``nested``:
+    the env's groups with dims of their own, ``{key: dims}``, given back to their TensorDicts)."""
+    for key, dims in (nested or {}).items():
+        for path in (key, ("next", *key)):
+            sub = batch.get(path, None)
+            if isinstance(sub, TensorDict):
+                sub.batch_size = (*batch.batch_size, *dims)
     if options.preemptive_threshold is not None or masked:
         mask = batch.get(("collector", "traj_ids")) >= 0
         if batch.batch_dims == 1 and options.preemptive_threshold is not None:

@@ -122,4 +122,4 @@ class IntrospectionMixin:
         parts = self._from_workers("fake_batch", workers=workers)
         layout = "single" if self._async else self._layout
         batch = assemble(parts, workers if self._multi else None, layout, self.options.compact_obs)
-        return finish(batch, self.options, self.postproc, self._masked)
+        return finish(batch, self.options, self.postproc, self._masked, self.spec.get("nested"))

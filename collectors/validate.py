@@ -149,7 +149,21 @@ def torchrl_spec(env, policy, exploration_type: str,
             raise
         check_actions(env, td)
     return {"torchrl": True, "obs": {}, "obs_is_dict": False, "outputs": {},
-            "env_batch": shape[0] if shape else 0}, kind
+            "env_batch": shape[0] if shape else 0, "nested": nested_dims(env)}, kind
+
+
+def nested_dims(env) -> dict:
+    """``{key: dims}`` of the env's nested groups with batch dims of their own beyond the env's
+    (per-agent entries, as TorchRL's multi-agent envs have): their sub-TensorDicts keep them."""
+    from torchrl.data import Composite
+
+    out, own = {}, len(env.batch_size)
+    for spec in (env.full_observation_spec, env.full_state_spec, env.full_done_spec,
+                 env.full_reward_spec, env.full_action_spec):
+        for key, sub in spec.items(True):
+            if isinstance(sub, Composite) and len(sub.shape) > own:
+                out[key if isinstance(key, tuple) else (key,)] = tuple(sub.shape[own:])
+    return out
 
 
 def refuse_ragged(env) -> None:

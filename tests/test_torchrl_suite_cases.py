@@ -137,3 +137,20 @@ def test_preemptive_threshold_takes_torchrls_range():
         assert c.preemptive_threshold == 0.0 and c.interruptor is None
         ids = c.next()["collector", "traj_ids"]
         assert (ids >= 0).all(-1).any()  # the worker that delivered first: all real frames
+
+
+def per_agent_env():
+    return NestedCountingEnv(nested_dim=5)  # a "data" group of 5 agents
+
+
+@pytest.mark.parametrize("cls", [SyncDataCollector, MultiSyncDataCollector])
+def test_nested_groups_keep_their_own_batch_dims(cls):
+    policy = CloudpickleWrapper(per_agent_env().rand_action)
+    envs = per_agent_env if cls is SyncDataCollector else [per_agent_env, per_agent_env]
+    with cls(envs, policy, frames_per_batch=20, total_frames=20) as c:
+        batch = c.next()
+        fake = c.fake_tensordict()
+    outer = tuple(batch.batch_size)  # [20] or [2, 10]
+    assert batch["data"].batch_size == (*outer, 5)
+    assert batch["next", "data"].batch_size == (*outer, 5)
+    assert fake["data"].batch_size == (*outer, 5)
