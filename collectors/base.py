@@ -22,7 +22,7 @@ from actors.stepping.policy_runner import module_device
 from actors.stepping.vector_rollout import AUTO_MIN_ENVS, native_vector_problem
 from collectors import validate
 from collectors.background import BackgroundMixin
-from collectors.batch import assemble, finish, real_frames
+from collectors.batch import assemble, finish, on_storage_device, real_frames
 from collectors.control import CONTROL_TIMEOUT_S, ControlMixin
 from collectors.local_route import LocalRoute, batch_problem
 from collectors.resources import check_feasible, on_cpu, worker_gpus
@@ -306,10 +306,7 @@ class DataCollectorBase(IterationMixin, ControlMixin, IntrospectionMixin, Backgr
             self._t_start = time.perf_counter()
         if self.options.pre_collect_hook is not None:
             self.options.pre_collect_hook()
-        if self.options.update_at_each_batch:
-            self.update_policy_weights_()
-        else:
-            self._sync_if_changed()
+        (self.update_policy_weights_ if self.options.update_at_each_batch else self._sync_if_changed)()
         if self.options.reset_at_each_iter:
             _ray_get(self._driver.broadcast.remote("reset"), timeout=CONTROL_TIMEOUT_S)
         random_actions = self._random_now()
@@ -321,9 +318,9 @@ class DataCollectorBase(IterationMixin, ControlMixin, IntrospectionMixin, Backgr
             return None
         local = (self._route.collect_any if self._async else self._route.collect)(random_actions)
         parts, metas = local if local is not None else self._collect_through_driver(random_actions)
-        workers = [m["worker"] for m in metas] if self._multi else None
         layout = "single" if self._async else self._layout
-        batch = assemble(parts, workers, layout, self.options.compact_obs)
+        batch = assemble(parts, [m["worker"] for m in metas] if self._multi else None, layout,
+                         self.options.compact_obs)
         valid = sum(m["frames"] for m in metas)
         if local is not None and self._async:  # copied out: that worker may collect again
             self._route.release(self._frames + valid < self.init_random_frames)
@@ -333,7 +330,8 @@ class DataCollectorBase(IterationMixin, ControlMixin, IntrospectionMixin, Backgr
         if self.options.post_collect_hook is not None:
             self.options.post_collect_hook(batch)
         if self.replay_buffer is not None:  # a local buffer (e.g. TorchRL's): extend it here
-            write = self._filler.extend if self._filler is not None else self.replay_buffer.extend
+            extend = self._filler.extend if self._filler is not None else self.replay_buffer.extend
+            write = lambda td: extend(on_storage_device(td, self.replay_buffer))  # noqa: E731
             if self._trajs is None and not self.options.extend_buffer:  # TorchRL's add() per step
                 steps = each_step(batch, layout, len(metas))
                 if self._filler is not None:

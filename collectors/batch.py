@@ -116,6 +116,18 @@ def real_frames(batch: TensorDict, storage=None) -> TensorDict:
     return flat if mask is None else flat[mask]
 
 
+def on_storage_device(td, buffer):
+    """A batch without a device, written into a TorchRL buffer whose storage has one, takes
+    that device when its tensors are there already (as TorchRL's collectors write)."""
+    device = getattr(getattr(buffer, "storage", None), "device", None)
+    if device in (None, "auto") or not isinstance(td, TensorDict) or td.device is not None:
+        return td
+    device = torch.device(device)
+    if any(v.device != device for v in td.values(True, True) if isinstance(v, torch.Tensor)):
+        return td
+    return td.to(device)
+
+
 def mark_truncated(batch: TensorDict) -> None:
     """TorchRL's ``set_truncated``: the last step of each row ends: its ``truncated`` and
     ``done`` flags, nested ones (per agent) included, are set."""

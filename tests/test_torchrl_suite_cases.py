@@ -154,3 +154,15 @@ def test_nested_groups_keep_their_own_batch_dims(cls):
     assert batch["data"].batch_size == (*outer, 5)
     assert batch["next", "data"].batch_size == (*outer, 5)
     assert fake["data"].batch_size == (*outer, 5)
+
+
+def test_a_batch_without_device_takes_its_buffer_storages_device():
+    from tensordict import TensorDict
+    from torchrl.data import LazyTensorStorage, ReplayBuffer
+
+    from collectors.batch import on_storage_device
+
+    td = TensorDict({"a": torch.zeros(2)}, [2])
+    assert on_storage_device(td, ReplayBuffer(storage=LazyTensorStorage(8, device="cpu"))).device \
+        == torch.device("cpu")
+    assert on_storage_device(td, object()) is td  # no storage: as it is
