@@ -292,7 +292,7 @@ class CollectorOptions(BaseModel):
 
     @field_validator("preemptive_threshold", mode="before")
     @classmethod
-    def _threshold(cls, v):  # 0: the others stop once the first worker delivered
+    def _threshold(cls, v):  # 0: every worker stops after its first step
         if v is not None and check_number("preemptive_threshold", v, positive=False) > 1.0:
             raise ValueError(f"preemptive_threshold must be in [0, 1]; got {v!r}")
         return v

@@ -167,8 +167,10 @@ class Collection:
         pending = {}  # ref -> (worker, handle, deadline)
         for i, h in self.pool.alive():
             pending[self._call(i, h, random_actions)] = (i, h, time.monotonic() + self.timeout(i))
-        quorum = None if preempt is None else max(1, int(-(-preempt * len(pending) // 1)))
-        preempted = False
+        quorum = None if preempt is None else int(-(-preempt * len(pending) // 1))
+        preempted = quorum == 0  # 0 (TorchRL's): every batch is cut after its first step
+        for _, h, _ in (pending.values() if preempted else ()):
+            h.preempt.remote(next_batch=True)
         results = {}
         while pending:
             wait = max(0.0, min(d for _, _, d in pending.values()) - time.monotonic())
