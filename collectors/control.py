@@ -226,6 +226,7 @@ class ControlMixin:
     def state_dict(self) -> dict:
         self._check_open()
         self._route.settled()
+        self._sync_if_changed()  # the actors' policy_state_dict: the weights as they are now
         workers = _ray_get(self._driver.broadcast.remote("state_dict"), timeout=CONTROL_TIMEOUT_S)
         out = {"frames": self._frames, "iter": self._iter, "policy_version": self.policy_version}
         out.update({f"worker{i}": w for i, w in enumerate(workers)})  # TorchRL's layout

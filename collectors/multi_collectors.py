@@ -22,7 +22,7 @@ DEVICE_OPTIONS = ("device", "policy_device", "env_device", "storing_device")
 
 def _one_per_worker(cls_name: str, name: str, value, num_workers: int) -> None:
     if len(value) != num_workers:
-        raise ValueError(f"{cls_name}: if `{name}` is provided as a sequence, it should contain "
+        raise ValueError(f"{cls_name}: If `{name}` is provided as a sequence, it should contain "
                          f"exactly one value per worker: {num_workers} workers, got "
                          f"{len(value)} values ({list(value)!r}).")
 

@@ -167,3 +167,13 @@ def test_a_batch_without_device_takes_its_buffer_storages_device():
     assert on_storage_device(td, ReplayBuffer(storage=LazyTensorStorage(8, device="cpu"))).device \
         == torch.device("cpu")
     assert on_storage_device(td, object()) is td  # no storage: as it is
+
+
+def test_state_dict_reports_the_weights_the_trainer_has_now():
+    policy = TensorDictModule(nn.Linear(7, 7), in_keys=["observation"], out_keys=["action"])
+    with MultiSyncDataCollector([ContinuousActionVecMockEnv] * 2, policy, frames_per_batch=8) as c:
+        with torch.no_grad():
+            policy.module.bias.add_(1.0)  # an optimizer step, before any batch
+        state = c.state_dict()  # sends them first, as TorchRL's shared weights show them
+        for w in ("worker0", "worker1"):
+            assert torch.equal(state[w]["policy_state_dict"]["module.bias"], policy.module.bias)

@@ -198,10 +198,7 @@ class EnvWorker:
             self._run_deferred()
             self._collecting = self.batches + 1
             self.rollout.stop_requested, self._preempt_next = self._preempt_next, False
-            if self._board is not None:  # new weights on the board: taken between batches only
-                version = self._board.poll()
-                if version is not None:
-                    self.rollout.policy_version = version
+            self._take_board()
         t_weights = time.perf_counter() - t0
         gc.disable()  # the loop makes no cycles; a full collection of Ray's heap mid-batch costs
         self.rollout.episode_returns = []
@@ -298,6 +295,13 @@ class EnvWorker:
             self._board = BoardReader(spec, self.worker_index, self.rollout.runner.module)
 
         self._apply(attach)
+
+    def _take_board(self) -> None:
+        """New weights on the board, if any, into the policy (between batches only)."""
+        if self._board is not None:
+            version = self._board.poll()
+            if version is not None:
+                self.rollout.policy_version = version
 
     def _between_batches(self, fn, timeout: float = 60.0):
         """``fn()``'s result, run when no batch is being collected (see ``_apply``)."""
@@ -398,9 +402,12 @@ class EnvWorker:
         r = self.rollout
         out = {"id_counter": r.id_counter, "policy_version": r.policy_version,
                "frames": self.frames, "batches": self.batches, "seed": r.seed}
-        if hasattr(r.runner.module, "state_dict"):
-            out["policy_state_dict"] = {k: v.detach().cpu().clone() for k, v in
-                                        r.runner.module.state_dict().items()}
+        if hasattr(r.runner.module, "state_dict"):  # with the weights sent so far, as TorchRL
+            def weights():
+                self._take_board()
+                return {k: v.detach().cpu().clone() for k, v in r.runner.module.state_dict().items()}
+
+            out["policy_state_dict"] = self._between_batches(weights)
         if hasattr(getattr(r, "env", None), "state_dict"):  # a TorchRL env: VecNorm's stats...
             out["env_state_dict"] = self._between_batches(lambda: r.env.state_dict())
         return out
