@@ -402,14 +402,19 @@ class EnvWorker:
         r = self.rollout
         out = {"id_counter": r.id_counter, "policy_version": r.policy_version,
                "frames": self.frames, "batches": self.batches, "seed": r.seed}
-        if hasattr(r.runner.module, "state_dict"):  # with the weights sent so far, as TorchRL
-            def weights():
-                self._take_board()
-                return {k: v.detach().cpu().clone() for k, v in r.runner.module.state_dict().items()}
 
-            out["policy_state_dict"] = self._between_batches(weights)
-        if hasattr(getattr(r, "env", None), "state_dict"):  # a TorchRL env: VecNorm's stats...
-            out["env_state_dict"] = self._between_batches(lambda: r.env.state_dict())
+        def parts() -> dict:  # one wait between batches for both
+            extra = {}
+            if hasattr(r.runner.module, "state_dict"):  # the weights sent so far, as TorchRL
+                self._take_board()
+                extra["policy_state_dict"] = {k: v.detach().cpu().clone()
+                                              for k, v in r.runner.module.state_dict().items()}
+            if hasattr(getattr(r, "env", None), "state_dict"):  # a TorchRL env: VecNorm's stats
+                extra["env_state_dict"] = r.env.state_dict()
+            return extra
+
+        if hasattr(r.runner.module, "state_dict") or hasattr(getattr(r, "env", None), "state_dict"):
+            out.update(self._between_batches(parts))
         return out
 
     @ray.method(concurrency_group="control")
