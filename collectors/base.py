@@ -320,7 +320,7 @@ class DataCollectorBase(IterationMixin, ControlMixin, IntrospectionMixin, Backgr
         parts, metas = local if local is not None else self._collect_through_driver(random_actions)
         layout = "single" if self._async else self._layout
         batch = assemble(parts, [m["worker"] for m in metas] if self._multi else None, layout,
-                         self.options.compact_obs)
+                         self.options.compact_obs, self.spec.get("env_shape"))
         valid = sum(m["frames"] for m in metas)
         if local is not None and self._async:  # copied out: that worker may collect again
             self._route.release(self._frames + valid < self.init_random_frames)

@@ -17,13 +17,15 @@ def frames_tensordict(flat: dict, batch_size) -> TensorDict:
 
 
 def assemble(parts: list[dict], worker_ids: list[int] | None, layout: str,
-             compact_obs: bool = False) -> TensorDict:
+             compact_obs: bool = False, env_shape: tuple | None = None) -> TensorDict:
     """Build one batch from per-worker arrays shaped ``[num_envs, T, ...]``.
 
     ``layout``: ``"single"`` (one worker: ``[T]`` or ``[E, T]``), ``"stack"`` (``[W, T]`` or
     ``[W, E, T]``), ``"cat"`` (workers concatenated along time) or ``0`` (``[W * E, T]``). ``worker_ids`` adds
     ``("collector", "worker_id")``. ``compact_obs`` leaves out the ``("next", ...)`` copies of
-    observation and state keys, as TorchRL's ``compact_obs=True`` does.
+    observation and state keys, as TorchRL's ``compact_obs=True`` does. ``env_shape``: the
+    env's batch dims when it has several (workers step them as ``prod(env_shape)`` rows); the
+    batch gets them back, ``[*env_shape, T]`` (TorchRL's layout).
     """
     num_envs = parts[0][("collector", "traj_ids")].shape[0]
     keys = [k for k in parts[0] if not (isinstance(k, tuple) and k[0] == "_compact")]
@@ -42,6 +44,10 @@ def assemble(parts: list[dict], worker_ids: list[int] | None, layout: str,
         else:
             arr = np.concatenate([p[key] for p in parts], axis=1)
             arr = arr[0] if squeeze else arr
+        if env_shape is not None:  # [.., E, ..T] -> [.., *env_shape, ..T], features kept
+            features = parts[0][key].ndim - 2
+            batch = arr.shape[:arr.ndim - features]
+            arr = arr.reshape(*env_dims(batch, layout, env_shape), *arr.shape[len(batch):])
         # (objects, e.g. a TorchRL env's NonTensorData strings: a NonTensorStack)
         flat[key] = NonTensorStack.from_list(arr.tolist()) if arr.dtype.hasobject \
             else torch.from_numpy(arr)
@@ -51,13 +57,24 @@ def assemble(parts: list[dict], worker_ids: list[int] | None, layout: str,
         if layout == "stack":
             w = ids.view(-1, *([1] * (len(batch_shape) - 1))).expand(batch_shape)
         elif layout == 0:
-            w = ids.repeat_interleave(num_envs).view(-1, 1).expand(batch_shape)
+            per_worker = batch_shape[0] // len(worker_ids)
+            w = ids.repeat_interleave(per_worker).view(-1, *([1] * (len(batch_shape) - 1)))
+            w = w.expand(batch_shape)
         else:
             lengths = torch.tensor([p[("collector", "traj_ids")].shape[1] for p in parts])
             w = ids.repeat_interleave(lengths).view(*([1] * (len(batch_shape) - 1)), -1).expand(batch_shape)
         flat[("collector", "worker_id")] = w.contiguous()
     names = [None] * (len(batch_shape) - 1) + ["time"]
     return nested_tensordict(flat, batch_shape, names)
+
+
+def env_dims(batch: tuple, layout, env_shape: tuple) -> tuple:
+    """The batch shape with the env rows of ``batch`` (see :func:`assemble`) as ``env_shape``."""
+    if layout == "stack":
+        return (batch[0], *env_shape, batch[-1])
+    if layout == 0:  # workers' env rows end to end along the first env dim
+        return (batch[0] // int(np.prod(env_shape)) * env_shape[0], *env_shape[1:], batch[-1])
+    return (*env_shape, batch[-1])
 
 
 def nested_tensordict(flat: dict, batch_size, names: list) -> TensorDict:

@@ -121,5 +121,6 @@ class IntrospectionMixin:
         workers = [0] if self._async or not self._multi else list(range(self.num_workers))
         parts = self._from_workers("fake_batch", workers=workers)
         layout = "single" if self._async else self._layout
-        batch = assemble(parts, workers if self._multi else None, layout, self.options.compact_obs)
+        batch = assemble(parts, workers if self._multi else None, layout, self.options.compact_obs,
+                         self.spec.get("env_shape"))
         return finish(batch, self.options, self.postproc, self._masked, self.spec.get("nested"))

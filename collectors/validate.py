@@ -120,14 +120,11 @@ def make_probe_env(create_env_fn, create_env_kwargs):
 
 def torchrl_spec(env, policy, exploration_type: str,
                  policy_device: str | None = None) -> tuple[dict, str]:
-    """Check a TorchRL env (single, or batched along one dimension) and the policy on one
+    """Check a TorchRL env (single or batched: ``batch_size`` [], [B] or [B1, B2, ...]; a batch
+    has the env's dims before time) and the policy on one
     reset: the policy must write every one of the env's action keys, shaped as its spec."""
     kind = policy_kind(policy)
     shape = tuple(env.batch_size)
-    if len(shape) > 1:
-        raise EnvCreationError(
-            f"the TorchRL env has batch_size {shape}; a collector steps a single env (batch_size "
-            "[]) or a batched env with one batch dimension (a SerialEnv, a ParallelEnv).")
     if kind != "random":
         try:
             td_policy = prepare_td_policy(policy, kind, env)
@@ -149,7 +146,8 @@ def torchrl_spec(env, policy, exploration_type: str,
             raise
         check_actions(env, td)
     return {"torchrl": True, "obs": {}, "obs_is_dict": False, "outputs": {},
-            "env_batch": shape[0] if shape else 0, "nested": nested_dims(env)}, kind
+            "env_batch": math.prod(shape) if shape else 0, "nested": nested_dims(env),
+            "env_shape": shape if len(shape) > 1 else None}, kind
 
 
 def nested_dims(env) -> dict:

@@ -177,3 +177,47 @@ def test_state_dict_reports_the_weights_the_trainer_has_now():
         state = c.state_dict()  # sends them first, as TorchRL's shared weights show them
         for w in ("worker0", "worker1"):
             assert torch.equal(state[w]["policy_state_dict"]["module.bias"], policy.module.bias)
+
+
+def grid_env():
+    return CountingEnv(batch_size=(2, 3), max_steps=3)
+
+
+def count_up(td):
+    return td.set("action", torch.ones((*td.shape, 1), dtype=torch.int))
+
+
+def test_an_env_with_two_batch_dims_gives_torchrls_batch():
+    from torchrl.collectors import Collector as TorchRLCollector
+
+    theirs = TorchRLCollector(grid_env, count_up, frames_per_batch=24, total_frames=24)
+    expected = next(iter(theirs))
+    theirs.shutdown()
+    with SyncDataCollector(grid_env, count_up, frames_per_batch=24, total_frames=24) as c:
+        fake = c.fake_tensordict()
+        batch = c.next()
+    assert batch.batch_size == expected.batch_size == fake.batch_size == (2, 3, 4)
+    assert batch.names == [None, None, "time"]
+    for key in ("observation", ("next", "observation"), ("next", "done"), "action"):
+        assert torch.equal(batch[key], expected[key]), key
+    ids = batch["collector", "traj_ids"]
+    assert ids[..., 0].unique().numel() == 6  # one trajectory per env, until its done
+    done = batch["next", "done"].squeeze(-1)
+    assert ((ids[..., 1:] != ids[..., :-1]) == done[..., :-1]).all()  # a new id after each done
+
+
+@pytest.mark.parametrize("cat_results, shape", [("stack", (2, 2, 3, 2)), (0, (4, 3, 2)),
+                                                (-1, (2, 3, 4))])
+def test_multi_collectors_keep_two_env_dims_as_torchrl_lays_them(cat_results, shape):
+    with MultiSyncDataCollector([grid_env, grid_env], count_up, frames_per_batch=24,
+                                total_frames=24, cat_results=cat_results) as c:
+        batch = c.next()
+    assert batch.batch_size == shape
+    workers = batch["collector", "worker_id"]
+    if cat_results == "stack":
+        assert workers[0].eq(0).all() and workers[1].eq(1).all()
+    elif cat_results == 0:  # each worker's [2, 3] envs, one after the other along dim 0
+        assert workers[:2].eq(0).all() and workers[2:].eq(1).all()
+    else:  # each worker's steps, one after the other along time
+        assert workers[..., :2].eq(0).all() and workers[..., 2:].eq(1).all()
+    assert batch["collector", "traj_ids"][..., 0].flatten().unique().numel() == batch[..., 0].numel()

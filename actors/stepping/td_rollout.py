@@ -11,6 +11,7 @@ everything downstream (assembly, buffers, accounting) is shared. ``num_envs > 1`
 """
 from __future__ import annotations
 
+import math
 import time
 import traceback
 
@@ -111,16 +112,16 @@ class TensorDictRollout:
         if self.options.auto_register_policy_transforms:
             env = with_policy_transforms(env, self._raw_policy)
         shape = tuple(env.batch_size)
-        if len(shape) > 1 or (self.options.num_envs > 1 and shape != (self.options.num_envs,)):
+        if self.options.num_envs > 1 and shape != (self.options.num_envs,):
             if not env.is_closed:
                 env.close()
             raise EnvStepError(0, self.seed, "init", ValueError(
-                f"the TorchRL env has batch_size {shape}; give a single env (batch_size []) or "
-                "a batched env with one batch dimension (a SerialEnv, a ParallelEnv), and "
-                "num_envs=1 with a batched env"))
+                f"the TorchRL env has batch_size {shape}; with num_envs="
+                f"{self.options.num_envs} give a factory of a single env (batch_size [])"))
         self._set_devices(env)
-        self.batched = len(shape) == 1  # the env's own batch dimension is the env dimension
-        self.num_envs = shape[0] if shape else 1
+        self.batched = len(shape) >= 1  # the env's own batch dims are the env dimension
+        self.flat = len(shape) > 1  # [2, 3] envs are stepped as 6 rows, reshaped by the trainer
+        self.num_envs = math.prod(shape)
         self.env = env
         seed = self._seed()
         if seed is not None:
@@ -201,7 +202,7 @@ class TensorDictRollout:
                 raise IndexError(f"env index {i} is out of range for {self.num_envs} envs.")
             mask[int(i)] = True
         request = self.carrier.empty()
-        request.set("_reset", mask.unsqueeze(-1))
+        request.set("_reset", mask.reshape(*self.env.batch_size, 1))
         fresh = self.env.reset(request)
         self.traj_ids[mask] = self._new_ids(int(mask.sum()))
         self.carrier.update(fresh.exclude(*[k for k in fresh.keys() if k.startswith("_")]))
@@ -267,7 +268,7 @@ class TensorDictRollout:
                     env = self.env
                     continue
                 t_env += clock() - t0
-                frames.append(step)
+                frames.append(step.reshape(-1) if self.flat else step)
         self.last_valid_steps = len(frames)
         self.last_env_time = t_env
         return self._arrays(frames)
@@ -346,6 +347,7 @@ class TensorDictRollout:
         """Zeros laid out as :meth:`collect`'s result, from the env's specs and the policy's
         output template; steps nothing."""
         frame = self.env.fake_tensordict()
+        frame = frame.reshape(-1) if self.flat else frame
         outputs = self._zero_outputs if self._zero_outputs is not None else self._output_template()
         if outputs is not None:
             frame.update(outputs.clone())
