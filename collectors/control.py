@@ -161,6 +161,8 @@ class ControlMixin:
             if self._watcher is not None and policy_or_weights is None and weights_dict is None \
                     and worker_ids is None:
                 self._watcher.mark_current()
+            elif self._watcher is not None:  # weights from elsewhere, or for some workers
+                self._watcher.workers_have_it = False
             self.policy_version += 1
             if board and self._route.push(weights, self.policy_version, worker_ids):
                 return  # in shared memory: each worker copies it in before its next batch
@@ -228,6 +230,10 @@ class ControlMixin:
         self._route.settled()
         self._sync_if_changed()  # the actors' policy_state_dict: the weights as they are now
         workers = _ray_get(self._driver.broadcast.remote("state_dict"), timeout=CONTROL_TIMEOUT_S)
+        if self._watcher is not None and self._watcher.differs(
+                [w.get("policy_state_dict") for w in workers]):  # ``p.data`` edits: send them
+            self.update_policy_weights_()
+            workers = _ray_get(self._driver.broadcast.remote("state_dict"), timeout=CONTROL_TIMEOUT_S)
         out = {"frames": self._frames, "iter": self._iter, "policy_version": self.policy_version}
         out.update({f"worker{i}": w for i, w in enumerate(workers)})  # TorchRL's layout
         if not self._multi and "env_state_dict" in workers[0]:

@@ -48,6 +48,7 @@ class WeightWatcher:
         self._ptrs: tuple = ()
         self._listed_at = -1
         self.last = self.fingerprint()
+        self.workers_have_it = True  # the workers' weights are this module's (none sent from elsewhere)
 
     def _relist(self) -> None:
         if self._listed_at != _registrations[0]:
@@ -79,3 +80,16 @@ class WeightWatcher:
     def mark_current(self) -> None:
         """The workers have the weights as they are now (an explicit update was sent)."""
         self.last = self.fingerprint()
+        self.workers_have_it = True
+
+    def differs(self, reported: list) -> bool:
+        """Whether workers that all report the same weights (``[{name: tensor}]``) hold other
+        values than the module's now, having been sent only the module's: edits through
+        ``p.data`` change values without a version bump, which :meth:`changed` cannot see."""
+        if not self.workers_have_it or not reported or any(not r for r in reported):
+            return False
+        first, now = reported[0], self.state()
+        if any(r.keys() != first.keys() or not all(torch.equal(r[k], first[k]) for k in r)
+               for r in reported[1:]):
+            return False  # different weights per worker: sent to some workers on purpose
+        return any(k in now and not torch.equal(v, now[k].detach().cpu()) for k, v in first.items())

@@ -221,3 +221,34 @@ def test_multi_collectors_keep_two_env_dims_as_torchrl_lays_them(cat_results, sh
     else:  # each worker's steps, one after the other along time
         assert workers[..., :2].eq(0).all() and workers[..., 2:].eq(1).all()
     assert batch["collector", "traj_ids"][..., 0].flatten().unique().numel() == batch[..., 0].numel()
+
+
+def linear_policy():
+    torch.manual_seed(0)
+    return TensorDictModule(nn.Linear(7, 7), in_keys=["observation"], out_keys=["action"])
+
+
+def test_state_dict_sees_weights_edited_through_data():
+    policy = linear_policy()
+    with MultiSyncDataCollector([ContinuousActionVecMockEnv] * 2, policy, frames_per_batch=10,
+                                total_frames=-1) as c:
+        for p in policy.parameters():
+            p.data += 1.0  # no version bump: only the values say it changed
+        state = c.state_dict()
+        for w in (0, 1):
+            sent = state[f"worker{w}"]["policy_state_dict"]
+            for name, value in policy.state_dict().items():
+                assert torch.equal(sent[name], value), (w, name)
+        assert (c.next()["collector", "policy_version"] == 1).all()  # and the actors run them
+
+
+def test_state_dict_keeps_weights_sent_to_one_worker():
+    policy = linear_policy()
+    other = {k: v + 5.0 for k, v in policy.state_dict().items()}
+    with MultiSyncDataCollector([ContinuousActionVecMockEnv] * 2, policy, frames_per_batch=10,
+                                total_frames=-1) as c:
+        c.update_policy_weights_(other, worker_ids=[1])
+        state = c.state_dict()
+    assert torch.equal(state["worker1"]["policy_state_dict"]["module.weight"], other["module.weight"])
+    assert torch.equal(state["worker0"]["policy_state_dict"]["module.weight"],
+                       policy.state_dict()["module.weight"])
