@@ -19,6 +19,7 @@ from actors.stepping.env_worker import WorkerPlan
 from actors.errors import CollectorError
 from actors.options import CollectorOptions
 from actors.stepping.policy_runner import module_device
+from actors.stepping.td_rollout import shippable
 from actors.stepping.vector_rollout import AUTO_MIN_ENVS, native_vector_problem
 from collectors import validate
 from collectors.background import BackgroundMixin
@@ -229,8 +230,8 @@ class DataCollectorBase(IterationMixin, ControlMixin, IntrospectionMixin, Backgr
                 raise ValueError(
                     f"create_env_fn is a list of {len(create_env_fn)} factories but num_workers="
                     f"{num_workers}; give one factory per worker or a single factory.")
-            return tuple(create_env_fn)
-        return (create_env_fn,) * num_workers
+            return tuple(map(shippable, create_env_fn))
+        return (shippable(create_env_fn),) * num_workers
 
     def _batch_geometry(self, options: CollectorOptions) -> tuple[tuple, int]:
         """Steps of each worker's batch, and the frames per yielded batch after rounding up."""

@@ -1,6 +1,8 @@
 """Behaviours TorchRL's own collector tests rely on, in our words: actions shaped with size-1
 dims dropped, nested truncation flags, TorchRL's state_dict layout (worker entries, the env's
 transform state)."""
+import functools
+
 import pytest
 import torch
 from torch import nn
@@ -252,3 +254,19 @@ def test_state_dict_keeps_weights_sent_to_one_worker():
     assert torch.equal(state["worker1"]["policy_state_dict"]["module.weight"], other["module.weight"])
     assert torch.equal(state["worker0"]["policy_state_dict"]["module.weight"],
                        policy.state_dict()["module.weight"])
+
+
+def test_a_started_parallel_env_instance_is_rebuilt_in_the_actor_and_left_open():
+    from torchrl.envs import ParallelEnv
+
+    env = ParallelEnv(2, functools.partial(CountingEnv, max_steps=3))
+    env.set_seed(0)  # started: its worker processes run, it cannot be pickled
+    try:
+        with SyncDataCollector(env, count_up, frames_per_batch=12, total_frames=12) as c:
+            batch = c.next()
+        assert batch.batch_size == (2, 6)
+        counts = batch["observation"].squeeze(-1)
+        assert counts[0].tolist() == counts[1].tolist() == [0, 1, 2, 3, 0, 1]  # done at 3, reset
+        assert not env.is_closed  # the instance stays the user's, as it was
+    finally:
+        env.close()

@@ -11,6 +11,7 @@ everything downstream (assembly, buffers, accounting) is shared. ``num_envs > 1`
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 import traceback
@@ -54,6 +55,35 @@ def with_policy_transforms(env, policy):
     from torchrl.modules.utils.utils import _maybe_append_env_transforms_from_module
 
     return _maybe_append_env_transforms_from_module(env, policy)
+
+
+def shippable(create_env_fn):
+    """``create_env_fn`` as it can go to the env actors: a started ``SerialEnv`` /
+    ``ParallelEnv`` instance becomes the recipe of a fresh one (:func:`batched_env_recipe`)."""
+    if is_torchrl_env(create_env_fn) and hasattr(create_env_fn, "num_workers") \
+            and not getattr(create_env_fn, "is_closed", True):
+        return batched_env_recipe(create_env_fn)
+    return create_env_fn
+
+
+def batched_env_recipe(env):
+    """A factory of a fresh copy of a started ``SerialEnv`` / ``ParallelEnv`` instance (its
+    worker processes and shared buffers cannot be pickled; the instance stays yours, open): the
+    same class, sub-env factories and settings, seeded as the instance was."""
+    kwargs = {"create_env_kwargs": env.create_env_kwargs, "device": env.device,
+              "num_threads": env.num_threads, "num_sub_threads": env.num_sub_threads,
+              "serial_for_single": env.serial_for_single}
+    if getattr(env, "_mp_start_method", None) is not None:
+        kwargs["mp_start_method"] = env._mp_start_method
+    return functools.partial(_rebuilt, type(env), env.num_workers, env.create_env_fn, kwargs,
+                             getattr(env, "_seeds", None))
+
+
+def _rebuilt(cls, num_workers: int, fns, kwargs: dict, seeds):
+    env = cls(num_workers, fns, **kwargs)
+    if seeds:
+        env.set_seed(seeds[0])
+    return env
 
 
 class TensorDictRollout:
