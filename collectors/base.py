@@ -19,7 +19,7 @@ from actors.stepping.env_worker import WorkerPlan
 from actors.errors import CollectorError
 from actors.options import CollectorOptions
 from actors.stepping.policy_runner import module_device
-from actors.stepping.td_rollout import shippable
+from actors.stepping.env_building import shippable
 from actors.stepping.vector_rollout import AUTO_MIN_ENVS, native_vector_problem
 from collectors import validate
 from collectors.background import BackgroundMixin
@@ -94,7 +94,7 @@ class DataCollectorBase(IterationMixin, ControlMixin, IntrospectionMixin, Backgr
             exploration_type=options.exploration_type,
             max_frames_per_traj=options.max_frames_per_traj,
             register_transforms=bool(options.auto_register_policy_transforms),
-            policy_device=options.policy_device)
+            policy_device=options.policy_device, ragged_conflicts=validate.ragged_conflicts(options))
         spec, kind = probe(env_fns[0], options.env_kwargs(0))
         others = {(id(f), repr(options.env_kwargs(i))): (f, options.env_kwargs(i))
                   for i, f in enumerate(env_fns) if i}

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from tensordict import NonTensorStack, TensorDict
+from tensordict import LazyStackedTensorDict, NonTensorStack, TensorDict, TensorDictBase
 
 from actors.stepping.compact import compacted_keys
+from actors.stepping.td_rollout import LAZY_KEY
 
 COLLECTOR = "collector"
 
@@ -27,6 +28,8 @@ def assemble(parts: list[dict], worker_ids: list[int] | None, layout: str,
     env's batch dims when it has several (workers step them as ``prod(env_shape)`` rows); the
     batch gets them back, ``[*env_shape, T]`` (TorchRL's layout).
     """
+    if LAZY_KEY in parts[0]:  # a ragged env's batches: lazy stacks, joined as they are
+        return lazy_batch(parts, worker_ids, layout)
     num_envs = parts[0][("collector", "traj_ids")].shape[0]
     keys = [k for k in parts[0] if not (isinstance(k, tuple) and k[0] == "_compact")]
     if compact_obs:
@@ -53,19 +56,41 @@ def assemble(parts: list[dict], worker_ids: list[int] | None, layout: str,
             else torch.from_numpy(arr)
     batch_shape = flat[("collector", "traj_ids")].shape
     if worker_ids is not None:
-        ids = torch.tensor(worker_ids, dtype=torch.int64)
-        if layout == "stack":
-            w = ids.view(-1, *([1] * (len(batch_shape) - 1))).expand(batch_shape)
-        elif layout == 0:
-            per_worker = batch_shape[0] // len(worker_ids)
-            w = ids.repeat_interleave(per_worker).view(-1, *([1] * (len(batch_shape) - 1)))
-            w = w.expand(batch_shape)
-        else:
-            lengths = torch.tensor([p[("collector", "traj_ids")].shape[1] for p in parts])
-            w = ids.repeat_interleave(lengths).view(*([1] * (len(batch_shape) - 1)), -1).expand(batch_shape)
-        flat[("collector", "worker_id")] = w.contiguous()
+        flat[("collector", "worker_id")] = worker_column(parts, worker_ids, layout, batch_shape)
     names = [None] * (len(batch_shape) - 1) + ["time"]
     return nested_tensordict(flat, batch_shape, names)
+
+
+def worker_column(parts: list, worker_ids: list, layout, batch_shape) -> torch.Tensor:
+    """``("collector", "worker_id")`` for a batch of ``batch_shape`` joined by ``layout``."""
+    ids, ones = torch.tensor(worker_ids, dtype=torch.int64), [1] * (len(batch_shape) - 1)
+    if layout == "stack":
+        w = ids.view(-1, *ones)
+    elif layout == 0:
+        w = ids.repeat_interleave(batch_shape[0] // len(worker_ids)).view(-1, *ones)
+    else:
+        lengths = torch.tensor([p[("collector", "traj_ids")].shape[1] for p in parts])
+        w = ids.repeat_interleave(lengths).view(*ones, -1)
+    return w.expand(batch_shape).contiguous()
+
+
+def lazy_batch(parts: list, worker_ids, layout) -> TensorDictBase:
+    """:func:`assemble` for a ragged env: each part holds its batch (``[*env dims, T]``) as a
+    lazy stack (``LAZY_KEY``); they are stacked or concatenated as they are, as TorchRL does."""
+    tds = [p[LAZY_KEY][()] for p in parts]
+    if tds[0].batch_size[0] == 1:  # one env per worker: no env dimension, as TorchRL
+        tds = [td[0] for td in tds]
+    if layout == "single":
+        batch = tds[0]
+    elif layout == "stack":
+        batch = LazyStackedTensorDict.maybe_dense_stack(tds, dim=0)
+    else:
+        batch = torch.cat(tds, dim=0 if layout == 0 else -1)
+    if worker_ids is not None:
+        batch.set(("collector", "worker_id"),
+                  worker_column(parts, worker_ids, layout, batch.batch_size))
+    batch.names = [None] * (batch.batch_dims - 1) + ["time"]
+    return batch
 
 
 def env_dims(batch: tuple, layout, env_shape: tuple) -> tuple:

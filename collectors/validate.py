@@ -12,7 +12,8 @@ from actors.errors import EnvCreationError, PolicyOutputError
 from actors.stepping.policy_runner import ACTION_KEY, PolicyRunner, module_device, policy_kind
 from actors.stepping.spaces import leaf_spec, observation_spec
 from actors.stepping.td_policy import prepare_td_policy
-from actors.stepping.td_rollout import is_torchrl_env, with_policy_transforms, with_step_counter
+from actors.stepping.env_building import (is_torchrl_env, ragged_entries, with_policy_transforms,
+                                          with_step_counter)
 
 ANY = object()  # every value changes nothing here
 # TorchRL 0.14.1 collector options that we know of but do not implement, with the values at
@@ -164,19 +165,26 @@ def nested_dims(env) -> dict:
     return out
 
 
-def refuse_ragged(env) -> None:
-    """``NotImplementedError`` for a TorchRL env with entries whose shape varies (a ``-1`` in
-    their spec: dynamic specs, heterogeneous lazily stacked envs)."""
-    ragged = [(k[1:], tuple(spec[k].shape)) for spec in (env.output_spec, env.input_spec)
-              for k in spec.keys(True, True) if -1 in tuple(spec[k].shape)]
-    if ragged:
+def ragged_conflicts(options) -> list:
+    """The options set that need one array per key, which a ragged env's batches (lazy stacks)
+    do not have."""
+    names = [n for n in ("compact_obs", "split_trajs", "trajs_per_batch") if getattr(options, n)]
+    return names + (["a RayReplayBuffer"] if hasattr(options.replay_buffer, "actor") else [])
+
+
+def refuse_ragged(env, conflicts: list) -> None:
+    """``NotImplementedError`` for a TorchRL env with entries whose shape varies, given options
+    that its batches (lazy stacks) cannot serve."""
+    ragged = ragged_entries(env)
+    if ragged and conflicts:
         listed = ", ".join(f"{k if len(k) > 1 else k[0]!r}: {s}" for k, s in ragged[:4])
         raise NotImplementedError(
             f"the TorchRL env {type(env).__name__} has entries whose shape varies from step to "
             f"step or between sub-envs (-1 in their specs: {listed}"
-            f"{', ...' if len(ragged) > 4 else ''}). A batch here holds one array per key, so "
-            "such envs are not supported yet. Pad those entries to a fixed shape (a transform), "
-            "or collect from this env with TorchRL's own collector.")
+            f"{', ...' if len(ragged) > 4 else ''}); its batches are lazy stacks "
+            f"(LazyStackedTensorDict), which {', '.join(conflicts)} cannot take here. Drop "
+            f"{'it' if len(conflicts) == 1 else 'them'}, or pad those entries to a fixed shape "
+            "(a transform).")
 
 
 def fits(shape: tuple, spec_shape: tuple) -> bool:
@@ -192,14 +200,17 @@ def check_actions(env, td) -> None:
     broadcast to it). Dtypes and values are the env's business (it casts, clips or projects
     them, as with TorchRL's collectors)."""
     for key in env.action_keys:
-        action = td.get(key, None)
+        spec = env.full_action_spec[key]
+        if -1 in tuple(spec.shape):  # ragged (a lazy stack of actions): present is enough
+            action = td if key in td.keys(True, True) else None
+        else:
+            action = td.get(key, None)
         if action is None:
             raise PolicyOutputError(
                 f"the policy's output has no {key!r} entry, one of the env's action keys "
                 f"{list(env.action_keys)} (keys written: {sorted(map(str, td.keys(True, True)))}). "
                 "Write the action where the env reads it (a TensorDictModule's out_keys).")
-        spec = env.full_action_spec[key]
-        if not fits(tuple(action.shape), tuple(spec.shape)):
+        if action is not td and not fits(tuple(action.shape), tuple(spec.shape)):
             hint = ""
             if "OneHot" in type(spec).__name__:
                 hint = (" The env's actions are one-hot: return a one-hot vector (or build the "
@@ -212,7 +223,7 @@ def check_actions(env, td) -> None:
 def build_spec(create_env_fn, create_env_kwargs, policy, num_envs: int,
                exploration_type: str = "random", max_frames_per_traj: int | None = None,
                register_transforms: bool = False,
-               policy_device: str | None = None) -> tuple[dict, str]:
+               policy_device: str | None = None, ragged_conflicts: tuple = ()) -> tuple[dict, str]:
     """The worker storage spec and the policy kind, after running the policy once here."""
     env = make_probe_env(create_env_fn, create_env_kwargs)
     if register_transforms and not is_torchrl_env(env):
@@ -221,12 +232,13 @@ def build_spec(create_env_fn, create_env_kwargs, policy, num_envs: int,
                          "TorchRL env; this env is a gymnasium env. Drop it.")
     if is_torchrl_env(env):
         try:
-            refuse_ragged(env)
+            refuse_ragged(env, list(ragged_conflicts))
             if max_frames_per_traj:
                 env = with_step_counter(env, max_frames_per_traj)
             if register_transforms:
                 env = with_policy_transforms(env, policy)
-            return torchrl_spec(env, policy, exploration_type, policy_device)
+            spec, kind = torchrl_spec(env, policy, exploration_type, policy_device)
+            return dict(spec, ragged=bool(ragged_entries(env))), kind
         finally:
             if not env.is_closed:  # (a batched env that never started is closed already)
                 env.close()

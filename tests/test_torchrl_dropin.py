@@ -18,7 +18,7 @@ from torchrl.testing.mocking_classes import (ContinuousActionVecMockEnv, Countin
                                              DiscreteActionVecPolicy, MultiKeyCountingEnv,
                                              MultiKeyCountingEnvPolicy, NestedCountingEnv)
 
-from collectors import (EnvCreationError, MultiaSyncDataCollector, MultiSyncDataCollector,  # noqa: E402
+from collectors import (MultiaSyncDataCollector, MultiSyncDataCollector,  # noqa: E402
                         PolicyOutputError, SyncDataCollector)
 
 
@@ -78,11 +78,9 @@ def test_batched_env_instance_and_multi_collector_stack_workers():
     assert len(set(ids)) == 4  # four envs, four trajectories
 
 
-def test_batched_env_with_num_envs_or_two_batch_dims_is_refused():
+def test_batched_env_with_num_envs_is_refused():
     with pytest.raises(ValueError, match="num_envs=1 with a batched env"):
         SyncDataCollector(serial_counting, None, frames_per_batch=12, num_envs=2)
-    with pytest.raises(EnvCreationError, match=r"batch_size \(2, 3\)"):
-        SyncDataCollector(functools.partial(counting, (2, 3)), None, frames_per_batch=12)
 
 
 # -- the action check ------------------------------------------------------------------------

@@ -226,13 +226,55 @@ def test_batches_keep_the_policy_outputs_while_actions_are_random(cls):
 
 
 @pytest.mark.parametrize("cls", [SyncDataCollector, MultiSyncDataCollector])
-@pytest.mark.parametrize("env_name", ["EnvWithDynamicSpec", "HeterogeneousCountingEnv"])
-def test_envs_whose_entries_change_shape_are_refused_by_name(cls, env_name):
-    from torchrl.envs.utils import RandomPolicy
-    from torchrl.testing import mocking_classes
+def test_a_heterogeneous_env_gives_lazy_stacks_that_count_as_torchrls(cls):
+    from tensordict import LazyStackedTensorDict
+    from torchrl.testing.mocking_classes import (HeterogeneousCountingEnv,
+                                                 HeterogeneousCountingEnvPolicy)
 
-    env_fn = getattr(mocking_classes, env_name)
-    policy = RandomPolicy(env_fn().full_action_spec)
+    def make():
+        return HeterogeneousCountingEnv(max_steps=3, batch_size=(2,))  # agents' shapes differ
+
+    policy = HeterogeneousCountingEnvPolicy(make().input_spec["full_action_spec"])  # counts
+    kwargs = {"num_workers": 2, "cat_results": "stack"} if cls is MultiSyncDataCollector else {}
+    with cls(make, policy, frames_per_batch=16 * (2 if kwargs else 1), total_frames=-1,
+             **kwargs) as c:
+        batch = c.next()
+    rows = batch if cls is SyncDataCollector else batch[1]  # worker 1's [2 envs, 8 steps]
+    assert rows.batch_size == (2, 8) and batch.names[-1] == "time"
+    assert isinstance(rows["lazy"], LazyStackedTensorDict)
+    for agent in range(3):
+        obs = rows["lazy"][..., agent][f"tensor_{agent}"]
+        for _ in range(agent + 1):  # each agent's entry has agent + 1 feature dims
+            obs = obs.mean(-1)
+        assert obs.tolist() == [[0.0, 1.0, 2.0, 3.0] * 2] * 2  # done at 3, then reset
+    ids = rows["collector", "traj_ids"]
+    assert ids[:, :4].unique().numel() == 2 and (ids[:, 4:] != ids[:, :4]).all()
+
+
+@pytest.mark.parametrize("cls", [SyncDataCollector, MultiSyncDataCollector])
+def test_an_env_whose_shapes_change_each_step_gives_a_lazy_stack_along_time(cls):
+    from tensordict import LazyStackedTensorDict
+    from torchrl.envs.utils import RandomPolicy
+    from torchrl.testing.mocking_classes import EnvWithDynamicSpec
+
+    policy = RandomPolicy(EnvWithDynamicSpec().full_action_spec)
     kwargs = {"num_workers": 2} if cls is MultiSyncDataCollector else {}
-    with pytest.raises(NotImplementedError, match=rf"{env_name} has entries whose shape varies"):
-        cls(env_fn, policy, frames_per_batch=20, total_frames=40, **kwargs)
+    with cls(EnvWithDynamicSpec, policy, frames_per_batch=20, total_frames=-1, **kwargs) as c:
+        batch = c.next()
+    assert isinstance(batch, LazyStackedTensorDict) and batch.names[-1] == "time"
+    steps = (batch if cls is SyncDataCollector else batch[0]).unbind(-1)
+    assert len(steps) == 20 // (1 if cls is SyncDataCollector else 2)
+    for t, step in enumerate(steps):  # observation (3, count + 1, 2) full of count, no padding
+        count = t % 5  # done when it reaches 5, then reset to 0
+        assert step["observation"].shape == (3, count + 1, 2)
+        assert (step["observation"] == count).all()
+
+
+def test_options_a_ragged_batch_cannot_serve_are_refused_by_name():
+    from torchrl.envs.utils import RandomPolicy
+    from torchrl.testing.mocking_classes import EnvWithDynamicSpec
+
+    policy = RandomPolicy(EnvWithDynamicSpec().full_action_spec)
+    with pytest.raises(NotImplementedError, match=r"EnvWithDynamicSpec has entries whose shape "
+                                                  r"varies.*split_trajs cannot take"):
+        SyncDataCollector(EnvWithDynamicSpec, policy, frames_per_batch=20, split_trajs=True)

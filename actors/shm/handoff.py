@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import pickle
 import socket
 import stat
 import traceback
@@ -119,7 +120,9 @@ class _Slot:
             if key not in placed:
                 dst = np.ndarray(shape, dtype=dtype, buffer=self.buf, offset=off)
                 np.copyto(dst, arrays[key], casting="no")
-        return self.path, layout, inline
+        # (objects pickled here by value: the connection's pickler would send torch tensors as
+        # shared-memory handles, which a process of another Ray worker cannot open)
+        return self.path, layout, pickle.dumps(inline) if inline else {}
 
     def _grow(self, nbytes: int) -> None:
         size = max(nbytes, 2 * (0 if self.buf is None else self.buf.shape[0]), 4096)
@@ -159,7 +162,7 @@ class SlotMaps:
         buf = self.mapped(path) if layout else None
         arrays = {key: np.ndarray(shape, dtype=dtype, buffer=buf, offset=off)
                   for key, dtype, shape, off in layout}
-        arrays.update(inline)
+        arrays.update(pickle.loads(inline) if isinstance(inline, bytes) else inline)
         return arrays
 
     def mapped(self, path: str) -> np.memmap:

@@ -23,7 +23,8 @@ from actors.shm.handoff import HandoffServer
 from actors.options import CollectorOptions
 from actors.stepping.policy_runner import local_device
 from actors.stepping.rollout import Rollout
-from actors.stepping.td_rollout import TensorDictRollout, is_torchrl_env
+from actors.stepping.env_building import is_torchrl_env
+from actors.stepping.td_rollout import TensorDictRollout
 from actors.stepping.vector_rollout import VectorRollout
 
 log = logging.getLogger("ray_collectors.worker")

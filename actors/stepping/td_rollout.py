@@ -11,7 +11,6 @@ everything downstream (assembly, buffers, accounting) is shared. ``num_envs > 1`
 """
 from __future__ import annotations
 
-import functools
 import math
 import time
 import traceback
@@ -23,67 +22,13 @@ from actors.options import CollectorOptions
 from actors.stepping.policy_runner import PolicyRunner
 from actors.stepping.td_policy import prepare_td_policy
 from actors.coordination.restarts import RestartBudget
+from actors.stepping.env_building import ragged_entries, with_policy_transforms, with_step_counter
 
 TRAJ_KEY = ("collector", "traj_ids")
 VERSION_KEY = ("collector", "policy_version")
 
 
-def is_torchrl_env(env) -> bool:
-    """True for a TorchRL ``EnvBase`` (checked without importing torchrl)."""
-    return any(c.__name__ == "EnvBase" and c.__module__.startswith("torchrl")
-               for c in type(env).__mro__)
-
-
-def with_step_counter(env, max_steps: int):
-    """``env`` in a ``StepCounter(max_steps)``; ``ValueError`` if it counts steps already."""
-    from torchrl.envs import StepCounter, TransformedEnv
-
-    if any("step_count" in ((k,) if isinstance(k, str) else k)
-           for k in env.output_spec.keys(True, True)):
-        raise ValueError(
-            f"max_frames_per_traj={max_steps}, but the env has a 'step_count' entry already (a "
-            "StepCounter transform): the two would disagree. Pass max_frames_per_traj=None, or "
-            "set the limit on the env's own StepCounter(max_steps=...).")
-    return TransformedEnv(env, StepCounter(max_steps=max_steps))
-
-
-def with_policy_transforms(env, policy):
-    """``env`` with the transforms ``policy`` needs appended where missing (TorchRL's
-    ``auto_register_policy_transforms=True``: ``InitTracker``, a recurrent module's primer)."""
-    if policy is None or not hasattr(policy, "modules"):
-        return env
-    from torchrl.modules.utils.utils import _maybe_append_env_transforms_from_module
-
-    return _maybe_append_env_transforms_from_module(env, policy)
-
-
-def shippable(create_env_fn):
-    """``create_env_fn`` as it can go to the env actors: a started ``SerialEnv`` /
-    ``ParallelEnv`` instance becomes the recipe of a fresh one (:func:`batched_env_recipe`)."""
-    if is_torchrl_env(create_env_fn) and hasattr(create_env_fn, "num_workers") \
-            and not getattr(create_env_fn, "is_closed", True):
-        return batched_env_recipe(create_env_fn)
-    return create_env_fn
-
-
-def batched_env_recipe(env):
-    """A factory of a fresh copy of a started ``SerialEnv`` / ``ParallelEnv`` instance (its
-    worker processes and shared buffers cannot be pickled; the instance stays yours, open): the
-    same class, sub-env factories and settings, seeded as the instance was."""
-    kwargs = {"create_env_kwargs": env.create_env_kwargs, "device": env.device,
-              "num_threads": env.num_threads, "num_sub_threads": env.num_sub_threads,
-              "serial_for_single": env.serial_for_single}
-    if getattr(env, "_mp_start_method", None) is not None:
-        kwargs["mp_start_method"] = env._mp_start_method
-    return functools.partial(_rebuilt, type(env), env.num_workers, env.create_env_fn, kwargs,
-                             getattr(env, "_seeds", None))
-
-
-def _rebuilt(cls, num_workers: int, fns, kwargs: dict, seeds):
-    env = cls(num_workers, fns, **kwargs)
-    if seeds:
-        env.set_seed(seeds[0])
-    return env
+LAZY_KEY = "_lazy"  # a ragged batch itself (a lazy stack), in a 0-d object array
 
 
 class TensorDictRollout:
@@ -151,6 +96,7 @@ class TensorDictRollout:
         self._set_devices(env)
         self.batched = len(shape) >= 1  # the env's own batch dims are the env dimension
         self.flat = len(shape) > 1  # [2, 3] envs are stepped as 6 rows, reshaped by the trainer
+        self.ragged = bool(ragged_entries(env))  # batches go as lazy stacks, not arrays
         self.num_envs = math.prod(shape)
         self.env = env
         seed = self._seed()
@@ -298,7 +244,7 @@ class TensorDictRollout:
                     env = self.env
                     continue
                 t_env += clock() - t0
-                frames.append(step.reshape(-1) if self.flat else step)
+                frames.append(step.reshape(-1) if self.flat and not self.ragged else step)
         self.last_valid_steps = len(frames)
         self.last_env_time = t_env
         return self._arrays(frames)
@@ -342,7 +288,7 @@ class TensorDictRollout:
         env = self.env
         done_key = "done" if "done" in env.done_keys else env.done_keys[0]
         reward_key = "reward" if "reward" in env.reward_keys else env.reward_keys[0]
-        shape = tuple(batch.batch_size)
+        shape = (self.num_envs, batch.batch_size[-1])  # (a ragged batch keeps the env's dims)
         done = batch.get(("next", *((done_key,) if isinstance(done_key, str) else done_key)))
         reward = batch.get(("next", *((reward_key,) if isinstance(reward_key, str) else reward_key)))
         return done.reshape(*shape, -1).any(-1), reward.reshape(*shape, -1).sum(-1)
@@ -358,16 +304,22 @@ class TensorDictRollout:
         if valid < self.steps:
             frames = frames + [frames[-1].clone().zero_()] * (self.steps - valid)
         batch = self._stacked(frames)
-        ids = torch.full(batch.batch_size, -1, dtype=torch.int64)  # -1: never filled
+        ids = torch.full((self.num_envs, self.steps), -1, dtype=torch.int64)  # -1: never filled
         done, reward = self._episode_signals(batch)
         ids[:, :valid] = self._stamp(done[:, :valid], reward[:, :valid])
-        batch.set(TRAJ_KEY, ids)
+        batch.set(TRAJ_KEY, ids.reshape(batch.batch_size))
         batch.set(VERSION_KEY, torch.full(batch.batch_size, self.policy_version, dtype=torch.int64))
-        return self._numpy(batch)
+        return self._ship(batch)
 
     def _stacked(self, frames: list):
-        """``[E, T]`` from T frames, private (``_``) keys left out."""
-        batch = self.torch.stack(frames, dim=-1)
+        """``[E, T]`` from T frames, private (``_``) keys left out (a lazy stack where the
+        frames' shapes differ)."""
+        if self.ragged:
+            from tensordict import LazyStackedTensorDict
+
+            batch = LazyStackedTensorDict.maybe_dense_stack(frames, dim=-1)
+        else:
+            batch = self.torch.stack(frames, dim=-1)
         if not self.batched:
             batch = batch.unsqueeze(0)
         private = [k for k in batch.keys() if isinstance(k, str) and k.startswith("_")]
@@ -377,7 +329,7 @@ class TensorDictRollout:
         """Zeros laid out as :meth:`collect`'s result, from the env's specs and the policy's
         output template; steps nothing."""
         frame = self.env.fake_tensordict()
-        frame = frame.reshape(-1) if self.flat else frame
+        frame = frame.reshape(-1) if self.flat and not self.ragged else frame
         outputs = self._zero_outputs if self._zero_outputs is not None else self._output_template()
         if outputs is not None:
             frame.update(outputs.clone())
@@ -385,7 +337,18 @@ class TensorDictRollout:
         zeros = self.torch.zeros(batch.batch_size, dtype=self.torch.int64)
         batch.set(TRAJ_KEY, zeros)
         batch.set(VERSION_KEY, zeros.clone())
-        return self._numpy(batch)
+        return self._ship(batch)
+
+    def _ship(self, batch) -> dict:
+        """The batch as it leaves the actor: ``{key: ndarray}``, or for a ragged env the lazy
+        stack itself under ``LAZY_KEY`` (with its ids as arrays, for the bookkeeping)."""
+        if not self.ragged:
+            return self._numpy(batch)
+        holder = np.empty((), dtype=object)
+        holder[()] = batch
+        rows = (self.num_envs, batch.batch_size[-1])  # (the batch keeps the env's own dims)
+        return {TRAJ_KEY: batch.get(TRAJ_KEY).reshape(rows).numpy(),
+                VERSION_KEY: batch.get(VERSION_KEY).reshape(rows).numpy(), LAZY_KEY: holder}
 
     def _numpy(self, batch) -> dict:
         """``{key: ndarray}``; non-tensor entries as object arrays."""
