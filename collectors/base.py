@@ -31,7 +31,7 @@ from collectors.figures import FiguresMixin
 from collectors.introspection import IntrospectionMixin
 from collectors.iteration import IterationMixin
 from collectors.runtime import (driver_get as _ray_get, ensure_ray, kill_quietly as _kill_quietly,
-                                near_caller, wait_dead as _wait_dead)
+                                near_caller, plan_with_key, wait_dead as _wait_dead)
 from collectors.shipping import ship_by_value
 from collectors.trajectories import Trajectories, check_trajectory_options, each_step
 from collectors.weight_sync import WeightWatcher
@@ -268,7 +268,7 @@ class DataCollectorBase(IterationMixin, ControlMixin, IntrospectionMixin, Backgr
             name=f"{self.name}/driver", max_concurrency=16,
             **near_caller(self.config.driver_options()))
         self._driver = driver_cls.remote(
-            self.name, [self._plan_ref], options.for_workers(), actor_options,
+            self.name, plan_with_key(self._plan_ref), options.for_workers(), actor_options,
             steps_per_worker=steps, envs_per_worker=self._width,
             placement=self.config.placement_options())
         self._finalizer = weakref.finalize(self, _kill_quietly, self._driver)

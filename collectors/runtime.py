@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import time
 
 import ray
@@ -39,6 +40,13 @@ def ensure_ray(address: str | None = None, num_cpus: float | None = None,
         kwargs["runtime_env"] = runtime_env
     ray.init(address=address, **kwargs)
     return True
+
+
+def plan_with_key(plan_ref) -> list:
+    """``[plan_ref, authkey]`` for the driver: the env actors take this process's
+    ``multiprocessing`` authkey before unpickling the plan, so ``multiprocessing.Manager``
+    objects in envs and policy factories work there as in TorchRL's worker processes."""
+    return [plan_ref, bytes(multiprocessing.current_process().authkey)]
 
 
 def near_caller(options: dict) -> dict:

@@ -270,3 +270,34 @@ def test_a_started_parallel_env_instance_is_rebuilt_in_the_actor_and_left_open()
         assert not env.is_closed  # the instance stays the user's, as it was
     finally:
         env.close()
+
+
+class RecordingFactory:
+    """A policy factory that records, through ``multiprocessing.Manager`` proxies, where it ran."""
+
+    def __init__(self, pids, lock):
+        self.pids, self.lock = pids, lock
+
+    def __call__(self):
+        import os
+
+        with self.lock:
+            self.pids.append(os.getpid())
+        return TensorDictModule(nn.Linear(7, 7), in_keys=["observation"], out_keys=["action"])
+
+
+def test_manager_proxies_work_inside_the_env_actors():
+    import multiprocessing
+    import os
+
+    manager = multiprocessing.Manager()
+    try:
+        pids = manager.list()
+        factory = RecordingFactory(pids, manager.Lock())
+        with MultiSyncDataCollector([ContinuousActionVecMockEnv] * 2, policy_factory=factory,
+                                    frames_per_batch=10, total_frames=10) as c:
+            c.next()
+        # built in each env actor (and once here, as the reference for checks and weights)
+        assert len(set(pids) - {os.getpid()}) == 2
+    finally:
+        manager.shutdown()

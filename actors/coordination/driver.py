@@ -32,8 +32,8 @@ log = logging.getLogger("ray_collectors.driver")
 class Driver:
     """Coordinates the env workers of collector ``name``.
 
-    ``plan_ref`` is ``[ObjectRef]`` of the :class:`WorkerPlan` (kept wrapped so the driver never
-    deserializes the policy); ``actor_options`` are the Ray options of each env actor
+    ``plan_ref`` is ``[ObjectRef, authkey]`` of the :class:`WorkerPlan` (kept wrapped so the
+    driver never deserializes the policy; each env actor unwraps it); ``actor_options`` are the Ray options of each env actor
     (``num_cpus``...); ``placement`` is ``{"strategy": ..., "timeout_s": ...}``.
     """
 
@@ -93,7 +93,7 @@ class Driver:
                 self.pg, placement_group_bundle_index=i)
         cls = ray.remote(concurrency_groups=EnvWorker.CONCURRENCY)(EnvWorker).options(
             name=name, max_restarts=0, **options)
-        return cls.remote(self.plan_ref[0], worker_index=i, id_counter=id_counter,
+        return cls.remote(self.plan_ref, worker_index=i, id_counter=id_counter,
                           restarts=restarts, weights=weights, policy_version=policy_version,
                           seed=seed, board=self.board)
 

@@ -9,6 +9,7 @@ import copy
 import functools
 import gc
 import logging
+import multiprocessing
 import os
 import threading
 import time
@@ -102,6 +103,9 @@ class EnvWorker:
     def __init__(self, plan: WorkerPlan, *, worker_index: int = 0, id_counter: int = 0,
                  restarts: int = 0, weights=None, policy_version: int = 0,
                  seed: tuple | None = None, board: dict | None = None):
+        if isinstance(plan, list):  # [ref, authkey]: the trainer's key first, for Manager proxies
+            multiprocessing.current_process().authkey = plan[1]
+            plan = ray.get(plan[0])
         options = plan.options
         self.worker_index = worker_index
         self._board = None  # a BoardReader: the policy's weights in shared memory
