@@ -43,18 +43,18 @@ def ragged_entries(env) -> list:
 
 
 def shippable(create_env_fn):
-    """``create_env_fn`` as it can go to the env actors: a started ``SerialEnv`` /
-    ``ParallelEnv`` instance becomes the recipe of a fresh one (:func:`batched_env_recipe`)."""
-    if is_torchrl_env(create_env_fn) and hasattr(create_env_fn, "num_workers") \
-            and not getattr(create_env_fn, "is_closed", True):
+    """``create_env_fn`` as it can go to the env actors: a started ``ParallelEnv`` instance
+    (its worker processes and shared buffers do not pickle) becomes the recipe of a fresh one
+    (:func:`batched_env_recipe`); a ``SerialEnv`` pickles, its envs' state (seeds) included."""
+    if is_torchrl_env(create_env_fn) and not getattr(create_env_fn, "is_closed", True) \
+            and any(c.__name__ == "ParallelEnv" for c in type(create_env_fn).__mro__):
         return batched_env_recipe(create_env_fn)
     return create_env_fn
 
 
 def batched_env_recipe(env):
-    """A factory of a fresh copy of a started ``SerialEnv`` / ``ParallelEnv`` instance (its
-    worker processes and shared buffers cannot be pickled; the instance stays yours, open): the
-    same class, sub-env factories and settings, seeded as the instance was."""
+    """A factory of a fresh copy of a started batched env instance (the instance stays yours,
+    open): the same class, sub-env factories and settings, seeded as the instance was."""
     kwargs = {"create_env_kwargs": env.create_env_kwargs, "device": env.device,
               "num_threads": env.num_threads, "num_sub_threads": env.num_sub_threads,
               "serial_for_single": env.serial_for_single}
