@@ -85,7 +85,8 @@ class CollectorOptions(BaseModel):
     postproc: Optional[Callable] = Field(None, description="called on each batch before it is "
                                                            "yielded (trainer side)")
     seed: Optional[int] = Field(None, description="env i of the run is seeded seed + i; the "
-                                                  "policy's RNG is seeded too")
+                                                  "policy's RNG is seeded too. Unset: each env actor's torch RNG is "
+                                                  "seeded from your process's at the first batch (torch.manual_seed)")
     set_truncated: StrictBool = Field(
         False, description="mark the last step of each batch row truncated (and done)")
     replay_buffer: Any = Field(

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import time
 
 import ray
 
@@ -25,7 +24,7 @@ class BackgroundMixin:
                                "collectors.RayReplayBuffer(...) (or a TorchRL ReplayBuffer) when "
                                "building the collector.")
         if self._t_start is None:
-            self._t_start = time.perf_counter()
+            self._first_batch()
         self._route.stop_serving()  # a thread collects from here on: batches go through the driver
         if not hasattr(self.replay_buffer, "actor"):  # a buffer in this process: a thread fills it
             from collectors.local_fill import LocalFiller

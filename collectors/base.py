@@ -304,7 +304,7 @@ class DataCollectorBase(IterationMixin, ControlMixin, IntrospectionMixin, Backgr
     def _collect_one(self):
         self._check_open()
         if self._t_start is None:
-            self._t_start = time.perf_counter()
+            self._first_batch()
         if self.options.pre_collect_hook is not None:
             self.options.pre_collect_hook()
         (self.update_policy_weights_ if self.options.update_at_each_batch else self._sync_if_changed)()

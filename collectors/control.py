@@ -1,6 +1,8 @@
 """What a collector does between batches: seeds, resets, policy weights, state."""
 from __future__ import annotations
 
+import time
+
 from types import SimpleNamespace
 
 import ray
@@ -169,6 +171,17 @@ class ControlMixin:
             ref = ray.put(weights)
             self._route.settled()  # (the driver's policy-lag figures follow the order of events)
             _ray_get(self._driver.set_weights.remote([ref], self.policy_version, worker_ids), timeout=CONTROL_TIMEOUT_S)
+
+    def _first_batch(self) -> None:
+        """Before the first batch: the clock starts and, without ``seed``, the env actors'
+        torch RNGs are seeded from this process's, so a ``torch.manual_seed`` here makes their
+        random actions and sampling policies reproducible (TorchRL's policy draws from this
+        process's RNG)."""
+        self._t_start = time.perf_counter()
+        if self.options.seed is None and (self.policy_kind != "random" or self.spec.get("torchrl")):
+            base = int(torch.randint(0, 2**31 - 1, ()).item())
+            calls = {w: ("seed_torch", (base + w,)) for w in range(self.num_workers)}
+            _ray_get(self._driver.call_workers.remote(calls), timeout=CONTROL_TIMEOUT_S)
 
     def _sync_if_changed(self) -> None:
         """Automatic weight sync: send the policy's weights if the trainer changed them."""

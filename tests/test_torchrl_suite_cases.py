@@ -301,3 +301,20 @@ def test_manager_proxies_work_inside_the_env_actors():
         assert len(set(pids) - {os.getpid()}) == 2
     finally:
         manager.shutdown()
+
+
+def random_actions_after(seed: int):
+    from torchrl.envs.utils import RandomPolicy
+
+    policy = RandomPolicy(ContinuousActionVecMockEnv().full_action_spec)
+    with MultiSyncDataCollector([ContinuousActionVecMockEnv] * 2, policy, frames_per_batch=10,
+                                total_frames=10) as c:
+        torch.manual_seed(seed)  # after construction, as TorchRL's tests do
+        return c.next()["action"]
+
+
+def test_torch_manual_seed_in_the_trainer_makes_the_actors_random_actions_reproducible():
+    first, again, other = random_actions_after(0), random_actions_after(0), random_actions_after(1)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+    assert not torch.equal(first[0], first[1])  # each worker has a stream of its own

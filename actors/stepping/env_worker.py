@@ -394,6 +394,13 @@ class EnvWorker:
         self._apply(apply)
 
     @ray.method(concurrency_group="control")
+    def seed_torch(self, seed: int) -> None:
+        """Seed this actor's torch RNG (the collector's own, drawn in the trainer)."""
+        import torch
+
+        self._apply(lambda: torch.manual_seed(int(seed)))
+
+    @ray.method(concurrency_group="control")
     def reset(self, env_indices=None) -> None:
         def apply():
             if env_indices is not None and sorted(map(int, env_indices)) != list(range(self.rollout.num_envs)):
