@@ -80,6 +80,9 @@ class LocalRoute:
         self.inflight: dict[int, float] = {}  # async: worker -> deadline of its request
         self.asked: dict[int, float] = {}  # async: worker -> when it was asked (oldest first)
         self.taken: int | None = None  # async: the worker whose batch the trainer is copying
+        # async: workers the last wait found ready, oldest request first, served before waiting
+        # again (one wait over all the sockets per batch would cost O(workers) per batch)
+        self.known_ready: list[tuple[int, HandoffClient]] = []
         here = ray.get_runtime_context().get_node_id()
         nodes = {info.get("node_id") for info in worker_info}
         problem = None
@@ -197,17 +200,12 @@ class LocalRoute:
         while True:
             if not self.inflight:
                 raise CollectorError(f"no worker of {self.name!r} is left to collect from.")
-            conns = {self.clients[i][1].conn: i for i in self.inflight}
-            now = time.monotonic()
-            ready = wait_ready(list(conns), timeout=max(0.0, min(self.inflight.values()) - now))
-            if not ready:
-                for i, deadline in list(self.inflight.items()):
-                    if deadline <= time.monotonic():
-                        del self.inflight[i]
-                        self._failed(i, "timeout", "", f"no batch within {self.ledger.timeouts[i]:g}s")
-                        self._ask_async(i, random_actions)
+            if not self.known_ready:
+                self._wait_any(random_actions)
                 continue
-            i = min((conns[c] for c in ready), key=lambda j: self.asked.get(j, 0.0))  # fair
+            i, client = self.known_ready.pop()
+            if i not in self.inflight or self.clients.get(i, (None, None))[1] is not client:
+                continue  # (replaced since that wait: its new client may have no reply yet)
             del self.inflight[i]
             try:
                 arrays, meta = self.clients[i][1].receive()
@@ -224,6 +222,22 @@ class LocalRoute:
             self.ledger.add(i, meta)
             self.batches += 1
             return [arrays], [meta]
+
+    def _wait_any(self, random_actions: bool) -> None:
+        """Wait until some requests in flight have replies (``known_ready``, the oldest request
+        last) or their deadlines pass (those workers are reported and asked again)."""
+        conns = {self.clients[i][1].conn: i for i in self.inflight}
+        now = time.monotonic()
+        ready = {conns[c] for c in
+                 wait_ready(list(conns), timeout=max(0.0, min(self.inflight.values()) - now))}
+        now = time.monotonic()  # (checked even while others deliver: a hung one is noticed)
+        for i, deadline in list(self.inflight.items()):
+            if deadline <= now and i not in ready:
+                del self.inflight[i]
+                self._failed(i, "timeout", "", f"no batch within {self.ledger.timeouts[i]:g}s")
+                self._ask_async(i, random_actions)
+        order = sorted(ready, key=lambda j: -self.asked.get(j, 0.0))
+        self.known_ready = [(i, self.clients[i][1]) for i in order]
 
     def _direct_serving(self) -> bool:
         return self.direct is not None and self.direct.serving
@@ -281,6 +295,7 @@ class LocalRoute:
         """Batches go through the driver from here on (the board stays); idempotent. Requests
         still in flight (async) are counted dropped, as the driver counts its own."""
         self.serving = False
+        self.known_ready = []
         if self.direct is not None:
             self.direct.stop()
         if self.inflight:

@@ -56,15 +56,14 @@ class RayRoute:
         refs = list(self.inflight)
         deadline = min(entry[2] for entry in self.inflight.values())
         ready, _ = ray.wait(refs, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
-        if not ready:
-            now = time.monotonic()
-            for ref, (i, _, due, _) in list(self.inflight.items()):
-                if due <= now:
-                    del self.inflight[ref]
-                    self._failed(i, "timeout", "", f"no batch within {self.ledger.timeouts[i]:g}s")
-                    self._ask(i, random_actions)
-            return []
-        ready = ray.wait(refs, num_returns=len(refs), timeout=0)[0] or ready
+        if ready:
+            ready = ray.wait(refs, num_returns=len(refs), timeout=0)[0] or ready
+        now, taken = time.monotonic(), set(ready)
+        for ref, (i, _, due, _) in list(self.inflight.items()):  # (also while others deliver)
+            if due <= now and ref not in taken:
+                del self.inflight[ref]
+                self._failed(i, "timeout", "", f"no batch within {self.ledger.timeouts[i]:g}s")
+                self._ask(i, random_actions)
         return sorted(ready, key=lambda r: self.inflight[r][3])
 
     def _take(self, ref, random_actions: bool):

@@ -469,6 +469,28 @@ def test_async_replaces_only_the_hung_worker_while_the_other_delivers():
         invariant(c.stats())
 
 
+@pytest.mark.parametrize("shared_memory,prefetch", [(None, 1), (False, 1), (None, 2)],
+                         ids=["shared-memory", "ray-calls", "driver"])
+def test_async_notices_a_hung_worker_while_the_others_always_have_a_batch_ready(shared_memory,
+                                                                                prefetch):
+    # a slow trainer: when it asks, the healthy workers' batches are always there already; the
+    # hung worker's deadline must still be checked (it was only checked when none was ready)
+    env = functools.partial(faulty_counting_env, "hang_step", [2], 30, 1)
+    with MultiaSyncDataCollector(env, num_workers=3, frames_per_batch=10, sample_timeout_s=2.0,
+                                 shared_memory=shared_memory, prefetch=prefetch,
+                                 name="async-hang-busy") as c:
+        c.next()
+        t0 = time.monotonic()
+        while c.stats()["restarts"] == 0 and time.monotonic() - t0 < 20:
+            c.next()
+            time.sleep(0.05)
+        waited = time.monotonic() - t0
+        stats = c.stats()
+        assert stats["per_worker"][2]["timeouts"] == 1, stats["per_worker"]
+        assert waited < 2.0 + 6.0, f"the hung worker was noticed after {waited:.1f}s"
+        invariant(stats)
+
+
 def test_adaptive_hang_timeout():
     from actors.coordination.collection import Collection, Ledger
     from actors.coordination.metrics import Metrics

@@ -227,6 +227,8 @@ class Collection:
             # order, and with workers that are always ready it can pass one over for good (a
             # dead worker then went unnoticed for minutes)
             ready = ray.wait(refs, num_returns=len(refs), timeout=0)[0] or ready
+            if deadline <= time.monotonic() and self._timeout_inflight(random_actions, set(ready)):
+                continue  # (one hung while the others delivered)
             i, h = self.inflight.pop(ready[0])
             self.active_since[i] = time.monotonic()  # its next call in flight starts now
             out = self._resolve(ready[0], i, h)
@@ -265,16 +267,18 @@ class Collection:
             for _ in range(self.prefetch):
                 self._submit(i, h, random_actions)
 
-    def _timeout_inflight(self, random_actions: bool) -> None:
-        """Replace exactly the workers whose call in flight is past its deadline; the others
-        keep delivering."""
+    def _timeout_inflight(self, random_actions: bool, spare=frozenset()) -> bool:
+        """Replace exactly the workers whose call in flight is past its deadline (not those
+        with a ready call in ``spare``); the others keep delivering. False: none was."""
         now, stuck = time.monotonic(), {}
+        done = {self.inflight[r][0] for r in spare if r in self.inflight}
         for i, h in self.inflight.values():
-            if self.active_since[i] + self.timeout(i) <= now:
+            if self.active_since[i] + self.timeout(i) <= now and i not in done:
                 stuck.setdefault(i, h)
         for i, h in sorted(stuck.items(), key=lambda kv: kv[0]):
             self._timed_out(i, h, drop=False)
             self._resubmit_after_replace(i, random_actions)
+        return bool(stuck)
 
     def cancel_inflight(self) -> None:
         """Forget outstanding async requests (their frames are counted as dropped)."""
