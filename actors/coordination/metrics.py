@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 
 TAGS = ("collector", "role", "worker")
-FLUSH_S = 0.1  # per worker: how often batch figures are handed to Ray's metrics
+FLUSH_S = 0.5  # how often the batch figures of all workers are handed to Ray's metrics
 
 
 class Metrics:
@@ -16,7 +16,8 @@ class Metrics:
 
     def __init__(self, collector: str, role: str):
         self.base = {"collector": collector, "role": role}
-        self.pending: dict = {}  # worker -> figures since its last flush
+        self.pending: dict = {}  # worker -> figures since the last flush
+        self.flushed = 0.0  # when the figures were last handed to Ray
         self.metric = None
         try:
             from ray.util import metrics as ray_metrics
@@ -44,28 +45,29 @@ class Metrics:
 
     def batch(self, meta: dict, newest_version: int) -> None:
         """One batch's figures. Counters add up every batch; they and the gauges (the last
-        batch's values) reach Ray at most every ``FLUSH_S`` per worker, and at :meth:`flush`:
-        a Ray metric call costs microseconds, and thousands of batches a second pass here."""
+        batch's values) reach Ray every ``FLUSH_S`` for all workers at once, and at
+        :meth:`flush`: a Ray metric call costs microseconds, thousands of batches a second pass
+        here, and Ray exports metrics every few seconds anyway. (Flushed per worker instead,
+        the cost grew with the worker count.)"""
         if self.metric is None:
             return
         row = self.pending.setdefault(meta["worker"], {"frames": 0, "episodes": 0, "returns": 0.0,
-                                                       "flushed": 0.0, "meta": None})
+                                                       "meta": None})
         row["frames"] += meta["frames"]
         row["episodes"] += len(meta["episode_returns"])
         row["returns"] += sum(meta["episode_returns"])
         row["meta"], row["newest"] = meta, newest_version
-        now = time.monotonic()
-        if now - row["flushed"] >= FLUSH_S:
-            self._flush(meta["worker"], row, now)
+        if time.monotonic() - self.flushed >= FLUSH_S:
+            self.flush()
 
     def flush(self) -> None:
         """Hand every worker's figures not yet handed over to Ray (before stats, at shutdown)."""
-        now = time.monotonic()
+        self.flushed = time.monotonic()
         for worker, row in self.pending.items():
             if row["meta"] is not None:
-                self._flush(worker, row, now)
+                self._flush(worker, row)
 
-    def _flush(self, worker, row: dict, now: float) -> None:
+    def _flush(self, worker, row: dict) -> None:
         meta, frames, episodes = row["meta"], row["frames"], row["episodes"]
         tags = self._tags(worker)
         tags["role"] = "env-worker"
@@ -79,7 +81,7 @@ class Metrics:
         self.metric["latency"].set(seconds, tags)
         self.metric["policy_version"].set(meta["policy_version"], tags)
         self.metric["policy_lag"].set(row["newest"] - meta["policy_version"], tags)
-        row.update(frames=0, episodes=0, returns=0.0, flushed=now, meta=None)
+        row.update(frames=0, episodes=0, returns=0.0, meta=None)
 
     def restart(self, worker) -> None:
         if self.metric is not None:
