@@ -179,9 +179,8 @@ class ControlMixin:
         process's RNG)."""
         self._t_start = time.perf_counter()
         if self.options.seed is None and (self.policy_kind != "random" or self.spec.get("torchrl")):
-            base = int(torch.randint(0, 2**31 - 1, ()).item())
-            calls = {w: ("seed_torch", (base + w,)) for w in range(self.num_workers)}
-            _ray_get(self._driver.call_workers.remote(calls), timeout=CONTROL_TIMEOUT_S)
+            base = int(torch.randint(0, 2**31 - 1, ()).item())  # (replacements are seeded too)
+            _ray_get(self._driver.seed_torch.remote(base), timeout=CONTROL_TIMEOUT_S)
 
     def _sync_if_changed(self) -> None:
         """Automatic weight sync: send the policy's weights if the trainer changed them."""

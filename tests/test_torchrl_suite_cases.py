@@ -318,3 +318,30 @@ def test_torch_manual_seed_in_the_trainer_makes_the_actors_random_actions_reprod
     assert torch.equal(first, again)
     assert not torch.equal(first, other)
     assert not torch.equal(first[0], first[1])  # each worker has a stream of its own
+
+
+def replacement_actions(seed: int):
+    """Worker 0's actions in its first batch and in its replacement's first batch (after a
+    kill), with ``torch.manual_seed(seed)`` in the trainer."""
+    from torchrl.envs.utils import RandomPolicy
+
+    from collectors.testing import kill_worker
+
+    policy = RandomPolicy(ContinuousActionVecMockEnv().full_action_spec)
+    with MultiSyncDataCollector([ContinuousActionVecMockEnv] * 2, policy, frames_per_batch=10,
+                                total_frames=-1) as c:
+        torch.manual_seed(seed)
+        first = c.next()["action"][0]
+        kill_worker(c, 0)  # (it may still answer a round before it is gone)
+        for _ in range(100):
+            again = c.next()["action"][0]
+            if c.stats()["per_worker"][0]["restarts"]:  # the round that asked the replacement
+                return first, again
+        raise AssertionError("worker 0 was not replaced")
+
+
+def test_a_replaced_actor_is_seeded_from_the_trainers_torch_rng_too():
+    first, again = replacement_actions(0)
+    first_2, again_2 = replacement_actions(0)
+    assert torch.equal(first, first_2) and torch.equal(again, again_2)
+    assert not torch.equal(first, again)  # a stream of its own, not its predecessor's

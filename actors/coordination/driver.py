@@ -60,7 +60,8 @@ class Driver:
             on_error=options.on_worker_error, startup_timeout_s=options.startup_timeout_s,
             id_margin=(max(steps) + 1) * envs + 1)
         self.ledger = Ledger(self.num_workers, self.metrics)
-        self.pool.on_restart = self.ledger.restarted
+        self.torch_seed: int | None = None  # seed_torch()'s base: replacements are seeded too
+        self.pool.on_restart = self._restarted
         self.collection = Collection(
             self.pool, self.ledger, frames_per_worker_batch=tuple(s * envs for s in steps),
             sample_timeout_s=options.sample_timeout_s, prefetch=options.prefetch,
@@ -237,6 +238,21 @@ class Driver:
 
     def set_seed(self, seed, static_seed: bool = False) -> list:
         return self._call_all(self.pool.set_seed(seed, static_seed), "set_seed", seed, static_seed)
+
+    def seed_torch(self, base: int) -> list:
+        """Seed worker ``i``'s torch RNG with ``base + i`` (a replacement's: plus
+        ``num_workers`` times its restarts, so no two share a stream)."""
+        self.torch_seed = int(base)
+        return self._results([(i, h, h.seed_torch.remote(self._torch_seed_of(i)))
+                              for i, h in self.pool.alive()])
+
+    def _torch_seed_of(self, i: int) -> int:
+        return self.torch_seed + i + self.num_workers * self.pool.restarts[i]
+
+    def _restarted(self, i: int) -> None:
+        self.ledger.restarted(i)
+        if self.torch_seed is not None:  # (queued before its ready call: runs before any batch)
+            self.pool.handle(i).seed_torch.remote(self._torch_seed_of(i))
 
     def broadcast(self, method: str, *args) -> list:
         return self._call_all(self.pool.alive(), method, *args)
