@@ -63,6 +63,8 @@ def assemble(parts: list[dict], worker_ids: list[int] | None, layout: str,
 
 def worker_column(parts: list, worker_ids: list, layout, batch_shape) -> torch.Tensor:
     """``("collector", "worker_id")`` for a batch of ``batch_shape`` joined by ``layout``."""
+    if len(worker_ids) == 1:  # (an async batch: one worker's)
+        return torch.full(tuple(batch_shape), int(worker_ids[0]), dtype=torch.int64)
     ids, ones = torch.tensor(worker_ids, dtype=torch.int64), [1] * (len(batch_shape) - 1)
     if layout == "stack":
         w = ids.view(-1, *ones)

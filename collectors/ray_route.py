@@ -32,6 +32,7 @@ class RayRoute:
         self.inflight: dict = {}  # meta ref -> (worker, batch ref, deadline, asked at)
         self.batches = 0  # batches that came this way
         self.taken: int | None = None  # async: the worker whose batch was handed out last
+        self.known_ready: list = []  # async: meta refs the last wait found ready, oldest last
         self.serving = True
         self._refresh()
 
@@ -112,12 +113,17 @@ class RayRoute:
             if i not in busy:
                 self._ask(i, random_actions)
         while True:
-            for ref in self._wait(random_actions):
-                i = self.inflight[ref][0]
-                got = self._take(ref, random_actions)
-                if got is not None:
-                    self.taken = i
-                    return [got[0]], [got[1]]
+            if not self.known_ready:  # (served first: one wait per batch costs O(workers))
+                self.known_ready = self._wait(random_actions)[::-1]
+                continue
+            ref = self.known_ready.pop()
+            if ref not in self.inflight:
+                continue
+            i = self.inflight[ref][0]
+            got = self._take(ref, random_actions)
+            if got is not None:
+                self.taken = i
+                return [got[0]], [got[1]]
 
     def release(self, random_actions: bool) -> None:
         """Async: ask the worker whose batch :meth:`collect_any` gave again."""
@@ -136,6 +142,7 @@ class RayRoute:
         """Requests in flight count as cancelled; batches go through the driver from here on.
         Idempotent."""
         self.serving = False
+        self.known_ready = []
         inflight, self.inflight = self.inflight, {}
         try:
             self.ledger.flush()
