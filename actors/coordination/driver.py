@@ -33,8 +33,9 @@ class Driver:
     """Coordinates the env workers of collector ``name``.
 
     ``plan_ref`` is ``[ObjectRef, authkey]`` of the :class:`WorkerPlan` (kept wrapped so the
-    driver never deserializes the policy; each env actor unwraps it); ``actor_options`` are the Ray options of each env actor
-    (``num_cpus``...); ``placement`` is ``{"strategy": ..., "timeout_s": ...}``.
+    driver never deserializes the policy; each env actor unwraps it); ``actor_options`` are the
+    Ray options of each env actor (``num_cpus``...); ``placement`` is ``{"strategy": ...,
+    "timeout_s": ...}``.
     """
 
     def __init__(self, name: str, plan_ref: list, options, actor_options: dict, *,

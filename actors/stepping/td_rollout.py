@@ -95,8 +95,9 @@ class TensorDictRollout:
                 f"{self.options.num_envs} give a factory of a single env (batch_size [])"))
         self._set_devices(env)
         self.batched = len(shape) >= 1  # the env's own batch dims are the env dimension
-        self.flat = len(shape) > 1  # [2, 3] envs are stepped as 6 rows, reshaped by the trainer
         self.ragged = bool(ragged_entries(env))  # batches go as lazy stacks, not arrays
+        # [2, 3] envs are stepped as 6 rows, reshaped by the trainer (a lazy stack keeps its dims)
+        self.flat = len(shape) > 1 and not self.ragged
         self.num_envs = math.prod(shape)
         self.env = env
         seed = self._seed()
@@ -244,7 +245,7 @@ class TensorDictRollout:
                     env = self.env
                     continue
                 t_env += clock() - t0
-                frames.append(step.reshape(-1) if self.flat and not self.ragged else step)
+                frames.append(step.reshape(-1) if self.flat else step)
         self.last_valid_steps = len(frames)
         self.last_env_time = t_env
         return self._arrays(frames)
@@ -329,7 +330,7 @@ class TensorDictRollout:
         """Zeros laid out as :meth:`collect`'s result, from the env's specs and the policy's
         output template; steps nothing."""
         frame = self.env.fake_tensordict()
-        frame = frame.reshape(-1) if self.flat and not self.ragged else frame
+        frame = frame.reshape(-1) if self.flat else frame
         outputs = self._zero_outputs if self._zero_outputs is not None else self._output_template()
         if outputs is not None:
             frame.update(outputs.clone())
