@@ -87,7 +87,8 @@ def main(argv=None) -> float:
     collector = aSyncDataCollector(job["env"], policy, num_envs=job["num_envs"],
                                    frames_per_batch=job["frames_per_batch"], total_frames=-1,
                                    init_random_frames=hp.init_random_frames,
-                                   seed=job.get("seed"), replay_buffer=rb, config=cfg, name="sac")
+                                   seed=job.get("seed"), replay_buffer=rb, config=cfg, name="sac",
+                                   num_threads=1)  # torch's spinning threads would starve the env actor
     collector.start()
     rows, t0, lag = [], time.perf_counter(), []
     try:
