@@ -27,16 +27,21 @@ def invariant(stats):
 
 
 def wait_exited(pid: int, timeout_s: float = 10.0) -> None:
-    """Until ``pid`` has exited (its sockets closed): gone, or a zombie not yet reaped."""
+    """Until ``pid`` has exited with all its threads, so its sockets are closed: gone, or a
+    zombie (or dead, not yet reaped) with no other thread left. A SIGKILLed process's leader
+    can show as a zombie while its other threads still exit, holding its files open."""
     deadline = time.monotonic() + timeout_s
+    status = None
     while time.monotonic() < deadline:
         try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+            status = psutil.Process(pid).status()
+            if (status in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+                    and len(os.listdir(f"/proc/{pid}/task")) <= 1):
                 return
-        except psutil.NoSuchProcess:
+        except (psutil.NoSuchProcess, FileNotFoundError):
             return
         time.sleep(0.01)
-    raise AssertionError(f"process {pid} still running {timeout_s}s after SIGKILL")
+    raise AssertionError(f"process {pid} still running {timeout_s}s after SIGKILL ({status})")
 
 
 def test_env_step_raises_env_rebuilt_episode_cut():
