@@ -146,8 +146,8 @@ class CollectorOptions(BaseModel):
                            "previous one was (same object, same storage); keep a batch across "
                            "iterations only as a clone()")
     num_threads: Optional[int] = Field(
-        None, description="torch threads of this (the trainer's) process, set at construction "
-                          "as TorchRL's multi collectors do; None leaves them")
+        None, description="torch threads of the trainer's process from construction; None: "
+                          "multi and async collectors take one off per local env actor")
     num_sub_threads: int = Field(1, description="torch threads in each env actor")
     auto_register_policy_transforms: Optional[StrictBool] = Field(
         None, description="TorchRL envs: True appends the transforms the policy needs and the "

@@ -21,7 +21,7 @@ from actors.options import CollectorOptions
 from actors.stepping.policy_runner import module_device
 from actors.stepping.env_building import shippable
 from actors.stepping.vector_rollout import AUTO_MIN_ENVS, native_vector_problem
-from collectors import validate
+from collectors import trainer_threads, validate
 from collectors.background import BackgroundMixin
 from collectors.batch import assemble, finish, on_storage_device, real_frames
 from collectors.control import CONTROL_TIMEOUT_S, ControlMixin
@@ -71,12 +71,9 @@ class DataCollectorBase(IterationMixin, ControlMixin, IntrospectionMixin, Backgr
         env_fns = self._env_fns(create_env_fn, options.num_workers)
         # a policy built by its factory here too: for the checks, and as the weights' reference
         # (a policy given beside the factory stays here, as TorchRL's: the source of weights)
+        validate.one_per_worker(options, cls_name)
         factory = options.policy_factory
         if isinstance(factory, tuple):  # one per worker (TorchRL): the first is the reference
-            if len(factory) != options.num_workers:
-                raise ValueError(f"{cls_name}: policy_factory is a list of {len(factory)} "
-                                 f"factories but num_workers={options.num_workers}; give one per "
-                                 "worker or a single factory.")
             factory = factory[0]
         self._reference_policy = factory() if factory else policy
         lives_on = module_device(self._reference_policy)
@@ -84,11 +81,6 @@ class DataCollectorBase(IterationMixin, ControlMixin, IntrospectionMixin, Backgr
             # as TorchRL: with no policy_device, the policy runs on the GPU it lives on (one on
             # another device, e.g. "mps", reaches the actors as a CPU copy and runs there)
             options = options.model_copy(update={"policy_device": lives_on})
-        if isinstance(options.create_env_kwargs, tuple) and \
-                len(options.create_env_kwargs) != options.num_workers:
-            raise ValueError(f"{cls_name}: create_env_kwargs is a list of "
-                             f"{len(options.create_env_kwargs)} but num_workers="
-                             f"{options.num_workers}; give one per worker or a single dict.")
         probe = functools.partial(
             validate.build_spec, policy=self._reference_policy, num_envs=options.num_envs,
             exploration_type=options.exploration_type,
@@ -141,8 +133,6 @@ class DataCollectorBase(IterationMixin, ControlMixin, IntrospectionMixin, Backgr
         self.policy_version = 0
         self._masked = options.check_finite == "drop_episode"  # dropped episodes leave masked frames
         self._same_td = None  # return_same_td: the batch every later one is written into
-        if options.num_threads is not None:  # (this process: TorchRL's multi collectors do it)
-            torch.set_num_threads(options.num_threads)
         self._trajs = Trajectories() if options.trajs_per_batch else None  # trajs_per_batch
         self.traj_format = options.traj_format or "padded"  # (TorchRL's attribute)
         self._next_iter = None  # next() with trajs_per_batch: steps one iteration
@@ -163,6 +153,7 @@ class DataCollectorBase(IterationMixin, ControlMixin, IntrospectionMixin, Backgr
         self._route: LocalRoute | None = None  # shared memory with workers on this node
         self._driver = None  # the driver actor's handle, once started
         self._finalizer = None  # kills the driver should this object be dropped unclosed
+        self._threads_lent = 0  # torch threads to give back at shutdown (trainer_threads)
         self._start_driver(create_env_fn, env_fns, policy, kind, spec, steps)
         try:
             owner = weakref.ref(self)
@@ -277,6 +268,10 @@ class DataCollectorBase(IterationMixin, ControlMixin, IntrospectionMixin, Backgr
         try:  # the driver bounds each step; this bounds the whole, should the driver hang
             self.worker_info = _ray_get(self._driver.ready.remote(), timeout=startup + 30.0)
             self._worker_handles = ray.get(self._driver.worker_handles.remote(), timeout=30.0)
+            here = ray.get_runtime_context().get_node_id()
+            self._threads_lent = trainer_threads.lend(
+                options.num_threads, shares=self._multi or self._async,
+                workers_here=sum(info.get("node_id") == here for info in self.worker_info))
         except BaseException:
             self.shutdown(timeout=5.0, raise_on_error=False)
             raise
@@ -392,6 +387,7 @@ class DataCollectorBase(IterationMixin, ControlMixin, IntrospectionMixin, Backgr
         except Exception:  # noqa: BLE001
             self._final_stats = self._local_stats({})
         self._closed = True
+        trainer_threads.give_back(self._threads_lent)
         handles = list(self._worker_handles)
         problems = []
         try:

@@ -74,6 +74,20 @@ def split_torchrl_options(kwargs: dict, cls_name: str) -> dict:
     return rest
 
 
+def one_per_worker(options, cls_name: str) -> None:
+    """A ``policy_factory`` or ``create_env_kwargs`` list has one entry per worker."""
+    factory = options.policy_factory
+    if isinstance(factory, tuple) and len(factory) != options.num_workers:
+        raise ValueError(f"{cls_name}: policy_factory is a list of {len(factory)} factories but "
+                         f"num_workers={options.num_workers}; give one per worker or a single "
+                         "factory.")
+    if isinstance(options.create_env_kwargs, tuple) and \
+            len(options.create_env_kwargs) != options.num_workers:
+        raise ValueError(f"{cls_name}: create_env_kwargs is a list of "
+                         f"{len(options.create_env_kwargs)} but num_workers="
+                         f"{options.num_workers}; give one per worker or a single dict.")
+
+
 def make_probe_env(create_env_fn, create_env_kwargs):
     """Build one env in this process to read its spaces; named errors on failure."""
     if isinstance(create_env_fn, str):

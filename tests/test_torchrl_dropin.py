@@ -223,6 +223,29 @@ def test_return_same_td_writes_every_batch_into_one_tensordict():
     assert seen[0][0]["observation"].flatten().tolist() == [3, 4, 0, 1]  # keep only clones
 
 
+def test_multi_and_async_collectors_lend_the_trainers_threads_as_torchrl_does():
+    """TorchRL 0.14.1's multi and async collectors take one torch thread of the trainer per
+    worker (at least 1 is left) and give them back at shutdown, up to the count at import; its
+    single collector leaves them. Torch's spinning threads would starve the env actors."""
+    from collectors import SyncDataCollector, aSyncDataCollector, trainer_threads
+    from collectors.testing import counting_env
+
+    before = torch.get_num_threads()
+    cap = trainer_threads.THREADS_AT_IMPORT
+    try:
+        for make, during, after in (
+                (lambda: MultiSyncDataCollector([counting_env] * 2, frames_per_batch=4), 2, min(cap, 4)),
+                (lambda: MultiaSyncDataCollector([counting_env] * 3, frames_per_batch=4), 1, min(cap, 4)),
+                (lambda: aSyncDataCollector(counting_env, frames_per_batch=4), 3, min(cap, 4)),
+                (lambda: SyncDataCollector(counting_env, frames_per_batch=4), 4, 4)):
+            torch.set_num_threads(4)
+            with make():
+                assert torch.get_num_threads() == during
+            assert torch.get_num_threads() == after
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_num_threads_and_num_sub_threads():
     from collectors.testing import counting_env
 
