@@ -153,7 +153,7 @@ class DataCollectorBase(IterationMixin, ControlMixin, IntrospectionMixin, Backgr
         self._route: LocalRoute | None = None  # shared memory with workers on this node
         self._driver = None  # the driver actor's handle, once started
         self._finalizer = None  # kills the driver should this object be dropped unclosed
-        self._threads_lent = 0  # torch threads to give back at shutdown (trainer_threads)
+        self._threads_back = None  # gives the trainer's torch threads back (trainer_threads)
         self._start_driver(create_env_fn, env_fns, policy, kind, spec, steps)
         try:
             owner = weakref.ref(self)
@@ -269,9 +269,11 @@ class DataCollectorBase(IterationMixin, ControlMixin, IntrospectionMixin, Backgr
             self.worker_info = _ray_get(self._driver.ready.remote(), timeout=startup + 30.0)
             self._worker_handles = ray.get(self._driver.worker_handles.remote(), timeout=30.0)
             here = ray.get_runtime_context().get_node_id()
-            self._threads_lent = trainer_threads.lend(
+            lent = trainer_threads.lend(
                 options.num_threads, shares=self._multi or self._async,
                 workers_here=sum(info.get("node_id") == here for info in self.worker_info))
+            # (at shutdown, or when the collector is dropped unclosed, as TorchRL's __del__)
+            self._threads_back = weakref.finalize(self, trainer_threads.give_back, lent)
         except BaseException:
             self.shutdown(timeout=5.0, raise_on_error=False)
             raise
@@ -387,7 +389,8 @@ class DataCollectorBase(IterationMixin, ControlMixin, IntrospectionMixin, Backgr
         except Exception:  # noqa: BLE001
             self._final_stats = self._local_stats({})
         self._closed = True
-        trainer_threads.give_back(self._threads_lent)
+        if self._threads_back is not None:
+            self._threads_back()  # (once: a finalizer runs at most once)
         handles = list(self._worker_handles)
         problems = []
         try:

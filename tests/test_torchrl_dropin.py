@@ -246,6 +246,24 @@ def test_multi_and_async_collectors_lend_the_trainers_threads_as_torchrl_does():
         torch.set_num_threads(before)
 
 
+def test_a_collector_dropped_unclosed_gives_the_trainers_threads_back():
+    import gc
+
+    from collectors import trainer_threads
+    from collectors.testing import counting_env
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        c = MultiSyncDataCollector([counting_env] * 2, frames_per_batch=4)
+        assert torch.get_num_threads() == 1
+        del c
+        gc.collect()
+        assert torch.get_num_threads() == min(trainer_threads.THREADS_AT_IMPORT, 3)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_num_threads_and_num_sub_threads():
     from collectors.testing import counting_env
 
