@@ -1,7 +1,8 @@
 """Sampling a replay buffer in the trainer's process, from the actor's shared-memory storage.
 
 Used by :class:`~collectors.replay_buffer.RayReplayBuffer` for the uniform sampler when the
-trainer runs on the buffer actor's node: ``sample()`` then costs a gather in this process, not
+trainer runs on the buffer actor's node (plain or compact storage: a compact ring's next values
+and stacks are rebuilt here): ``sample()`` then costs a gather in this process, not
 a call that waits for the buffer actor to be scheduled next to busy env workers. Everything
 else (writes, priorities, rate limits, checkpoints) stays with the actor.
 """
@@ -14,6 +15,7 @@ import ray
 from ray.exceptions import ActorUnavailableError, RayActorError
 from tensordict import TensorDict
 
+from actors.storage.compact_reader import CompactReader
 from actors.storage.shared_ring import RingReader
 from collectors.runtime import buffer_gone
 
@@ -41,7 +43,10 @@ class LocalSampler:
         if loc["node_id"] != ray.get_runtime_context().get_node_id() or not os.path.isdir(loc["dir"]):
             self.off = True  # another node (or another /dev/shm): calls from now on
             return
-        reader = RingReader(loc, self.seed)
+        try:
+            reader = CompactReader(loc, self.seed) if loc.get("side") else RingReader(loc, self.seed)
+        except FileNotFoundError:  # replaced meanwhile (a restore, side files that grew)
+            return
         if not reader.usable():  # same node, but its process is not visible from here
             self.off = True
             return
@@ -73,7 +78,8 @@ class LocalSampler:
         except RayActorError as exc:
             self.reader = None
             raise buffer_gone(self.name, exc) from None
-        if self.reader is None or loc is None or loc["dir"] != self.reader.dir:
+        if self.reader is None or loc is None or loc["dir"] != self.reader.dir \
+                or _side_gen(loc) != getattr(self.reader, "side_gen", None):
             self._locate(loc)
 
     def sample(self, n: int, timeout: float):
@@ -91,6 +97,8 @@ class LocalSampler:
             time.sleep(0.002)
         got = self.reader.sample(n)
         if got is None:
+            if getattr(self.reader, "stale", bool)():  # side files moved: ask where, now
+                self._next_check = 0.0
             return None
         flat, index = got
         flat["index"] = index
@@ -100,3 +108,8 @@ class LocalSampler:
     def close(self) -> None:
         self.reader = None
         self._probe = None
+
+
+def _side_gen(loc: dict | None):
+    side = (loc or {}).get("side")
+    return None if side is None else side["gen"]

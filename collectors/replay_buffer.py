@@ -60,15 +60,15 @@ class RayReplayBuffer:
         seed: seeds the samplers (the actor's and the local one), for reproducible samples.
         local_sampling: with the uniform sampler and no ``samples_per_insert``, the storage
             lives in shared memory and a process on the buffer's node samples it directly,
-            without a call to the actor. Other samples (compact storage, prioritized, slices,
-            rate limits) a process on the node gets through a shared-memory slot the actor
-            writes them into, not the object store (without ``prefetch``). ``None``: whenever
-            possible; ``False``: always call.
+            without a call to the actor (compact storage included: it rebuilds next values and
+            stacks itself). Other samples (prioritized, slices, rate limits) a process on the
+            node gets through a shared-memory slot the actor writes them into, not the object
+            store (without ``prefetch``). ``None``: whenever possible; ``False``: always call.
         compact_obs: store each observation once (TorchRL's name). ``("next", obs)`` is rebuilt
             at sample time from the following slot of the same trajectory; the next
             observations that slot does not hold (episode ends, the last frame of each write)
             are kept apart, so samples equal those of the plain storage. Halves the memory of
-            pixel observations. Samples are drawn by the actor (no local sampling).
+            pixel observations.
             ``"frames"``: as ``True``, and stacked observations (``[S, ...]`` from gymnasium's
             ``FrameStackObservation``, e.g. Pong's ``[4, 84, 84]``) also store each frame once:
             a slot keeps its newest frame and the stack is rebuilt from the slots before it
@@ -146,13 +146,12 @@ class RayReplayBuffer:
                             f"observations stored once); got {compact_obs!r}.")
         self.compact_obs = compact_obs
         self.sampler_name, self.beta, self.slice_spec = sampler, beta, (slice_len, num_slices)
-        can_share = sampler == "random" and samples_per_insert is None and not compact_obs
+        can_share = sampler == "random" and samples_per_insert is None
         if local_sampling and not can_share:
             raise ValueError(
-                "local_sampling=True needs sampler='random', no samples_per_insert and "
-                "compact_obs=False (the actor decides or rebuilds those samples); got sampler="
-                f"{sampler!r}, samples_per_insert={samples_per_insert!r}, compact_obs="
-                f"{compact_obs!r}. Leave local_sampling=None to pick automatically.")
+                "local_sampling=True needs sampler='random' and no samples_per_insert (the "
+                f"actor decides those samples); got sampler={sampler!r}, samples_per_insert="
+                f"{samples_per_insert!r}. Leave local_sampling=None to pick automatically.")
         self._share = can_share if local_sampling is None else bool(local_sampling)
         self._local = None
         self._link: SampleLink | None = None  # samples the actor draws, through shared memory

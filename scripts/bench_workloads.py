@@ -143,11 +143,16 @@ def pong_memory(frames: int, row_fn=None) -> None:
     obs_bytes = 4 * 84 * 84
     for label, kwargs in (("plain (TorchRL layout), local sampling", {}),
                           ("plain, sampled by calls to the actor", {"local_sampling": False}),
-                          ("compact_obs=True, sample link", {"compact_obs": True}),
-                          ("compact_obs='frames', sample link", {"compact_obs": "frames"}),
+                          ("compact_obs=True, local sampling", {"compact_obs": True}),
+                          ("compact_obs='frames', local sampling", {"compact_obs": "frames"}),
+                          ("compact_obs='frames', sample link", {"compact_obs": "frames",
+                                                                 "link": True}),
                           ("compact_obs='frames', calls", {"compact_obs": "frames",
                                                            "local_sampling": False})):
+        link = kwargs.pop("link", False)
         with RayReplayBuffer(frames, batch_size=32, seed=0, **kwargs) as rb:
+            if link:  # (what a sampler the trainer cannot run itself gets: the actor's draw)
+                rb._local = None
             with MultiSyncDataCollector(pong, None, num_workers=2, frames_per_batch=500,
                                         total_frames=frames, replay_buffer=rb,
                                         compact_obs=bool(kwargs.get("compact_obs", False))) as c:
@@ -155,6 +160,10 @@ def pong_memory(frames: int, row_fn=None) -> None:
                     pass
             info = rb.info()
             per_frame = info["storage_bytes"] / info["size"]
+            deadline = time.perf_counter() + 10
+            while rb._local is not None and rb._local.reader is None \
+                    and time.perf_counter() < deadline:  # until the trainer has mapped it
+                rb.sample()
             rb.sample()
             times = []
             for _ in range(200):

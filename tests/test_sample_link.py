@@ -1,4 +1,4 @@
-"""Samples the trainer cannot draw itself (compact and frame storage, prioritized) come from the
+"""Samples the trainer cannot draw itself (prioritized, slices, rate limits) come from the
 buffer actor through a shared-memory slot when the trainer is on its node: the same samples a
 call gives, errors raised as a call raises them, calls again when the link breaks."""
 import time
@@ -24,7 +24,8 @@ def counting_frames(n: int, episode: int = 5) -> TensorDict:
                        ("collector", "traj_ids"): torch.arange(n) // episode}, [n])
 
 
-@pytest.mark.parametrize("kwargs", [{"compact_obs": True}, {"sampler": "prioritized"},
+@pytest.mark.parametrize("kwargs", [{"compact_obs": True, "sampler": "prioritized"},
+                                    {"sampler": "prioritized"},
                                     {"sampler": "slice", "slice_len": 5}])
 def test_link_samples_are_the_actors(kwargs):
     with RayReplayBuffer(200, batch_size=20, seed=0, **kwargs) as rb:
@@ -48,7 +49,8 @@ def test_local_sampling_false_means_calls_only():
 
 
 def test_an_error_in_the_actor_is_raised_as_a_call_raises_it_and_sampling_goes_on():
-    with RayReplayBuffer(200, batch_size=8, compact_obs=True, min_size=60) as rb:
+    with RayReplayBuffer(200, batch_size=8, compact_obs=True, sampler="prioritized",
+                         min_size=60) as rb:
         rb.extend(counting_frames(50))
         with pytest.raises(TimeoutError, match="min_size=60"):
             rb.sample(timeout=0.2)
@@ -57,8 +59,8 @@ def test_an_error_in_the_actor_is_raised_as_a_call_raises_it_and_sampling_goes_o
 
 
 def test_a_restarted_actor_is_sampled_by_calls_then_by_a_new_link(tmp_path):
-    with RayReplayBuffer(200, batch_size=8, compact_obs=True, checkpoint_dir=str(tmp_path),
-                         timeout_s=60) as rb:
+    with RayReplayBuffer(200, batch_size=8, compact_obs=True, sampler="prioritized",
+                         checkpoint_dir=str(tmp_path), timeout_s=60) as rb:
         rb.extend(counting_frames(50))
         rb.sample()
         rb.checkpoint(str(tmp_path))
@@ -83,7 +85,7 @@ def test_a_pickled_handle_in_a_task_on_the_node_samples_through_its_own_link():
         return bool((s["next", "observation"] == s["observation"] + 1).all()), \
             rb.info()["link_samples"]
 
-    with RayReplayBuffer(200, batch_size=8, compact_obs=True) as rb:
+    with RayReplayBuffer(200, batch_size=8, compact_obs=True, sampler="prioritized") as rb:
         rb.extend(counting_frames(50))
         assert ray.get(draw.remote(rb), timeout=60) == (True, 1)
 
@@ -91,7 +93,7 @@ def test_a_pickled_handle_in_a_task_on_the_node_samples_through_its_own_link():
 def test_threads_sampling_one_handle_each_get_whole_samples():
     import threading
 
-    with RayReplayBuffer(200, batch_size=8, compact_obs=True) as rb:
+    with RayReplayBuffer(200, batch_size=8, compact_obs=True, sampler="prioritized") as rb:
         rb.extend(counting_frames(100))
         bad, errors = [], []
 
@@ -114,7 +116,7 @@ def test_threads_sampling_one_handle_each_get_whole_samples():
 
 
 def test_held_samples_stay_as_drawn_and_changing_one_leaves_the_buffer_alone():
-    with RayReplayBuffer(200, batch_size=16, seed=0, compact_obs=True) as rb:
+    with RayReplayBuffer(200, batch_size=16, seed=0, compact_obs=True, sampler="prioritized") as rb:
         rb.extend(counting_frames(100))
         held = [rb.sample() for _ in range(10)]  # more than the link's slots: the rest copied
         drawn = [s.clone() for s in held]

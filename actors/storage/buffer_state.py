@@ -67,6 +67,8 @@ class BufferStateMixin:
         if self.ring is not None:  # samplers that mapped it move to the new one
             self.ring.close()
             self.ring = None
+            if self.compact is not None:  # (its side stores join the new ring below)
+                self.compact.share(None)
         if storage is not None and self.share:
             shared = self._allocate(storage[:1])
             for key, tensor in storage.items(include_nested=True, leaves_only=True):

@@ -43,11 +43,12 @@ from actors.storage.side_store import SideStore
 class CompactNext:
     """The per-slot bookkeeping of a compact ring of ``capacity`` slots."""
 
-    def __init__(self, capacity: int, frames: bool = False):
+    def __init__(self, capacity: int, frames: bool = False, files=None):
         self.capacity = int(capacity)
         self.keys: tuple | None = None  # the root keys k whose ("next", k) is compacted
-        self.side = SideStore(self.capacity)  # ("next", k) values no following slot holds
-        self.frames = FrameStacks(self.capacity) if frames else None
+        # ("next", k) values no following slot holds; ``files``: in a shared ring's folder
+        self.side = SideStore(self.capacity, files)
+        self.frames = FrameStacks(self.capacity, files) if frames else None
 
     @property
     def side_slot(self) -> torch.Tensor:
@@ -98,6 +99,13 @@ class CompactNext:
         if self.frames is not None:
             td = self.frames.strip(td, idx, self.keys, storage, size)
         return td
+
+    def touched(self, idx: torch.Tensor, size: int) -> torch.Tensor:
+        """The live slots outside ``idx`` whose side entries a write at ``idx`` may change
+        (readers of a shared ring must not trust them meanwhile)."""
+        if self.frames is None:
+            return idx[:0]
+        return self.frames.after(idx, size)
 
     # -- samples -----------------------------------------------------------------------------
     def root(self, key, slots: torch.Tensor, storage: TensorDict, into=None) -> torch.Tensor:
@@ -166,12 +174,29 @@ class CompactNext:
             self.frames.side.load(tensors.get("frames") or {}, "frame-stack")
 
     def emptied(self) -> "CompactNext":
-        """A fresh one for an emptied buffer: the same stored keys, nothing apart."""
-        fresh = CompactNext(self.capacity, frames=self.frames is not None)
+        """A fresh one for an emptied buffer: the same stored keys, nothing apart (this one's
+        shared files are given back)."""
+        fresh = CompactNext(self.capacity, frames=self.frames is not None, files=self.side.files)
         fresh.keys = self.keys
         if self.frames is not None:
             fresh.frames.sizes = dict(self.frames.sizes)
+        for store in self._stores():
+            store.unshare()
         return fresh
+
+    # -- shared memory -----------------------------------------------------------------------
+    def _stores(self) -> list:
+        return [self.side] + ([self.frames.side] if self.frames is not None else [])
+
+    def share(self, files) -> None:
+        """Move the side stores into ``files`` (a compact ring's shared folder)."""
+        for store in self._stores():
+            store.share(files)
+
+    def layout(self) -> dict:
+        """What a same-node reader needs to rebuild samples (see ``compact_reader``)."""
+        return {**self.meta(), "side": self.side.layout(),
+                "frame_side": self.frames.side.layout() if self.frames is not None else None}
 
 
 def _pair(first: torch.Tensor | None, second: torch.Tensor | None) -> torch.Tensor | None:

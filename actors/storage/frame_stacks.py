@@ -39,10 +39,10 @@ from actors.storage.side_store import SideStore
 
 
 class FrameStacks:
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, files=None):
         self.capacity = int(capacity)
         self.sizes: dict = {}  # root key -> stack size S, for the keys stored frame by frame
-        self.side = SideStore(self.capacity)  # whole stacks of the slots that are not derived
+        self.side = SideStore(self.capacity, files)  # whole stacks of slots not derived
 
     def check(self, td: TensorDict, keys: tuple) -> None:
         """Find the stacked keys at the first write (stacks of at least 2 frames); refuse a
@@ -82,12 +82,18 @@ class FrameStacks:
     def _keep_whole_after(self, idx: torch.Tensor, storage: TensorDict, size: int) -> None:
         """The live derived slots right after the region ``idx`` overwrites read frames from it:
         keep their stacks whole first. (Slots ``[0, size)`` are live: the ring fills in order.)"""
-        n = len(idx)
-        reach = max(self.sizes.values()) - 1
-        after = (idx[-1] + 1 + torch.arange(max(0, min(reach, self.capacity - n)))) % self.capacity
-        after = after[(after < size) & (self.side.slot[after] < 0)]
+        after = self.after(idx, size)
+        after = after[self.side.slot[after] < 0]
         if len(after):
             self.side.put(after, {key: self.stacks(key, after, storage) for key in self.sizes})
+
+    def after(self, idx: torch.Tensor, size: int) -> torch.Tensor:
+        """The live slots whose stacks may read frames from the region ``idx`` overwrites (a
+        write may keep them whole: their side entries change)."""
+        reach = max(self.sizes.values()) - 1 if self.sizes else 0
+        after = (idx[-1] + 1 + torch.arange(max(0, min(reach, self.capacity - len(idx))))) \
+            % self.capacity
+        return after[after < size]
 
     def stacks(self, key, slots: torch.Tensor, storage: TensorDict, into=None) -> torch.Tensor:
         """The whole stacks of ``key`` at ``slots``: newest frames from the ring, older ones

@@ -21,7 +21,8 @@ from actors.coordination.metrics import Metrics
 from actors.storage.sample_link import SampleLinkMixin
 from actors.storage.samplers import make_sampler
 from actors.shm.folders import remove_stale, shareable
-from actors.storage.shared_ring import SharedRing
+from actors.storage.shared_ring import GEN, SharedRing
+from actors.storage.side_files import SideFiles
 
 log = logging.getLogger("ray_collectors.buffer")
 
@@ -84,7 +85,7 @@ class ReplayBufferActor(BufferStateMixin, BufferWritesMixin, SampleLinkMixin):
         # "frames": stacked observations also store each frame once
         self.compact = CompactNext(self.capacity, frames=compact_obs == "frames") \
             if compact_obs else None
-        self.share = share and not compact_obs  # shared memory for same-node samplers
+        self.share = share  # shared memory for same-node samplers
         self.ring: SharedRing | None = None
         self.cursor = 0
         self.size = 0
@@ -172,24 +173,29 @@ class ReplayBufferActor(BufferStateMixin, BufferWritesMixin, SampleLinkMixin):
                 return 0
             self.reserved.update(ids)
             idx = (torch.arange(n) + self.cursor) % self.capacity
+            touched = None  # the slots readers of the shared ring must skip until end()
             try:
                 self._wait(lambda: self.limiter.can_insert(n), timeout,
                            f"room to insert {n} frames under samples_per_insert={self.limiter.spi}")
+                if self.ring is not None:
+                    touched = idx if self.compact is None else \
+                        torch.cat([idx, self.compact.touched(idx, self.size)])
+                    self.ring.begin(touched)
                 if self.compact is not None:
                     td = self.compact.strip(td, idx, self.storage, self.size)
             except BaseException:
+                if touched is not None:
+                    self.ring.end(touched, self.size)
                 self.reserved.difference_update(ids)
                 self.cond.notify_all()
                 raise
             if self.storage is None:
                 self.storage = self._allocate(td[:1])
-            if self.ring is not None:
-                self.ring.begin(idx)
             self.storage[idx] = td
             self.cursor = (self.cursor + n) % self.capacity
             self.size = min(self.capacity, self.size + n)
             if self.ring is not None:
-                self.ring.end(idx, self.size)
+                self.ring.end(idx if touched is None else touched, self.size)
             self.write_count += n
             self.limiter.inserts += n
             self.sampler.on_write(idx, self.storage, self.size)
@@ -219,6 +225,8 @@ class ReplayBufferActor(BufferStateMixin, BufferWritesMixin, SampleLinkMixin):
                 log.warning("replay buffer storage stays private (%r)", exc)
         if self.ring is None:
             return template.expand(self.capacity).clone().zero_()
+        if self.compact is not None:  # the side stores go beside the ring
+            self.compact.share(SideFiles(self.ring))
         storage = TensorDict(batch_size=[self.capacity])
         for key, tensor in self.ring.tensors.items():
             storage.set(key, tensor)
@@ -228,11 +236,13 @@ class ReplayBufferActor(BufferStateMixin, BufferWritesMixin, SampleLinkMixin):
         """Where same-node samplers map the storage (``None`` if not shared yet); also counts
         the ``sampled`` frames they drew since they last said."""
         self._count_samples(sampled)
-        if self.ring is None:
-            return None
-
-        return {**self.ring.location(), "node_id": _node_id(),
-                "min_size": self.limiter.min_size}
+        with self.cond:  # (a write may be moving the side stores)
+            if self.ring is None:
+                return None
+            side = None if self.compact is None else \
+                {**self.compact.layout(), "gen": int(self.ring.header[GEN])}
+            return {**self.ring.location(), "node_id": _node_id(),
+                    "min_size": self.limiter.min_size, "side": side}
 
     def _count_samples(self, n: int) -> None:
         if n:

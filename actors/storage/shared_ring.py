@@ -36,7 +36,8 @@ from actors.storage.gather import rows
 
 log = logging.getLogger("ray_collectors.shared_ring")
 
-HEADER = 2  # [size, closed]
+HEADER = 3  # [size, closed, generation of a compact ring's side files]
+GEN = 2
 
 
 def _reserve(path: str, nbytes: int) -> None:
@@ -102,8 +103,10 @@ class SharedRing:
         self.stamps[idx] = -1
 
     def end(self, idx: torch.Tensor, size: int) -> None:
+        """The slots ``idx`` hold frames again (those below ``size``: a write that failed
+        leaves never-written slots unstamped)."""
         self.version += 1
-        self.stamps[idx] = self.version
+        self.stamps[idx[idx < size]] = self.version
         self.header[0] = size
 
     def stamp_all(self, size: int) -> None:

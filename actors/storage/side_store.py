@@ -21,9 +21,10 @@ from tensordict import TensorDict
 
 
 class SideStore:
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, files=None):
         self.capacity = int(capacity)
-        self.slot = torch.full((self.capacity,), -1, dtype=torch.int64)  # -1: nothing apart
+        self.files = files  # SideFiles: the tensors live in a shared ring's folder, else private
+        self.slot = self._new((self.capacity,), torch.int64).fill_(-1)  # -1: nothing apart
         self.values: dict = {}  # key -> tensor [rows, ...]
         self.free: list[int] = []  # unused rows
 
@@ -33,7 +34,7 @@ class SideStore:
             return
         for key, value in items.items():
             if key not in self.values:
-                self.values[key] = value.new_zeros((self.rows(), *value.shape[1:]))
+                self.values[key] = self._new((self.rows(), *value.shape[1:]), value.dtype)
         rows = self._take(len(slots))
         self.slot[slots] = rows
         for key, value in items.items():
@@ -55,10 +56,48 @@ class SideStore:
             have = self.rows()
             rows = max(2 * have, have + n - len(self.free), 64)
             for key, value in self.values.items():
-                self.values[key] = torch.cat([value, value.new_zeros((rows - have, *value.shape[1:]))])
+                grown = self._new((rows, *value.shape[1:]), value.dtype)
+                grown[:have] = value
+                self.values[key] = grown
+                self._drop(value)
             self.free.extend(range(have, rows))
         rows, self.free = self.free[-n:], self.free[:-n]
         return torch.tensor(rows, dtype=torch.int64)
+
+    # -- where the tensors live ----------------------------------------------------------------
+    def _new(self, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        if self.files is not None:
+            return self.files.new(shape, dtype)
+        return torch.zeros(shape, dtype=dtype)
+
+    def _drop(self, tensor: torch.Tensor) -> None:
+        if self.files is not None:
+            self.files.drop(tensor)
+
+    def share(self, files) -> None:
+        """Move the tensors into ``files`` (a :class:`~actors.storage.side_files.SideFiles`;
+        ``None``: private memory)."""
+        old, old_files = [self.slot, *self.values.values()], self.files
+        self.files = files
+        self.slot = self._copy(self.slot)
+        self.values = {k: self._copy(v) for k, v in self.values.items()}
+        for tensor in old if old_files is not None else ():
+            old_files.drop(tensor)
+
+    def unshare(self) -> None:
+        """Give back the shared files (the store is no longer used)."""
+        for tensor in [self.slot, *self.values.values()]:
+            self._drop(tensor)
+
+    def layout(self) -> dict:
+        """Where a reader maps the tensors (see :mod:`actors.storage.compact_reader`)."""
+        return {"slot": self.files.where(self.slot),
+                "values": [[list(k), self.files.where(v)] for k, v in self.values.items()]}
+
+    def _copy(self, tensor: torch.Tensor) -> torch.Tensor:
+        new = self._new(tuple(tensor.shape), tensor.dtype)
+        new.copy_(tensor)
+        return new
 
     # -- state -------------------------------------------------------------------------------
     def nbytes(self) -> int:
@@ -76,9 +115,10 @@ class SideStore:
         slot = tensors.get("side_slot")
         if slot is None or slot.shape != (self.capacity,):
             raise ValueError(f"{what} state has no per-slot index of {self.capacity} slots.")
-        self.slot = slot.long().clone()
+        self.unshare()
+        self.slot = self._copy(slot.long())
         side = TensorDict(tensors.get("side") or {}, []).items(include_nested=True, leaves_only=True)
-        self.values = {tuple(k) if isinstance(k, tuple) else (k,): v.clone() for k, v in side}
+        self.values = {tuple(k) if isinstance(k, tuple) else (k,): self._copy(v) for k, v in side}
         used = set(self.slot[self.slot >= 0].tolist())
         if used and max(used) >= self.rows():
             raise ValueError(f"{what} state points past its side store.")
