@@ -69,9 +69,9 @@ class DataCollectorBase(IterationMixin, ControlMixin, IntrospectionMixin, Backgr
                                          total_frames=total_frames, **kwargs)
         self._check_options(options, cls_name)
         env_fns = self._env_fns(create_env_fn, options.num_workers)
+        validate.one_per_worker(options, cls_name)
         # a policy built by its factory here too: for the checks, and as the weights' reference
         # (a policy given beside the factory stays here, as TorchRL's: the source of weights)
-        validate.one_per_worker(options, cls_name)
         factory = options.policy_factory
         if isinstance(factory, tuple):  # one per worker (TorchRL): the first is the reference
             factory = factory[0]

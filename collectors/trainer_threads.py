@@ -19,7 +19,7 @@ THREADS_AT_IMPORT = torch.get_num_threads()
 
 def lend(num_threads: int | None, *, shares: bool, workers_here: int) -> int:
     """Set this process's torch threads; returns how many :func:`give_back` returns (0: none).
-    ``shares``: a multi or async collector (TorchRL's ``SyncDataCollector`` leaves them)."""
+    ``shares``: a multi or async collector (TorchRL's single ``Collector`` leaves them)."""
     if num_threads is not None:
         torch.set_num_threads(num_threads)
     elif shares:

@@ -88,7 +88,7 @@ def main(argv=None) -> float:
                                    frames_per_batch=job["frames_per_batch"], total_frames=-1,
                                    init_random_frames=hp.init_random_frames,
                                    seed=job.get("seed"), replay_buffer=rb, config=cfg, name="sac",
-                                   num_threads=1)  # torch's spinning threads would starve the env actor
+                                   num_threads=1)  # spinning torch threads starve the env actor
     collector.start()
     rows, t0, lag = [], time.perf_counter(), []
     try:

@@ -233,9 +233,10 @@ def test_multi_and_async_collectors_lend_the_trainers_threads_as_torchrl_does():
     before = torch.get_num_threads()
     cap = trainer_threads.THREADS_AT_IMPORT
     try:
+        two, three = [counting_env] * 2, [counting_env] * 3
         for make, during, after in (
-                (lambda: MultiSyncDataCollector([counting_env] * 2, frames_per_batch=4), 2, min(cap, 4)),
-                (lambda: MultiaSyncDataCollector([counting_env] * 3, frames_per_batch=4), 1, min(cap, 4)),
+                (lambda: MultiSyncDataCollector(two, frames_per_batch=4), 2, min(cap, 4)),
+                (lambda: MultiaSyncDataCollector(three, frames_per_batch=4), 1, min(cap, 4)),
                 (lambda: aSyncDataCollector(counting_env, frames_per_batch=4), 3, min(cap, 4)),
                 (lambda: SyncDataCollector(counting_env, frames_per_batch=4), 4, 4)):
             torch.set_num_threads(4)
