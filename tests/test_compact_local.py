@@ -235,3 +235,34 @@ def test_each_shard_of_a_compact_buffer_is_sampled_here_and_the_sample_spans_the
             assert (s["next", "observation"] == s["observation"] + 1).all()
             assert set((s["index"] // rb.stride).tolist()) == {0, 1}
         assert [s.info()["link_samples"] for s in rb.shards] == links  # no sample by the actors
+
+
+def test_samples_drawn_here_while_collectors_stream_into_a_frame_buffer_are_whole():
+    """``start()`` streams stacked counting frames into a small frame buffer (it wraps every
+    few batches) while the trainer samples it itself: every stack is one env's episode, its
+    steps count up to the newest, and the next stack is the stack shifted by one step."""
+    from collectors import MultiaSyncDataCollector
+    from collectors.testing import stacked_counting_env
+
+    with RayReplayBuffer(120, batch_size=32, compact_obs="frames", seed=0) as rb:
+        with MultiaSyncDataCollector(stacked_counting_env, num_workers=2, frames_per_batch=12,
+                                     total_frames=-1, replay_buffer=rb, compact_obs=True) as c:
+            c.start()
+            deadline, drawn = time.monotonic() + 120, 0
+            while drawn < 300:
+                assert time.monotonic() < deadline, f"only {drawn} local samples in 120 s"
+                if len(rb) < 32:
+                    time.sleep(0.05)
+                    continue
+                s = rb.sample()
+                drawn += isinstance(rb._local.reader, CompactReader)
+                obs, nxt = s["observation"], s["next", "observation"]
+                done = s["next", "done"].squeeze(-1)
+                same = obs[:, :, 0, 1:] == obs[:, -1:, 0, 1:]  # episode and env tag
+                assert same.all() and (obs[:, :, 1, 0] == obs[:, -1:, 1, 0]).all()
+                steps = obs[:, :, 0, 0].long()
+                assert ((steps[:, 1:] - steps[:, :-1] == 1) | (steps[:, :-1] == 0)).all()
+                assert (nxt[:, -1, 0, 0] == obs[:, -1, 0, 0] + 1).all()
+                assert (nxt[~done][:, :-1] == obs[~done][:, 1:]).all()
+            written = rb.write_count
+        assert written > 5 * 120, written  # the ring wrapped while the trainer sampled
