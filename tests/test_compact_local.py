@@ -266,3 +266,33 @@ def test_samples_drawn_here_while_collectors_stream_into_a_frame_buffer_are_whol
                 assert (nxt[~done][:, :-1] == obs[~done][:, 1:]).all()
             written = rb.write_count
         assert written > 5 * 120, written  # the ring wrapped while the trainer sampled
+
+
+def test_a_restarted_frame_buffer_is_mapped_again_from_its_checkpoint(tmp_path):
+    from test_sample_link import counting_frames
+
+    with RayReplayBuffer(200, batch_size=8, compact_obs=True, checkpoint_dir=str(tmp_path),
+                         timeout_s=60) as rb:
+        rb.extend(counting_frames(50))
+        deadline = time.monotonic() + 30
+        while not isinstance(rb._local.reader, CompactReader):
+            assert time.monotonic() < deadline, "the trainer never mapped the storage"
+            rb.sample()
+        first = rb._local.reader.dir
+        rb.checkpoint(str(tmp_path))
+        pid = rb.info()["pid"]
+        import ray
+
+        ray.kill(rb.actor, no_restart=False)
+        while rb.info()["pid"] == pid:  # (the kill is asynchronous; info waits out the restart)
+            assert time.monotonic() < deadline + 60, "the buffer actor did not restart"
+        deadline = time.monotonic() + 30
+        while rb._local.reader is None or rb._local.reader.dir == first:
+            assert time.monotonic() < deadline, "the restored storage was never mapped"
+            s = rb.sample()  # (by the link or a call meanwhile)
+            assert (s["next", "observation"] == s["observation"] + 1).all()
+        links = rb.info()["link_samples"]
+        for _ in range(10):
+            s = rb.sample()
+            assert (s["next", "observation"] == s["observation"] + 1).all() and (s["index"] < 50).all()
+        assert rb.info()["link_samples"] == links  # drawn here again
