@@ -44,7 +44,8 @@ class LocalSampler:
             self.off = True  # another node (or another /dev/shm): calls from now on
             return
         try:
-            reader = CompactReader(loc, self.seed) if loc.get("side") else RingReader(loc, self.seed)
+            kind = CompactReader if loc.get("side") else RingReader
+            reader = kind(loc, self.seed)
         except FileNotFoundError:  # replaced meanwhile (a restore, side files that grew)
             return
         if not reader.usable():  # same node, but its process is not visible from here

@@ -206,7 +206,8 @@ def test_the_trainer_samples_a_frame_buffer_that_collectors_fill_without_calls()
         before = rb.info()
         for _ in range(20):
             s = rb.sample()
-            obs, nxt, done = s["observation"], s["next", "observation"], s["next", "done"].squeeze(-1)
+            obs, nxt = s["observation"], s["next", "observation"]
+            done = s["next", "done"].squeeze(-1)
             assert obs.shape == (64, 4, 2, 2) and (s["index"] < 240).all()
             steps = obs[:, :, 0, 0].long()
             assert ((steps[:, 1:] - steps[:, :-1] == 1) | (steps[:, :-1] == 0)).all()
@@ -294,5 +295,6 @@ def test_a_restarted_frame_buffer_is_mapped_again_from_its_checkpoint(tmp_path):
         links = rb.info()["link_samples"]
         for _ in range(10):
             s = rb.sample()
-            assert (s["next", "observation"] == s["observation"] + 1).all() and (s["index"] < 50).all()
+            assert (s["next", "observation"] == s["observation"] + 1).all()
+            assert (s["index"] < 50).all()
         assert rb.info()["link_samples"] == links  # drawn here again

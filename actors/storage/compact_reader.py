@@ -84,5 +84,6 @@ class CompactReader(RingReader):
             torn = (rows(self.stamps, idx) != before) | (before < 0)
             if not bool(torn.any()):
                 return out, idx
-            idx[torn] = torch.randint(0, max(1, self.size()), (int(torn.sum()),), generator=self.gen)
+            redraw = (int(torn.sum()),)
+            idx[torn] = torch.randint(0, max(1, self.size()), redraw, generator=self.gen)
         return None
