@@ -48,6 +48,9 @@ class LocalSampler:
             reader = kind(loc, self.seed)
         except FileNotFoundError:  # replaced meanwhile (a restore, side files that grew)
             return
+        except OSError:  # not ours to map (see shared_ring): calls from now on
+            self.off = True
+            return
         if not reader.usable():  # same node, but its process is not visible from here
             self.off = True
             return

@@ -11,8 +11,11 @@ to -1 first (the slots it overwrites, and the live slots whose stacks read frame
 which it may keep whole), writes, then stamps them anew. A sampled slot whose stamp held still,
 and non-negative, across the read was rebuilt from values that did not change: its next value
 comes from the following slot only while both came from one write, and its stack reads back
-only from slots that cannot be overwritten without touching its own stamp. A side store that
-grew is in new files: the header's generation changed, and the sample is left to the actor
+only from slots that cannot be overwritten without touching its own stamp. A slot it reads
+back from may be kept whole meanwhile (that slot's stamp, not the sampled one's, is cleared):
+its stack is then written into a row before its side entry names the row, so the sample reads
+the same frames either way. A side store that grew is in new files: the header's generation
+changed (before any entry names a row of the new files), and the sample is left to the actor
 while the reader asks for the new layout.
 """
 from __future__ import annotations

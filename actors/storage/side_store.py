@@ -36,9 +36,11 @@ class SideStore:
             if key not in self.values:
                 self.values[key] = self._new((self.rows(), *value.shape[1:]), value.dtype)
         rows = self._take(len(slots))
-        self.slot[slots] = rows
         for key, value in items.items():
             self.values[key][rows] = value
+        # (the rows are filled before slots name them: a reader of a shared store that sees a
+        # slot's new row reads that row's new values, see actors.storage.compact_reader)
+        self.slot[slots] = rows
 
     def release(self, slots: torch.Tensor) -> None:
         """Slots about to be overwritten give back their rows."""
