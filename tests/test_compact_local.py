@@ -302,3 +302,30 @@ def test_a_restarted_frame_buffer_is_mapped_again_from_its_checkpoint(tmp_path):
             assert (s["next", "observation"] == s["observation"] + 1).all()
             assert (s["index"] < 50).all()
         assert rb.info()["link_samples"] == links  # drawn here again
+
+
+def test_a_side_store_that_cannot_grow_in_shared_memory_goes_private_and_readers_step_back(
+        monkeypatch):
+    """``/dev/shm`` full when a side store grows: the buffer keeps every frame (samples by the
+    actor equal the plain storage's), and the ring is closed to readers, who use calls."""
+    import actors.storage.side_files as side_files
+
+    writes = list(stacked_segments([3] * 60, envs=3))
+    plain = ReplayBufferActor(500, seed=0)
+    rb = ReplayBufferActor(500, seed=0, share=True, compact_obs=True)
+    rb.extend(writes[0])
+    plain.extend(writes[0])
+    reader = CompactReader(rb.storage_location(), seed=0)
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(side_files, "_writable", full)
+    for td in writes[1:]:  # the side store outgrows its first 64 rows
+        rb.extend(td)
+        plain.extend(td)
+    assert rb.compact.side.files.failed and not reader.usable()
+    assert getattr(rb.compact.side.values[("next", "observation")], "shm_path", None) is None
+    a, b = plain.sample(64), rb.sample(64)
+    assert (a["index"] == b["index"]).all() and (a == b).all()
+    rb.close()
