@@ -101,7 +101,7 @@ class LocalSampler:
             time.sleep(0.002)
         got = self.reader.sample(n)
         if got is None:
-            if getattr(self.reader, "stale", bool)():  # side files moved: ask where, now
+            if self.reader.stale():  # side files moved: ask where, now
                 self._next_check = 0.0
             return None
         flat, index = got

@@ -153,6 +153,10 @@ class RingReader:
     def size(self) -> int:
         return int(self.header[0])
 
+    def stale(self) -> bool:
+        """Whether the mapping needs a new layout from the actor (a compact ring's may)."""
+        return False
+
     def sample(self, n: int) -> tuple[dict, torch.Tensor] | None:
         """``({key: tensor[n, ...]}, index)``, or ``None`` while the ring holds no frame."""
         size = self.size()

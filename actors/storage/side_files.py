@@ -13,6 +13,7 @@ private memory and the ring is closed to readers (they sample through the actor 
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 import torch
@@ -32,10 +33,7 @@ class SideFiles:
 
     def new(self, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
         shape = tuple(int(d) for d in shape)
-        numel = 1
-        for d in shape:
-            numel *= d
-        if self.failed or numel == 0:
+        if self.failed or math.prod(shape) == 0:
             return torch.zeros(shape, dtype=dtype)
         path = os.path.join(self.ring.dir, f"side{self.count}.bin")
         self.count += 1
