@@ -179,22 +179,25 @@ class CollectorOptions(BaseModel):
                           "are more workers (num_gpus, or the config's "
                           "resources.env_worker.num_gpus, overrides); the actor runs it on the "
                           "GPU Ray gives it")
-    env_device: Optional[str] = Field(None, description="device of the env's data: 'cpu' for "
-                                                        "gymnasium envs")
+    env_device: Optional[str] = Field(None, description="the env's data's device: cpu for gymnasium")
     storing_device: Optional[str] = Field(None, description="device of the yielded batches")
     # -- deployment --------------------------------------------------------------------------
     name: Optional[str] = Field(None, description="prefix of the actor names shown in the Ray "
                                                   "dashboard (default: class name + random id)")
     config: Any = Field(None, description="deployment config: a YAML path, a dict or a "
                                           "DeploymentConfig (default: configs/local.yaml)")
-    num_cpus: Optional[float] = Field(None, description="CPUs each env actor asks Ray for "
-                                                        "(default: the config's)")
-    num_gpus: Optional[float] = Field(None, description="GPUs each env actor asks Ray for "
-                                                        "(default: the config's)")
+    num_cpus: Optional[float] = Field(None, description="CPUs each env actor asks Ray for (default: the config's)")
+    num_gpus: Optional[float] = Field(None, description="GPUs each env actor asks Ray for (default: the config's)")
     resources: Optional[dict] = Field(None, description="custom Ray resources each env actor "
                                                         "asks for")
     worker_nice: int = Field(0, description="raise the env actors' OS niceness (0-19) so a "
                                             "trainer on the same cores keeps its share")
+    main_thread_sleep_s: Optional[float] = Field(
+        None, description="while an env actor serves batches through shared memory, Ray's loop "
+                          "on its process's main thread (which wakes every 10 ms) sleeps this "
+                          "long at a time, and a Ray call to the actor (get_distant_attr, an "
+                          "interruptor's preempt) may wait as long to start; 0: off; None: 0.1 "
+                          "for actors given under 0.2 CPU (many per core), else off")
     # -- faults and waits --------------------------------------------------------------------
     sample_timeout_s: Optional[float] = Field(
         None, description="a worker that delivers no batch within this is killed and replaced; "
@@ -216,10 +219,8 @@ class CollectorOptions(BaseModel):
                            "'drop_episode' blanks and masks the episode and counts it")
     check_obs_space: StrictBool = Field(
         False, description="check every observation against the env's observation_space")
-    write_timeout_s: float = Field(30.0, description="bound on one write into the replay-buffer "
-                                                     "actor, retries included")
-    prefetch: int = Field(1, description="async collectors: batches each worker may collect "
-                                         "ahead of the consumer")
+    write_timeout_s: float = Field(30.0, description="bound on one write into the buffer actor, retries included")
+    prefetch: int = Field(1, description="async collectors: batches each worker may collect ahead of the consumer")
 
     # -- checks ------------------------------------------------------------------------------
     @field_validator("frames_per_batch", "num_envs", "num_workers", "prefetch",
@@ -228,10 +229,11 @@ class CollectorOptions(BaseModel):
     def _positive_int(cls, v, info):
         return check_integer(info.field_name, v, 1)
 
-    @field_validator("trajs_per_batch", "trajs_per_write", "num_threads", "worker_idx", mode="before")
+    @field_validator("trajs_per_batch", "trajs_per_write", "num_threads", "worker_idx", "seed",
+                     mode="before")
     @classmethod
     def _optional_positive(cls, v, info):
-        low = 0 if info.field_name == "worker_idx" else 1
+        low = 0 if info.field_name in ("worker_idx", "seed") else 1
         return None if v is None else check_integer(info.field_name, v, low)
 
     @field_validator("max_restarts", "init_random_frames", mode="before")
@@ -247,11 +249,6 @@ class CollectorOptions(BaseModel):
         if check_integer("worker_nice", v, 0) > 19:
             raise ValueError(f"worker_nice must be in 0..19 (a niceness increment); got {v}")
         return v
-
-    @field_validator("seed", mode="before")
-    @classmethod
-    def _seed(cls, v):
-        return None if v is None else check_integer("seed", v, 0)
 
     @field_validator("total_frames", mode="before")
     @classmethod
@@ -273,10 +270,14 @@ class CollectorOptions(BaseModel):
     def _split(cls, v):
         return False if v is None else v  # TorchRL's default is None
 
-    @field_validator("sample_timeout_s", mode="before")
+    @field_validator("sample_timeout_s", "main_thread_sleep_s", mode="before")
     @classmethod
-    def _optional_timeout(cls, v):
-        return None if v is None else check_number("sample_timeout_s", v, positive=True)
+    def _optional_seconds(cls, v, info):
+        if info.field_name == "sample_timeout_s" or v is None:
+            return None if v is None else check_number(info.field_name, v, positive=True)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
+            raise ValueError(f"main_thread_sleep_s must be seconds > 0, 0 (off) or None (auto); got {v!r}")
+        return v
 
     @field_validator("startup_timeout_s", "restart_window_s", "write_timeout_s", mode="before")
     @classmethod

@@ -7,7 +7,7 @@ import math
 import gymnasium
 import numpy as np
 
-from actors.stepping.env_worker import make_env_fn
+from actors.stepping.env_building import make_env_fn
 from actors.errors import EnvCreationError, PolicyOutputError
 from actors.stepping.policy_runner import ACTION_KEY, PolicyRunner, module_device, policy_kind
 from actors.stepping.spaces import leaf_spec, observation_spec

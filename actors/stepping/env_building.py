@@ -1,8 +1,10 @@
-"""Building a TorchRL env for an env actor: the transforms the collector adds (a step counter,
-the policy's transforms), a started batched env instance turned into a recipe, and which
-entries of an env vary in shape. Nothing here imports torchrl at module level."""
+"""Building an env for an env actor: its factory and, for a TorchRL env, the transforms the
+collector adds (a step counter, the policy's transforms), a started batched env instance turned
+into a recipe, and which entries of an env vary in shape. Nothing here imports torchrl at module
+level."""
 from __future__ import annotations
 
+import copy
 import functools
 
 
@@ -10,6 +12,26 @@ def is_torchrl_env(env) -> bool:
     """True for a TorchRL ``EnvBase`` (checked without importing torchrl)."""
     return any(c.__name__ == "EnvBase" and c.__module__.startswith("torchrl")
                for c in type(env).__mro__)
+
+
+def make_env_fn(create_env_fn, create_env_kwargs: dict | None):
+    """A zero-argument factory from a gymnasium id, a callable, or a TorchRL env instance (each
+    call gives a copy of it)."""
+    kwargs = dict(create_env_kwargs or {})
+    if is_torchrl_env(create_env_fn):
+        if kwargs:
+            raise TypeError("create_env_kwargs are for a factory; an env instance takes none.")
+        return functools.partial(copy.deepcopy, create_env_fn)
+    if isinstance(create_env_fn, str):
+        env_id = create_env_fn
+
+        def make():
+            import gymnasium
+
+            return gymnasium.make(env_id, **kwargs)
+
+        return make
+    return lambda: create_env_fn(**kwargs)
 
 
 def with_step_counter(env, max_steps: int):

@@ -5,8 +5,6 @@ Made remote by the driver side with ``ray.remote(EnvWorker)``; usable in-process
 from __future__ import annotations
 
 import contextlib
-import copy
-import functools
 import gc
 import logging
 import multiprocessing
@@ -19,36 +17,17 @@ from typing import Any
 import ray
 
 from actors.stepping.attr_path import resolve
+from actors.stepping.main_park import MainThreadPark, park_interval
 from actors.stepping.compact import compact_arrays
 from actors.shm.handoff import HandoffServer
 from actors.options import CollectorOptions
 from actors.stepping.policy_runner import local_device
 from actors.stepping.rollout import Rollout
-from actors.stepping.env_building import is_torchrl_env
+from actors.stepping.env_building import make_env_fn
 from actors.stepping.td_rollout import TensorDictRollout
 from actors.stepping.vector_rollout import VectorRollout
 
 log = logging.getLogger("ray_collectors.worker")
-
-
-def make_env_fn(create_env_fn, create_env_kwargs: dict | None):
-    """A zero-argument factory from a gymnasium id, a callable, or a TorchRL env instance (each
-    call gives a copy of it)."""
-    kwargs = dict(create_env_kwargs or {})
-    if is_torchrl_env(create_env_fn):
-        if kwargs:
-            raise TypeError("create_env_kwargs are for a factory; an env instance takes none.")
-        return functools.partial(copy.deepcopy, create_env_fn)
-    if isinstance(create_env_fn, str):
-        env_id = create_env_fn
-
-        def make():
-            import gymnasium
-
-            return gymnasium.make(env_id, **kwargs)
-
-        return make
-    return lambda: create_env_fn(**kwargs)
 
 
 @dataclass(frozen=True)
@@ -110,6 +89,7 @@ class EnvWorker:
         self.worker_index = worker_index
         self._board = None  # a BoardReader: the policy's weights in shared memory
         self._handoff: HandoffServer | None = None  # batches to a trainer on this node
+        self._park = MainThreadPark(park_interval(options.main_thread_sleep_s))
         self.restarts = restarts
         self.batches = 0
         self._collecting = None
@@ -281,7 +261,8 @@ class EnvWorker:
         server, self._handoff = self._handoff, None
         if server is None:
             return "no hand-off opened"
-        return server.serve(self.collect)
+        with self._park:  # Ray's main thread idles in long sleeps while this thread serves
+            return server.serve(self.collect)
 
     # -- control: a thread of its own, never queued behind a batch in flight ------------------
     @ray.method(concurrency_group="control")
