@@ -63,7 +63,8 @@ def test_park_is_not_installed_off_the_main_thread_or_over_a_handler_of_the_user
 
 def test_a_parked_main_thread_sleeps_between_turns_and_wakes_at_stop():
     """Outside Ray: the main thread waits in C (as Ray's loop does), checking signals every 10 ms;
-    parked, it passes nearly all its time in the handler, and ``stop()`` ends the sleep at once."""
+    parked, it passes nearly all its time in the handler, and the re-arming thread is gone after
+    the ``with``."""
     code = textwrap.dedent("""
         import signal, threading, time
         from actors.stepping.main_park import MainThreadPark
@@ -85,6 +86,46 @@ def test_a_parked_main_thread_sleeps_between_turns_and_wakes_at_stop():
     turns, stopped = out.stdout.split()
     assert stopped == "True"
     assert int(turns) < 25  # unparked: about 100 in that second
+
+
+def run_parked(body: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """``body`` run in a fresh Python whose main thread loops as Ray's does (a 10 ms wait in C,
+    then the signal check) while another thread runs ``serve`` inside a 30 s park."""
+    code = textwrap.dedent("""
+        import os, signal, sys, threading, time
+        from actors.stepping.main_park import MainThreadPark
+        park = MainThreadPark(30.0)
+    """) + textwrap.dedent(body) + textwrap.dedent("""
+        t = threading.Thread(target=serve, daemon=True)  # the process ends with its main thread
+        t.start()
+        while t.is_alive():
+            signal.sigtimedwait([signal.SIGUSR1], 0.01)
+        print("loop ended")
+    """)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=timeout, cwd=os.path.dirname(os.path.dirname(__file__)))
+
+
+def test_leaving_the_park_wakes_the_main_thread_and_sigterm_ends_a_parked_process():
+    t0 = time.perf_counter()
+    out = run_parked("""
+        def serve():
+            with park:
+                time.sleep(0.5)
+    """)
+    assert out.returncode == 0 and "loop ended" in out.stdout, out.stderr
+    assert time.perf_counter() - t0 < 15  # not the 30 s sleep: stop() woke the main thread
+    t0 = time.perf_counter()
+    out = run_parked("""
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(3))   # as Ray's handler does
+        def serve():
+            with park:
+                time.sleep(0.5)
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(60)
+    """)
+    assert out.returncode == 3 and "loop ended" not in out.stdout, out.stderr
+    assert time.perf_counter() - t0 < 15
 
 
 def test_collector_workers_park_their_main_thread_while_serving_and_still_answer_calls():

@@ -9,7 +9,8 @@ idle actors, measured; 0.02 with the main thread parked).
 :class:`MainThreadPark` parks that thread inside Python's handler of one signal: the handler
 sleeps ``interval_s``, returns so that Ray runs whatever it queued for the main thread meanwhile
 (a Ray call to the actor waits at most that long to start), and a small thread sends the signal
-again. Signals that Ray or the user handle (SIGTERM, SIGINT) still interrupt the sleep.
+again. Signals that Ray or the user handle (SIGTERM, SIGINT) still interrupt the sleep, and a
+handler that raises (SIGTERM's SystemExit) ends the park for good.
 
 >>> park = MainThreadPark(0.1)   # in the actor's __init__ (Python installs handlers there)
 >>> with park:                   # in the method that serves
@@ -71,6 +72,10 @@ class MainThreadPark:
         try:
             if self._active:
                 self._wake.wait(self.interval_s)
+        except BaseException:  # another signal's handler raised (SIGTERM's SystemExit): the
+            self._active = False  # process is ending, and its main thread must not sleep again
+            self._wake.set()
+            raise
         finally:
             self._returned.set()
 
